@@ -1,0 +1,924 @@
+"""LiTS data pipeline: cases on disk -> prepared slice cache -> patient-level split -> slice dataset.
+
+    python dataset.py synth --out-dir data/synthetic --cases 12 --size 128 --seed 0
+    python dataset.py prepare --data-dir data/synthetic --cache-dir data/cache
+
+Everything that turns a file into model input lives here and nowhere else: the predict scripts
+import `load_volume`, `window_hu` and `resize_slices` from this module, so training and prediction
+cannot drift apart.
+
+Orientation: every volume is brought to nibabel's closest canonical orientation and stored as axial
+slices in radiological display order, axis codes (S, P, L): axis 0 runs inferior -> superior, rows
+run anterior -> posterior (anterior at the top), columns run patient right -> left (patient right
+on the image left). `Geometry` keeps the way back to the file's own voxel order.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import sys
+import tempfile
+from collections.abc import Sequence
+from contextlib import contextmanager
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+WINDOW_HU: tuple[float, float] = (-200.0, 250.0)
+SEG_CLASSES: tuple[str, ...] = ("background", "liver", "tumor")
+CLS_CLASSES: tuple[str, ...] = ("healthy", "tumor")
+SLICE_AXCODES: tuple[str, str, str] = ("S", "P", "L")
+CACHE_VERSION = 1  # bump when the cache format or the preprocessing changes
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy")
+
+
+class DataError(ValueError):
+    """A problem with the user's data: the message is one line naming the file, what was found
+    and what was expected. Command-line entry points print it and exit with status 2."""
+
+
+def one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+# --------------------------------------------------------------------------------------------
+# Intensity and geometry: the one place these happen, for training and prediction alike
+# --------------------------------------------------------------------------------------------
+
+def window_hu(hu, window: Sequence[float] = WINDOW_HU):
+    """Map Hounsfield units to [0, 1]: `window[0]` and below -> 0, `window[1]` and above -> 1.
+
+    Accepts a numpy array or a torch tensor and returns float32 of the same kind."""
+    lo, hi = float(window[0]), float(window[1])
+    if not hi > lo:
+        raise ValueError(f"window must satisfy low < high, got {window}")
+    if isinstance(hu, torch.Tensor):
+        return ((hu.float() - lo) / (hi - lo)).clamp_(0.0, 1.0)
+    out = (np.asarray(hu, dtype=np.float32) - np.float32(lo)) / np.float32(hi - lo)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def resize_slices(slices, size: int, kind: str = "image") -> torch.Tensor:
+    """Resize a stack of slices (Z, H, W) to (Z, size, size).
+
+    kind="image": bilinear with antialiasing (area-like when shrinking); kind="label": nearest,
+    so label values stay in {0, 1, 2}. Returns float32 for images, uint8 for labels."""
+    t = torch.as_tensor(slices)
+    if t.ndim != 3:
+        raise ValueError(f"expected slices of shape (Z, H, W), got {tuple(t.shape)}")
+    if t.shape[1] == size and t.shape[2] == size:
+        return t.float() if kind == "image" else t.to(torch.uint8)
+    if kind == "image":
+        out = F.interpolate(t.float()[:, None], size=(size, size), mode="bilinear",
+                            align_corners=False, antialias=True)[:, 0]
+        return out
+    out = F.interpolate(t.to(torch.float32)[:, None], size=(size, size), mode="nearest-exact")[:, 0]
+    return out.to(torch.uint8)
+
+
+@dataclass
+class Geometry:
+    """Where a volume came from and how to go back: the file's affine, shape and orientation."""
+
+    affine: np.ndarray          # the file's own voxel -> world (mm) matrix
+    shape: tuple[int, int, int]  # the file's own array shape
+    spacing: tuple[float, float, float]  # mm per voxel along (slice, row, column) of the slices array
+
+    @property
+    def _file_ornt(self) -> np.ndarray:
+        return io_orientation(self.affine)
+
+    def to_slices(self, volume: np.ndarray) -> np.ndarray:
+        """File voxel order -> slices (Z, H, W) in (S, P, L) order."""
+        t = ornt_transform(self._file_ornt, axcodes2ornt(SLICE_AXCODES))
+        return np.ascontiguousarray(apply_orientation(volume, t))
+
+    def to_file(self, slices: np.ndarray) -> np.ndarray:
+        """Slices (Z, H, W) -> the file's own voxel order; the inverse of `to_slices`."""
+        t = ornt_transform(axcodes2ornt(SLICE_AXCODES), self._file_ornt)
+        out = np.ascontiguousarray(apply_orientation(slices, t))
+        if out.shape != tuple(self.shape):
+            raise ValueError(f"slices of shape {slices.shape} do not map back to {self.shape}")
+        return out
+
+    def slice_index(self, k: int) -> int:
+        """Index along the slices array of the file's own axial slice k (its third axis)."""
+        t = ornt_transform(self._file_ornt, axcodes2ornt(SLICE_AXCODES))
+        new_axis, flip = int(t[2, 0]), t[2, 1] < 0
+        if new_axis != 0:
+            raise DataError(f"the file's third axis is not axial (orientation "
+                            f"{''.join(nib.aff2axcodes(self.affine))}); expected axial slices")
+        n = self.shape[2]
+        if not 0 <= k < n:
+            raise DataError(f"slice {k} is out of range: the volume has {n} slices (0..{n - 1})")
+        return n - 1 - k if flip else k
+
+
+def _read_nifti(path: Path):
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)  # applies scl_slope/scl_inter where the header sets them
+    except DataError:
+        raise
+    except Exception as exc:  # nibabel raises many kinds for truncated or corrupt files
+        raise DataError(f"{path}: cannot read NIfTI ({one_line(type(exc).__name__)}: "
+                        f"{one_line(exc)[:200]}); expected a valid .nii or .nii.gz file") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise DataError(f"{path}: found a {data.ndim}D array of shape {data.shape}; "
+                        f"expected a 3D volume")
+    return img, data
+
+
+def load_volume(path: str | Path) -> tuple[np.ndarray, Geometry]:
+    """Read a CT volume: returns HU as float32 slices (Z, H, W) in (S, P, L) order and its Geometry."""
+    path = Path(path)
+    img, data = _read_nifti(path)
+    zooms = [float(z) for z in img.header.get_zooms()[:3]]
+    geom = Geometry(affine=np.asarray(img.affine, dtype=np.float64), shape=tuple(int(s) for s in data.shape),
+                    spacing=(0.0, 0.0, 0.0))
+    t = ornt_transform(geom._file_ornt, axcodes2ornt(SLICE_AXCODES))
+    spacing = [0.0, 0.0, 0.0]
+    for i in range(3):
+        spacing[int(t[i, 0])] = zooms[i]
+    geom.spacing = tuple(spacing)
+    hu = geom.to_slices(data.astype(np.float32, copy=False))
+    return hu, geom
+
+
+def load_label_volume(path: str | Path, expected_shape: tuple[int, ...] | None = None,
+                      image_path: str | Path | None = None) -> tuple[np.ndarray, Geometry]:
+    """Read a label volume: uint8 slices (Z, H, W) in (S, P, L) order with values in {0, 1, 2}."""
+    path = Path(path)
+    img, data = _read_nifti(path)
+    if expected_shape is not None and tuple(data.shape) != tuple(expected_shape):
+        raise DataError(f"{path}: found shape {tuple(data.shape)}; expected {tuple(expected_shape)} "
+                        f"as its volume {Path(image_path).name if image_path else ''}".rstrip())
+    labels = _check_labels(data, path)
+    geom = Geometry(affine=np.asarray(img.affine, dtype=np.float64),
+                    shape=tuple(int(s) for s in data.shape), spacing=(0.0, 0.0, 0.0))
+    return geom.to_slices(labels), geom
+
+
+def _check_labels(data: np.ndarray, path: Path) -> np.ndarray:
+    """Labels must be whole numbers in {0, 1, 2} (some LiTS files store them as floats)."""
+    lo, hi = data.min(), data.max()
+    if lo < 0 or hi > 2 or (data.dtype.kind == "f" and np.any(data != np.round(data))):
+        values = np.unique(data)
+        shown = ", ".join(f"{v:g}" for v in values[:8]) + (" ..." if len(values) > 8 else "")
+        raise DataError(f"{path}: found label values {{{shown}}}; expected only 0 (background), "
+                        f"1 (liver), 2 (tumor)")
+    return data.astype(np.uint8, copy=False)
+
+
+def load_slice_image(path: str | Path) -> np.ndarray:
+    """Read one 2D slice as float32 (H, W) in [0, 1].
+
+    PNG/JPG must be 8-bit and are taken as already windowed (value / 255); `.npy` holds HU and is
+    windowed with the default window."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".npy":
+            arr = np.load(path, allow_pickle=False)
+            kind = "npy"
+        else:
+            from PIL import Image
+            with Image.open(path) as im:
+                if im.mode not in ("L", "RGB", "RGBA", "P", "LA"):
+                    raise DataError(f"{path}: found image mode {im.mode}; expected an 8-bit "
+                                    f"grayscale or RGB image (or .npy in HU)")
+                arr = np.asarray(im.convert("L"))
+            kind = "8bit"
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"{path}: cannot read image ({one_line(exc)[:200]}); expected PNG, JPG or NPY") from None
+    if arr.ndim != 2:
+        raise DataError(f"{path}: found an array of shape {arr.shape}; expected a 2D slice (H, W)")
+    if kind == "npy":
+        return window_hu(arr)
+    return arr.astype(np.float32) / 255.0
+
+
+def load_slice_mask(path: str | Path) -> np.ndarray:
+    """Read one 2D mask as uint8 (H, W) with label values in {0, 1, 2}."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".npy":
+            arr = np.load(path, allow_pickle=False)
+        else:
+            from PIL import Image
+            with Image.open(path) as im:
+                arr = np.asarray(im if im.mode in ("L", "P", "I", "I;16") else im.convert("L"))
+    except Exception as exc:
+        raise DataError(f"{path}: cannot read mask ({one_line(exc)[:200]}); expected PNG or NPY") from None
+    if arr.ndim != 2:
+        raise DataError(f"{path}: found an array of shape {arr.shape}; expected a 2D mask (H, W)")
+    return _check_labels(arr, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Finding cases on disk
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Case:
+    """One patient. NIfTI layouts hold one image and one label path; slice folders hold one per slice."""
+
+    case_id: str
+    layout: str  # "lits", "msd" or "slices"
+    images: tuple[Path, ...]
+    labels: tuple[Path, ...]
+
+
+_LITS_VOL = re.compile(r"^volume-(\d+)\.nii(\.gz)?$")
+_LITS_SEG = re.compile(r"^segmentation-(\d+)\.nii(\.gz)?$")
+_MSD = re.compile(r"^(liver_\d+)\.nii(\.gz)?$")
+
+
+def _visible_files(root: Path):
+    # Hidden files are skipped: the MSD archive ships macOS "._liver_N.nii.gz" companions.
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts):
+            yield p
+
+
+def _unique_by_key(paths, pattern, what):
+    found: dict[str, Path] = {}
+    for p in paths:
+        m = pattern.match(p.name)
+        if m:
+            key = m.group(1)
+            if key in found:
+                raise DataError(f"{p}: duplicate {what} {key} (also {found[key]}); expected one file per case")
+            found[key] = p
+    return found
+
+
+def find_cases(data_dir: str | Path) -> list[Case]:
+    """Find the cases under `data_dir` in one of three layouts (tried in this order):
+
+    - LiTS: volume-N.nii[.gz] with segmentation-N.nii[.gz], at any depth;
+    - MSD Task03_Liver: imagesTr/liver_N.nii.gz with labelsTr/liver_N.nii.gz;
+    - slice folders: images/ and masks/ with matching stems (PNG, JPG or NPY); the case id is the
+      stem before its last underscore (liver_17_0093.png -> liver_17).
+    """
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"{root}: data directory not found; expected a folder of LiTS, MSD or slice data")
+    files = list(_visible_files(root))
+
+    vols = _unique_by_key(files, _LITS_VOL, "volume")
+    segs = _unique_by_key(files, _LITS_SEG, "segmentation")
+    if vols or segs:
+        for n, p in sorted(segs.items()):
+            if n not in vols:
+                raise DataError(f"{p}: segmentation without a volume; expected volume-{n}.nii[.gz] beside it")
+        cases = []
+        for n, p in sorted(vols.items(), key=lambda kv: int(kv[0])):
+            if n not in segs:
+                raise DataError(f"{p}: volume without a segmentation; expected segmentation-{n}.nii[.gz]")
+            cases.append(Case(f"volume-{n}", "lits", (p,), (segs[n],)))
+        return cases
+
+    msd_imgs = _unique_by_key([p for p in files if p.parent.name == "imagesTr"], _MSD, "image")
+    msd_lbls = _unique_by_key([p for p in files if p.parent.name == "labelsTr"], _MSD, "label")
+    if msd_imgs or msd_lbls:
+        for k, p in sorted(msd_lbls.items()):
+            if k not in msd_imgs:
+                raise DataError(f"{p}: label without an image; expected imagesTr/{p.name}")
+        cases = []
+        for k, p in sorted(msd_imgs.items(), key=lambda kv: int(kv[0].split("_")[1])):
+            if k not in msd_lbls:
+                raise DataError(f"{p}: image without a label; expected labelsTr/{p.name}")
+            cases.append(Case(k, "msd", (p,), (msd_lbls[k],)))
+        return cases
+
+    slice_imgs = {p.with_suffix("").name: p for p in files
+                  if p.parent.name == "images" and p.suffix.lower() in IMAGE_SUFFIXES}
+    slice_masks = {p.with_suffix("").name: p for p in files
+                   if p.parent.name == "masks" and p.suffix.lower() in IMAGE_SUFFIXES}
+    if slice_imgs or slice_masks:
+        for stem, p in sorted(slice_masks.items()):
+            if stem not in slice_imgs:
+                raise DataError(f"{p}: mask without an image; expected images/{stem}.png|.jpg|.npy")
+        groups: dict[str, list[tuple[str, Path, Path]]] = {}
+        for stem, p in slice_imgs.items():
+            if stem not in slice_masks:
+                raise DataError(f"{p}: image without a mask; expected masks/{stem}.png|.npy")
+            if "_" not in stem:
+                raise DataError(f"{p}: found stem {stem!r}; expected <case>_<slice>, e.g. liver_17_0093")
+            case_id, idx = stem.rsplit("_", 1)
+            groups.setdefault(case_id, []).append((idx, p, slice_masks[stem]))
+        cases = []
+        for case_id, items in sorted(groups.items()):
+            items.sort(key=lambda it: (int(it[0]) if it[0].isdigit() else math.inf, it[0]))
+            cases.append(Case(case_id, "slices", tuple(i[1] for i in items), tuple(i[2] for i in items)))
+        return cases
+
+    raise DataError(f"{root}: found no cases; expected volume-N.nii[.gz] with segmentation-N.nii[.gz], "
+                    f"imagesTr/ with labelsTr/, or images/ with masks/")
+
+
+# --------------------------------------------------------------------------------------------
+# The prepared cache: each case once, as memory-mapped arrays at the training resolution
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class PreparedCase:
+    """A case in the cache: `image` (Z, S, S) float16 in [0, 1] and `label` (Z, S, S) uint8 .npy files,
+    plus per-slice pixel counts at the native resolution (for classification targets and sampling)."""
+
+    case_id: str
+    image_path: Path
+    label_path: Path
+    num_slices: int
+    liver_pixels: np.ndarray  # (Z,) int64, label >= 1, native resolution
+    tumor_pixels: np.ndarray  # (Z,) int64, label == 2, native resolution
+    spacing: tuple[float, float, float]
+    meta: dict = field(default_factory=dict, repr=False)
+
+
+def _fingerprint(case: Case) -> list[list]:
+    out = []
+    for p in case.images + case.labels:
+        st = p.stat()
+        out.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def cache_params(image_size: int, window: Sequence[float]) -> dict:
+    return {"version": CACHE_VERSION, "image_size": int(image_size), "window": [float(w) for w in window]}
+
+
+def cache_folder(cache_dir: str | Path, data_dir: str | Path, image_size: int,
+                 window: Sequence[float]) -> Path:
+    """The cache for one data folder and one set of preprocessing parameters: a change to any of
+    them gives a new folder, so a stale cache is never read."""
+    key = dict(cache_params(image_size, window), data_dir=str(Path(data_dir).resolve()))
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(cache_dir) / f"prep-{digest}"
+
+
+@contextmanager
+def atomic_output(path: str | Path):
+    """Yield a temporary path beside `path`; on success it is renamed to `path`, on any error removed,
+    so a reader never sees a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix="".join(path.suffixes[-2:]))
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, array)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
+
+
+def _load_case_arrays(case: Case) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float], bool]:
+    """Returns (image (Z,H,W) float32, label (Z,H,W) uint8, spacing, image_is_windowed)."""
+    if case.layout in ("lits", "msd"):
+        hu, geom = load_volume(case.images[0])
+        lab, _ = load_label_volume(case.labels[0], expected_shape=geom.shape, image_path=case.images[0])
+        return hu, lab, geom.spacing, False
+    images, masks = [], []
+    for ip, mp in zip(case.images, case.labels):
+        img, msk = load_slice_image(ip), load_slice_mask(mp)
+        if img.shape != msk.shape:
+            raise DataError(f"{mp}: found shape {msk.shape}; expected {img.shape} as its image {ip.name}")
+        if images and img.shape != images[0].shape:
+            raise DataError(f"{ip}: found shape {img.shape}; expected {images[0].shape} like the "
+                            f"other slices of {case.case_id}")
+        images.append(img)
+        masks.append(msk)
+    return np.stack(images), np.stack(masks), (1.0, 1.0, 1.0), True
+
+
+def _prepare_case(case: Case, folder: Path, image_size: int, window: Sequence[float],
+                  single_thread: bool = False) -> dict:
+    if single_thread:
+        torch.set_num_threads(1)
+    image, label, spacing, windowed = _load_case_arrays(case)
+    unit = image if windowed else window_hu(image, window)  # (Z, H, W) float32 in [0, 1]
+    small = resize_slices(unit, image_size, "image").numpy().astype(np.float16)
+    small_lab = resize_slices(label, image_size, "label").numpy()
+    meta = {
+        "case_id": case.case_id,
+        "layout": case.layout,
+        "source": _fingerprint(case),
+        "num_slices": int(label.shape[0]),
+        "native_shape": [int(s) for s in label.shape],
+        "spacing": [float(s) for s in spacing],
+        "liver_pixels": (label >= 1).sum(axis=(1, 2)).astype(int).tolist(),
+        "tumor_pixels": (label == 2).sum(axis=(1, 2)).astype(int).tolist(),
+    }
+    _atomic_save_npy(folder / f"{case.case_id}.image.npy", small)
+    _atomic_save_npy(folder / f"{case.case_id}.label.npy", small_lab)
+    # The meta file is written last: its presence with a matching fingerprint marks a complete entry.
+    atomic_write_text(folder / f"{case.case_id}.json", json.dumps(meta))
+    return meta
+
+
+def _fresh_meta(case: Case, folder: Path) -> dict | None:
+    meta_path = folder / f"{case.case_id}.json"
+    if not meta_path.exists():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return None
+    complete = all((folder / f"{case.case_id}.{k}.npy").exists() for k in ("image", "label"))
+    return meta if complete and meta.get("source") == _fingerprint(case) else None
+
+
+def _as_prepared(folder: Path, meta: dict) -> PreparedCase:
+    cid = meta["case_id"]
+    return PreparedCase(cid, folder / f"{cid}.image.npy", folder / f"{cid}.label.npy", meta["num_slices"],
+                        np.asarray(meta["liver_pixels"], dtype=np.int64),
+                        np.asarray(meta["tumor_pixels"], dtype=np.int64), tuple(meta["spacing"]), meta)
+
+
+def prepare_cases(cases: Sequence[Case], cache_dir: str | Path, data_dir: str | Path, image_size: int = 256,
+                  window: Sequence[float] = WINDOW_HU, workers: int | None = None,
+                  progress: bool = True) -> list[PreparedCase]:
+    """Bring every case into the cache (only those missing or stale), in parallel over cases."""
+    folder = cache_folder(cache_dir, data_dir, image_size, window)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "params.json",
+                      json.dumps(dict(cache_params(image_size, window), data_dir=str(Path(data_dir).resolve())),
+                                 indent=2))
+    metas: dict[str, dict] = {}
+    todo = []
+    for case in cases:
+        meta = _fresh_meta(case, folder)
+        if meta is None:
+            todo.append(case)
+        else:
+            metas[case.case_id] = meta
+    if todo:
+        from tqdm import tqdm
+        workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
+        bar = tqdm(total=len(todo), desc=f"preparing {len(todo)} case(s)", unit="case", disable=not progress,
+                   file=sys.stderr)
+        if workers == 1:
+            for case in todo:
+                metas[case.case_id] = _prepare_case(case, folder, image_size, window)
+                bar.update()
+        else:
+            # Forked workers start at once (no re-import); each runs one torch thread, as DataLoader
+            # workers do, which is what makes torch safe to use after a fork.
+            with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
+                futures = [pool.submit(_prepare_case, c, folder, image_size, window, True) for c in todo]
+                for fut in futures:
+                    meta = fut.result()
+                    metas[meta["case_id"]] = meta
+                    bar.update()
+        bar.close()
+    return [_as_prepared(folder, metas[c.case_id]) for c in cases]
+
+
+# --------------------------------------------------------------------------------------------
+# Patient-level split
+# --------------------------------------------------------------------------------------------
+
+def split_cases(case_ids: Sequence[str], val_fraction: float = 0.15, test_fraction: float = 0.15,
+                seed: int = 0, has_tumor: dict[str, bool] | None = None) -> dict[str, list[str]]:
+    """Split case ids (patients, never slices) into train/val/test, seeded and reproducible.
+
+    With `has_tumor`, cases with and without tumor are split separately, so a small data set still
+    gets tumor cases in every part. Each part with a fraction > 0 gets at least one case when there
+    are at least three cases."""
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(f"fractions must be in [0, 1) with val + test < 1, got {val_fraction}, {test_fraction}")
+    ids = sorted(set(case_ids))
+    if len(ids) != len(case_ids):
+        raise ValueError("case ids must be unique")
+    rng = random.Random(seed)
+    groups = [ids] if has_tumor is None else [[c for c in ids if has_tumor[c]], [c for c in ids if not has_tumor[c]]]
+    parts: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for group in groups:
+        group = list(group)
+        rng.shuffle(group)
+        n_test, n_val = round(len(group) * test_fraction), round(len(group) * val_fraction)
+        parts["test"] += group[:n_test]
+        parts["val"] += group[n_test:n_test + n_val]
+        parts["train"] += group[n_test + n_val:]
+    for name, frac in (("test", test_fraction), ("val", val_fraction)):
+        if frac > 0 and not parts[name] and len(parts["train"]) >= 2 and len(ids) >= 3:
+            parts[name].append(parts["train"].pop())
+    return {k: sorted(v) for k, v in parts.items()}
+
+
+def load_split(path: str | Path, known_ids: Sequence[str]) -> dict[str, list[str]]:
+    path = Path(path)
+    try:
+        split = json.loads(path.read_text())
+        parts = {k: list(split[k]) for k in ("train", "val", "test")}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: cannot read split ({one_line(exc)}); expected JSON with train, val and test lists") from None
+    seen: dict[str, str] = {}
+    for name, ids in parts.items():
+        for cid in ids:
+            if cid in seen:
+                raise DataError(f"{path}: case {cid} is in both {seen[cid]} and {name}; expected each case in one part")
+            if cid not in known_ids:
+                raise DataError(f"{path}: case {cid} is not in the data directory; expected one of the found cases")
+            seen[cid] = name
+    return parts
+
+
+# --------------------------------------------------------------------------------------------
+# Slice dataset and batched augmentation
+# --------------------------------------------------------------------------------------------
+
+def context_indices(z: int, num_slices: int, context_slices: int) -> np.ndarray:
+    """Slice indices z-k..z+k, clamped at the ends of the volume (the end slice repeats)."""
+    return np.clip(np.arange(z - context_slices, z + context_slices + 1), 0, num_slices - 1)
+
+
+class LiTSSliceDataset(Dataset):
+    """Axial slices from prepared cases.
+
+    Items are (image, target): image (2k+1, S, S) float32 in [0, 1] (k = context_slices neighbours on
+    each side as channels); target (S, S) int64 in {0, 1, 2} for segmentation, or a scalar int64
+    (1 when the slice holds at least `min_tumor_pixels` tumor pixels at native resolution) for
+    classification. `liver_only` keeps only slices that show liver.
+    """
+
+    def __init__(self, cases: Sequence[PreparedCase], task: str, context_slices: int = 0,
+                 min_tumor_pixels: int = 1, liver_only: bool = False):
+        if task not in ("segmentation", "classification"):
+            raise ValueError(f"task must be 'segmentation' or 'classification', got {task!r}")
+        self.cases = list(cases)
+        self.task = task
+        self.context_slices = int(context_slices)
+        index = []
+        for ci, c in enumerate(self.cases):
+            zs = np.flatnonzero(c.liver_pixels > 0) if liver_only else np.arange(c.num_slices)
+            index.append(np.stack([np.full(len(zs), ci), zs], axis=1))
+        self.index = np.concatenate(index) if index else np.zeros((0, 2), dtype=np.int64)
+        self.tumor = np.array([self.cases[ci].tumor_pixels[z] >= min_tumor_pixels for ci, z in self.index],
+                              dtype=bool)
+        self._arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _open(self, ci: int) -> tuple[np.ndarray, np.ndarray]:
+        # Opened lazily, so each DataLoader worker maps the files itself after it starts.
+        if ci not in self._arrays:
+            c = self.cases[ci]
+            self._arrays[ci] = (np.load(c.image_path, mmap_mode="r"), np.load(c.label_path, mmap_mode="r"))
+        return self._arrays[ci]
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_arrays"] = {}
+        return state
+
+    def __getitem__(self, i: int):
+        ci, z = (int(v) for v in self.index[i])
+        images, labels = self._open(ci)
+        zs = context_indices(z, self.cases[ci].num_slices, self.context_slices)
+        image = torch.from_numpy(images[zs].astype(np.float32))  # (2k+1, S, S)
+        if self.task == "classification":
+            return image, torch.tensor(int(self.tumor[i]), dtype=torch.int64)
+        return image, torch.from_numpy(labels[z].astype(np.int64))  # (S, S)
+
+
+def augment_batch(images: torch.Tensor, masks: torch.Tensor | None = None, max_rotation: float = 10.0,
+                  scale: tuple[float, float] = (0.9, 1.1), contrast: float = 0.1, brightness: float = 0.05,
+                  noise: float = 0.02, hflip: bool = False):
+    """Random geometric and intensity augmentation of a batch, on whatever device it is on.
+
+    images (N, C, H, W) in [0, 1]; masks (N, H, W) integer labels or None. The same rotation and
+    scaling moves image and mask (bilinear for the image, nearest for the mask); intensity jitter
+    touches the image only. No left-right flip by default: the liver is on the patient's right.
+    Draws from torch's global RNG, so a seeded run repeats."""
+    n, dev = images.shape[0], images.device
+    angle = (torch.rand(n, device=dev) * 2 - 1) * math.radians(max_rotation)
+    s = torch.empty(n, device=dev).uniform_(*scale)
+    cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
+    flip = torch.where(torch.rand(n, device=dev) < 0.5, -1.0, 1.0) if hflip else torch.ones(n, device=dev)
+    theta = torch.zeros(n, 2, 3, device=dev)
+    theta[:, 0, 0], theta[:, 0, 1] = cos * flip, -sin
+    theta[:, 1, 0], theta[:, 1, 1] = sin * flip, cos
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    gain = 1 + (torch.rand(n, 1, 1, 1, device=dev) * 2 - 1) * contrast
+    shift = (torch.rand(n, 1, 1, 1, device=dev) * 2 - 1) * brightness
+    out = out * gain + shift + torch.randn_like(out) * noise
+    out = out.clamp_(0.0, 1.0).to(images.dtype)
+    if masks is None:
+        return out, None
+    m = F.grid_sample(masks[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return out, m[:, 0].to(masks.dtype)
+
+
+def tumor_sampler(tumor: np.ndarray, fraction: float, num_samples: int | None = None,
+                  seed: int = 0) -> WeightedRandomSampler:
+    """Sample with replacement so that tumor slices make up `fraction` of each epoch in expectation."""
+    n_pos = int(tumor.sum())
+    n_neg = len(tumor) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        weights = np.ones(len(tumor))
+    else:
+        weights = np.where(tumor, fraction / n_pos, (1 - fraction) / n_neg)
+    gen = torch.Generator().manual_seed(seed)
+    return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), num_samples or len(tumor),
+                                 replacement=True, generator=gen)
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic LiTS phantom
+# --------------------------------------------------------------------------------------------
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], cells: int) -> np.ndarray:
+    """Smooth random field in about [-1, 1]: coarse noise upsampled with linear interpolation."""
+    from scipy.ndimage import zoom
+    coarse = rng.standard_normal(tuple(max(2, min(cells, s)) for s in shape)).astype(np.float32)
+    field_ = zoom(coarse, [s / c for s, c in zip(shape, coarse.shape)], order=1)
+    return field_[tuple(slice(0, s) for s in shape)] / 1.5
+
+
+def make_phantom(size: int = 128, num_slices: int | None = None, seed: int = 0,
+                 num_tumors: int | None = None) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """A CT-like abdominal phantom in canonical RAS voxel order (x: right, y: anterior, z: superior).
+
+    Returns (hu (X, Y, Z) int16, labels (X, Y, Z) uint8 with 0/1/2, spacing in mm). Body, fat,
+    muscle, spine, aorta, a textured lobulated liver with vessels, 0-4 hypo- or hyperdense tumors
+    (10-50 HU contrast) inside it, and 10-20 HU noise."""
+    rng = np.random.default_rng(seed)
+    nz = num_slices or int(rng.integers(size // 3, size // 2 + 1))
+    xy_mm = 360.0 / size * rng.uniform(0.85, 1.1)
+    z_mm = float(rng.uniform(1.5, 5.0))
+    u = np.linspace(-1, 1, size, dtype=np.float32)[:, None, None]   # x, patient right is +
+    v = np.linspace(-1, 1, size, dtype=np.float32)[None, :, None]   # y, anterior is +
+    w = np.linspace(0, 1, nz, dtype=np.float32)[None, None, :]      # z, superior is +
+
+    hu = np.full((size, size, nz), -1000.0, dtype=np.float32)
+    bx, by = rng.uniform(0.78, 0.9), rng.uniform(0.58, 0.7)
+    body = (u / bx) ** 2 + (v / by) ** 2 <= 1.0
+    muscle = (u / (bx - 0.07)) ** 2 + (v / (by - 0.07)) ** 2 <= 1.0
+    hu = np.where(body, -100.0, hu)          # subcutaneous fat
+    hu = np.where(muscle, 40.0, hu)          # muscle and bowel soft tissue
+    hu = np.where(muscle & (_smooth_noise(rng, (size, size, nz), 6) > 0.6), -80.0, hu)  # visceral fat
+    spine = (u ** 2 + (v + by * 0.7) ** 2) <= 0.11 ** 2
+    hu = np.where(np.broadcast_to(spine, hu.shape), 500.0, hu)
+    aorta = ((u + 0.08) ** 2 + (v + by * 0.42) ** 2) <= 0.05 ** 2
+    hu = np.where(np.broadcast_to(aorta, hu.shape), 170.0, hu)
+
+    # Liver on the patient's right, largest in mid-upper slices, with a lobulated outline.
+    z0, z1 = rng.uniform(0.1, 0.25), rng.uniform(0.75, 0.95)
+    profile = np.clip(np.sin(np.pi * (w - z0) / (z1 - z0)), 0, None) ** 0.6
+    cx, cy = rng.uniform(0.3, 0.4), rng.uniform(-0.05, 0.1)
+    rx, ry = rng.uniform(0.3, 0.38) * profile, rng.uniform(0.3, 0.4) * profile
+    lobes = 1 + 0.18 * _smooth_noise(rng, (size, size, nz), 5)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        liver = (((u - cx) / rx) ** 2 + ((v - cy) / ry) ** 2) <= lobes
+    liver &= muscle & ~np.broadcast_to(spine | aorta, hu.shape)
+    liver_hu = rng.uniform(50, 70)
+    hu = np.where(liver, liver_hu + 8.0 * _smooth_noise(rng, hu.shape, max(4, size // 8)), hu)
+    vessels = np.abs(_smooth_noise(rng, hu.shape, 7)) < 0.04
+    hu = np.where(liver & vessels, liver_hu + rng.uniform(40, 80), hu)
+
+    labels = liver.astype(np.uint8)
+    if num_tumors is None:
+        num_tumors = int(rng.choice([0, 1, 2, 3, 4], p=[0.2, 0.3, 0.25, 0.15, 0.1]))
+    pts = np.argwhere(liver)
+    for _ in range(num_tumors if len(pts) else 0):
+        c = pts[rng.integers(len(pts))].astype(np.float32)
+        r_mm = rng.uniform(4.0, 25.0)
+        rads = np.array([r_mm / xy_mm, r_mm / xy_mm * rng.uniform(0.7, 1.3), r_mm / z_mm], dtype=np.float32)
+        gx = (np.arange(size, dtype=np.float32)[:, None, None] - c[0]) / rads[0]
+        gy = (np.arange(size, dtype=np.float32)[None, :, None] - c[1]) / rads[1]
+        gz = (np.arange(nz, dtype=np.float32)[None, None, :] - c[2]) / max(rads[2], 0.6)
+        blob = (gx ** 2 + gy ** 2 + gz ** 2) <= 1 + 0.15 * _smooth_noise(rng, hu.shape, 6)
+        blob &= liver
+        contrast = rng.uniform(10, 50) * (1 if rng.random() < 0.2 else -1)  # most lesions are hypodense
+        hu = np.where(blob, liver_hu + contrast + 5.0 * _smooth_noise(rng, hu.shape, max(4, size // 8)), hu)
+        labels[blob] = 2
+
+    hu += rng.normal(0, rng.uniform(10, 20), hu.shape).astype(np.float32)
+    return np.clip(np.round(hu), -1024, 3071).astype(np.int16), labels, (xy_mm, xy_mm, z_mm)
+
+
+def write_phantom_case(out_dir: str | Path, index: int, size: int = 128, seed: int = 0,
+                       flips: tuple[bool, bool, bool] | None = None, compress: bool = False,
+                       num_slices: int | None = None, num_tumors: int | None = None) -> tuple[Path, Path]:
+    """Write one phantom as LiTS files volume-<index>.nii[.gz] and segmentation-<index>.nii[.gz].
+
+    `flips` stores the array with those axes reversed and an affine that says so (as scanners and
+    LiTS files do), so loading must undo it; by default drawn at random from the seed."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, index])
+    hu, labels, spacing = make_phantom(size, num_slices, seed=int(rng.integers(2**31)), num_tumors=num_tumors)
+    if flips is None:
+        flips = tuple(bool(f) for f in rng.random(3) < [0.6, 0.6, 0.3])
+    affine = np.diag([*spacing, 1.0])
+    for ax, flip in enumerate(flips):
+        if flip:
+            hu, labels = np.flip(hu, ax), np.flip(labels, ax)
+            affine[:3, 3] += affine[:3, ax] * (hu.shape[ax] - 1)
+            affine[:3, ax] *= -1
+    affine[:3, 3] -= affine[:3, :3] @ (np.array(hu.shape) / 2)  # world origin near the volume centre
+    ext = ".nii.gz" if compress else ".nii"
+    paths = (out_dir / f"volume-{index}{ext}", out_dir / f"segmentation-{index}{ext}")
+    for arr, path in zip((np.ascontiguousarray(hu), np.ascontiguousarray(labels)), paths):
+        img = nib.Nifti1Image(arr, affine)
+        img.header.set_xyzt_units("mm", "sec")
+        img.set_qform(affine, code=1)
+        img.set_sform(affine, code=1)
+        with atomic_output(path) as tmp:
+            nib.save(img, tmp)
+    return paths
+
+
+def write_synthetic_lits(out_dir: str | Path, cases: int = 12, size: int = 128, seed: int = 0,
+                         compress: bool = False, progress: bool = False) -> list[tuple[Path, Path]]:
+    """Write `cases` phantoms in the LiTS layout; deterministic for a given seed."""
+    from tqdm import tqdm
+    return [write_phantom_case(out_dir, i, size=size, seed=seed, compress=compress)
+            for i in tqdm(range(cases), desc="writing phantoms", unit="case", disable=not progress,
+                          file=sys.stderr)]
+
+
+# --------------------------------------------------------------------------------------------
+# LightningDataModule
+# --------------------------------------------------------------------------------------------
+
+def _datamodule_class():
+    # Lightning takes seconds to import; the CLI and the predict scripts do not need it.
+    import pytorch_lightning as pl
+
+    class LiTSDataModule(pl.LightningDataModule):
+        """Finds, prepares and splits the cases (by patient), then serves slices for one task.
+
+        Training batches are augmented on the device they land on (`on_after_batch_transfer`), which
+        keeps the DataLoader workers to memory-mapped reads."""
+
+        def __init__(self, data_dir: str | Path, task: str, cache_dir: str | Path = "data/cache",
+                     image_size: int = 256, window: Sequence[float] = WINDOW_HU, context_slices: int = 1,
+                     batch_size: int = 16, num_workers: int = 2, val_fraction: float = 0.15,
+                     test_fraction: float = 0.15, seed: int = 0, split_file: str | Path | None = None,
+                     output_dir: str | Path | None = None, oversample_tumor: float = 0.0,
+                     min_tumor_pixels: int = 1, liver_only: bool | None = None, augment: bool = True,
+                     prepare_workers: int | None = None):
+            super().__init__()
+            self.data_dir, self.task, self.cache_dir = Path(data_dir), task, Path(cache_dir)
+            self.image_size, self.window, self.context_slices = int(image_size), tuple(window), int(context_slices)
+            self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+            self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, int(seed)
+            self.split_file = Path(split_file) if split_file else None
+            self.output_dir = Path(output_dir) if output_dir else None
+            self.oversample_tumor, self.min_tumor_pixels = float(oversample_tumor), int(min_tumor_pixels)
+            self.liver_only = (task == "classification") if liver_only is None else bool(liver_only)
+            self.augment, self.prepare_workers = augment, prepare_workers
+            self.split: dict[str, list[str]] | None = None
+            self.datasets: dict[str, LiTSSliceDataset] = {}
+
+        def _prepare(self) -> list[PreparedCase]:
+            return prepare_cases(find_cases(self.data_dir), self.cache_dir, self.data_dir, self.image_size,
+                                 self.window, workers=self.prepare_workers)
+
+        def prepare_data(self) -> None:
+            self._prepare()
+
+        def setup(self, stage: str | None = None) -> None:
+            if self.datasets:
+                return
+            prepared = {c.case_id: c for c in self._prepare()}
+            if self.split_file is not None:
+                self.split = load_split(self.split_file, list(prepared))
+            else:
+                has_tumor = {cid: bool((c.tumor_pixels > 0).any()) for cid, c in prepared.items()}
+                self.split = split_cases(list(prepared), self.val_fraction, self.test_fraction, self.seed, has_tumor)
+            if self.output_dir is not None:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                record = dict(self.split, seed=self.seed, val_fraction=self.val_fraction,
+                              test_fraction=self.test_fraction, data_dir=str(self.data_dir.resolve()))
+                atomic_write_text(self.output_dir / "splits.json", json.dumps(record, indent=2))
+            for part in ("train", "val", "test"):
+                self.datasets[part] = LiTSSliceDataset(
+                    [prepared[c] for c in self.split[part]], self.task, self.context_slices,
+                    self.min_tumor_pixels, self.liver_only)
+
+        def _loader(self, part: str, train: bool) -> DataLoader:
+            ds = self.datasets[part]
+            sampler = None
+            if train and self.oversample_tumor > 0:
+                sampler = tumor_sampler(ds.tumor, self.oversample_tumor, seed=self.seed)
+            return DataLoader(ds, batch_size=self.batch_size, shuffle=train and sampler is None, sampler=sampler,
+                              num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+                              persistent_workers=self.num_workers > 0, drop_last=False)
+
+        def train_dataloader(self) -> DataLoader:
+            return self._loader("train", True)
+
+        def val_dataloader(self) -> DataLoader:
+            return self._loader("val", False)
+
+        def test_dataloader(self) -> DataLoader:
+            return self._loader("test", False)
+
+        def on_after_batch_transfer(self, batch, dataloader_idx: int):
+            trainer = getattr(self, "trainer", None)
+            if self.augment and trainer is not None and trainer.training:
+                images, target = batch
+                if self.task == "segmentation":
+                    images, target = augment_batch(images, target)
+                else:
+                    images, _ = augment_batch(images)
+                batch = (images, target)
+            return batch
+
+    LiTSDataModule.__module__ = __name__
+    LiTSDataModule.__qualname__ = "LiTSDataModule"
+    return LiTSDataModule
+
+
+def __getattr__(name: str):
+    if name == "LiTSDataModule":
+        cls = globals()[name] = _datamodule_class()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="LiTS data tools: write synthetic phantoms, prepare the cache.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("synth", help="write synthetic CT phantoms in the LiTS layout")
+    s.add_argument("--out-dir", required=True, type=Path, help="folder to write volume-N/segmentation-N into")
+    s.add_argument("--cases", type=int, default=12, help="number of cases (default: 12)")
+    s.add_argument("--size", type=int, default=128, help="in-plane size in voxels (default: 128)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    s.add_argument("--compress", action="store_true", help="write .nii.gz instead of .nii (default: off)")
+    p = sub.add_parser("prepare", help="prepare the slice cache for a data folder")
+    p.add_argument("--data-dir", required=True, type=Path, help="LiTS, MSD or slice-folder data")
+    p.add_argument("--cache-dir", type=Path, default=Path("data/cache"), help="cache root (default: data/cache)")
+    p.add_argument("--image-size", type=int, default=256, help="training resolution in pixels (default: 256)")
+    p.add_argument("--window", type=float, nargs=2, default=list(WINDOW_HU), metavar=("LOW", "HIGH"),
+                   help="HU window (default: -200 250)")
+    p.add_argument("--workers", type=int, default=None, help="parallel processes (default: one per core)")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.command == "synth":
+        if args.cases < 1 or args.size < 32:
+            raise DataError(f"found --cases {args.cases} --size {args.size}; expected cases >= 1 and size >= 32")
+        paths = write_synthetic_lits(args.out_dir, args.cases, args.size, args.seed, args.compress, progress=True)
+        sys.stderr.write(f"wrote {len(paths)} synthetic case(s) to {args.out_dir}\n")
+    else:
+        cases = find_cases(args.data_dir)
+        prepared = prepare_cases(cases, args.cache_dir, args.data_dir, args.image_size, args.window, args.workers)
+        slices = sum(c.num_slices for c in prepared)
+        folder = prepared[0].image_path.parent
+        sys.stderr.write(f"prepared {len(prepared)} case(s), {slices} slices, in {folder}\n")
+    return 0
+
+
+def run_cli(entry, parser: argparse.ArgumentParser, argv=None) -> int:
+    """Run `entry(args)`; a user-input error becomes one line on stderr and exit status 2."""
+    args = parser.parse_args(argv)
+    try:
+        return entry(args) or 0
+    except DataError as exc:
+        sys.stderr.write(f"error: {one_line(exc)}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, get_args_parser()))
