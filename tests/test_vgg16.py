@@ -1,0 +1,255 @@
+"""Tests for vgg16.py.
+
+    .venv/bin/python -m pytest tests/test_vgg16.py -q
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import torch
+import torchvision
+
+from vgg16 import VGG16, load_imagenet_weights
+
+TORCHVISION_VGG16_PARAMS = 138_357_544
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.fixture(scope="module", params=[1, 3])
+def small_model(request: pytest.FixtureRequest) -> VGG16:
+    torch.manual_seed(0)
+    return VGG16(in_channels=request.param, num_classes=5, hidden=64).eval()
+
+
+@pytest.mark.parametrize("size", [32, 33, 64, 97])
+def test_output_shape(small_model: VGG16, size: int) -> None:
+    x = torch.randn(2, small_model.in_channels, size, size)
+    with torch.no_grad():
+        assert small_model(x).shape == (2, 5)
+
+
+def test_output_shape_non_square_without_batch_norm() -> None:
+    torch.manual_seed(0)
+    model = VGG16(in_channels=3, num_classes=7, batch_norm=False, hidden=64).eval()
+    with torch.no_grad():
+        assert model(torch.randn(3, 3, 33, 70)).shape == (3, 7)
+
+
+def test_parameter_count_matches_torchvision() -> None:
+    # Meta tensors have shapes but no storage, so the 138M parameters cost nothing.
+    with torch.device("meta"):
+        ours = count_params(VGG16(in_channels=3, num_classes=1000, batch_norm=False))
+        theirs = count_params(torchvision.models.vgg16(weights=None))
+    assert ours == theirs == TORCHVISION_VGG16_PARAMS
+
+
+def test_layout_matches_torchvision_with_batch_norm() -> None:
+    with torch.device("meta"):
+        ours = VGG16(in_channels=3, num_classes=1000, batch_norm=True).state_dict()
+        theirs = torchvision.models.vgg16_bn(weights=None).state_dict()
+    assert list(ours) == list(theirs)
+    assert all(ours[k].shape == theirs[k].shape for k in ours)
+
+
+def test_in_channels_only_changes_first_conv() -> None:
+    with torch.device("meta"):
+        rgb = count_params(VGG16(in_channels=3, batch_norm=False))
+        gray = count_params(VGG16(in_channels=1, batch_norm=False))
+    assert rgb - gray == 2 * 64 * 3 * 3
+
+
+def test_kaiming_init_like_torchvision() -> None:
+    torch.manual_seed(0)
+    model = VGG16(in_channels=1, num_classes=2, hidden=256)
+    conv = model.features[3]  # 64 -> 64 conv after BN and ReLU
+    assert isinstance(conv, torch.nn.Conv2d)
+    fan_out = conv.out_channels * 9
+    assert conv.weight.std().item() == pytest.approx(math.sqrt(2.0 / fan_out), rel=0.05)
+    assert torch.all(conv.bias == 0)
+    assert model.classifier[0].weight.std().item() == pytest.approx(0.01, rel=0.05)
+    assert torch.all(model.classifier[6].bias == 0)
+
+
+def test_dropout_is_configurable() -> None:
+    model = VGG16(hidden=8, dropout=0.3)
+    rates = [m.p for m in model.classifier if isinstance(m, torch.nn.Dropout)]
+    assert rates == [0.3, 0.3]
+
+
+def test_wrong_channel_count_raises() -> None:
+    model = VGG16(in_channels=1, hidden=8)
+    with pytest.raises(ValueError, match=r"expected \(N, C=1, H, W\).*got shape \(2, 3, 32, 32\)"):
+        model(torch.randn(2, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"expected \(N, C=1, H, W\)"):
+        model(torch.randn(1, 32, 32))
+
+
+@pytest.mark.parametrize("h, w", [(31, 64), (64, 31), (16, 16)])
+def test_too_small_input_raises(h: int, w: int) -> None:
+    model = VGG16(in_channels=1, hidden=8)
+    with pytest.raises(ValueError, match=f"expected input of at least 32x32 pixels, got {h}x{w}"):
+        model(torch.randn(2, 1, h, w))
+
+
+def test_returns_logits_not_probabilities() -> None:
+    torch.manual_seed(0)
+    model = VGG16(in_channels=1, num_classes=4, hidden=64).eval()
+    # Larger final weights so logits leave [0, 1] clearly instead of sitting near 0.
+    torch.nn.init.normal_(model.classifier[6].weight, 0.0, 1.0)
+    x = torch.randn(3, 1, 40, 40)
+    with torch.no_grad():
+        logits = model(x)
+        head = model.classifier(torch.flatten(model.avgpool(model.features(x)), 1))
+    torch.testing.assert_close(logits, head)
+    assert ((logits < 0) | (logits > 1)).any()
+    assert not torch.allclose(logits.sum(dim=1), torch.ones(3))
+
+
+def test_gradient_reaches_first_layer() -> None:
+    torch.manual_seed(0)
+    model = VGG16(in_channels=1, num_classes=2, hidden=32).train()
+    loss = torch.nn.functional.cross_entropy(
+        model(torch.randn(2, 1, 32, 32)), torch.tensor([0, 1])
+    )
+    loss.backward()
+    grad = model.features[0].weight.grad
+    assert grad is not None
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def expected_cache_path(torch_home: Path, batch_norm: bool) -> Path:
+    weights = (
+        torchvision.models.VGG16_BN_Weights.IMAGENET1K_V1
+        if batch_norm
+        else torchvision.models.VGG16_Weights.IMAGENET1K_V1
+    )
+    return torch_home / "hub" / "checkpoints" / os.path.basename(urlparse(weights.url).path)
+
+
+def test_pretrained_fails_fast_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    timeouts: list[float | None] = []
+
+    def offline_download(url: str, dst: str, *args: object, **kwargs: object) -> None:
+        timeouts.append(socket.getdefaulttimeout())
+        raise OSError("[Errno 101] Network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline_download)
+    with torch.device("meta"):
+        model = VGG16(in_channels=1, num_classes=2, batch_norm=False)
+    timeout_before = socket.getdefaulttimeout()
+    start = time.monotonic()
+    with pytest.raises(RuntimeError) as info:
+        load_imagenet_weights(model)
+    assert time.monotonic() - start < 5.0
+    message = str(info.value)
+    assert message.startswith("could not load ImageNet weights for VGG16: ")
+    assert "Network is unreachable" in message
+    assert message.endswith("run with network access once or drop --pretrained")
+    assert "\n" not in message
+    assert timeouts and timeouts[0] is not None and timeouts[0] <= 30
+    assert socket.getdefaulttimeout() == timeout_before
+    assert not expected_cache_path(tmp_path, batch_norm=False).exists()
+
+
+def test_pretrained_reports_corrupt_download(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def truncated_download(url: str, dst: str, *args: object, **kwargs: object) -> None:
+        Path(dst).write_bytes(b"not a checkpoint")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", truncated_download)
+    with torch.device("meta"):
+        model = VGG16(in_channels=1, num_classes=2, batch_norm=True)
+    with pytest.raises(RuntimeError, match=r"could not load ImageNet weights for VGG16: .*unreadable"):
+        load_imagenet_weights(model)
+
+
+def test_pretrained_needs_imagenet_hidden_size() -> None:
+    with pytest.raises(ValueError, match="hidden=4096, got hidden=64"):
+        load_imagenet_weights(VGG16(hidden=64))
+
+
+@pytest.fixture(scope="module")
+def fake_cache(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[bool, dict[str, torch.Tensor]]]:
+    """TORCH_HOME holding random-valued torchvision VGG16 checkpoints (with and without BN)."""
+    torch_home = tmp_path_factory.mktemp("torch_home")
+    generator = torch.Generator().manual_seed(0)
+    checkpoints: dict[bool, dict[str, torch.Tensor]] = {}
+    for batch_norm in (False, True):
+        with torch.device("meta"):
+            net = torchvision.models.vgg16_bn if batch_norm else torchvision.models.vgg16
+            shapes = {k: v.shape for k, v in net(weights=None).state_dict().items()}
+        # Random biases and BN statistics too (torchvision zeroes or ones them),
+        # so a key that is not copied cannot match by coincidence. The two big FC
+        # weights get a distinct constant each: their shapes already rule out a
+        # mix-up, and drawing 120M random numbers would dominate the test time.
+        # Leaving out num_batches_tracked mimics the real 2017 vgg16_bn checkpoint.
+        state: dict[str, torch.Tensor] = {}
+        for index, (key, shape) in enumerate(shapes.items()):
+            if key.endswith("num_batches_tracked"):
+                continue
+            if key in ("classifier.0.weight", "classifier.3.weight"):
+                state[key] = torch.full(shape, 0.001 * (index + 1))
+            elif key.endswith("running_var"):
+                state[key] = torch.rand(shape, generator=generator) + 0.5
+            else:
+                state[key] = torch.randn(shape, generator=generator)
+        path = expected_cache_path(torch_home, batch_norm)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, path)
+        checkpoints[batch_norm] = state
+    return torch_home, checkpoints
+
+
+@pytest.mark.parametrize(
+    "in_channels, num_classes, batch_norm", [(1, 2, False), (3, 1000, False), (1, 2, True)]
+)
+def test_pretrained_copies_cached_weights(
+    monkeypatch: pytest.MonkeyPatch,
+    fake_cache: tuple[Path, dict[bool, dict[str, torch.Tensor]]],
+    in_channels: int,
+    num_classes: int,
+    batch_norm: bool,
+) -> None:
+    torch_home, checkpoints = fake_cache
+    source = checkpoints[batch_norm]
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+
+    def no_download(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a cached checkpoint must not be downloaded again")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    torch.manual_seed(0)
+    model = VGG16(in_channels=in_channels, num_classes=num_classes, batch_norm=batch_norm)
+    fresh_last_fc = model.classifier[6].weight.detach().clone()
+
+    assert load_imagenet_weights(model) is model
+    state = model.state_dict()
+
+    first = source["features.0.weight"]  # (64, 3, 3, 3)
+    expected_first = first.mean(dim=1, keepdim=True).repeat(1, in_channels, 1, 1) * (3 / in_channels)
+    torch.testing.assert_close(state["features.0.weight"], expected_first)
+    copied = [k for k in source if k != "features.0.weight" and not k.startswith("classifier.6.")]
+    # 13 convs (weight, bias) minus the adapted first weight, 4 tensors per BN, FC1 and FC2.
+    assert len(copied) == 2 * 13 - 1 + (4 * 13 if batch_norm else 0) + 4
+    assert [k for k in copied if not torch.equal(state[k], source[k])] == []
+    if num_classes == 1000:
+        assert torch.equal(state["classifier.6.weight"], source["classifier.6.weight"])
+    else:
+        assert torch.equal(model.classifier[6].weight, fresh_last_fc)
+
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, in_channels, 32, 32)).shape == (1, num_classes)

@@ -1,0 +1,229 @@
+"""VGG16 (Simonyan & Zisserman 2015, configuration D) for N-channel images.
+
+    model = VGG16(in_channels=1, num_classes=2)
+    logits = model(torch.randn(8, 1, 224, 224))  # (8, 2)
+    model = load_imagenet_weights(VGG16(in_channels=1, num_classes=2))
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from urllib.parse import urlparse
+
+import torch
+import torch.nn as nn
+
+# Configuration D of the paper: numbers are 3x3 conv widths, "M" is a 2x2 max-pool.
+CFG_D: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
+                          512, 512, 512, "M", 512, 512, 512, "M"]
+
+# Five stride-2 poolings: anything below 2**5 px collapses to an empty map.
+MIN_SIZE = 32
+
+IMAGENET_HIDDEN = 4096
+IMAGENET_CLASSES = 1000
+DOWNLOAD_TIMEOUT_S = 10.0
+
+
+class VGG16(nn.Module):
+    """VGG16 with batch norm optional and a configurable input channel count.
+
+    The module layout (``features``, ``avgpool``, ``classifier`` and their
+    indices) is identical to ``torchvision.models.vgg16`` / ``vgg16_bn`` so that
+    ImageNet state dicts map key-for-key onto it.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 2,
+        batch_norm: bool = True,
+        dropout: float = 0.5,
+        hidden: int = 4096,
+    ) -> None:
+        super().__init__()
+        if in_channels < 1:
+            raise ValueError(f"expected in_channels >= 1, got {in_channels}")
+        if num_classes < 1:
+            raise ValueError(f"expected num_classes >= 1, got {num_classes}")
+        if hidden < 1:
+            raise ValueError(f"expected hidden >= 1, got {hidden}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"expected dropout in [0, 1), got {dropout}")
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.batch_norm = batch_norm
+        self.hidden = hidden
+
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for spec in CFG_D:
+            if spec == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+                continue
+            width = int(spec)
+            # Bias kept even before BN (redundant there) to match torchvision's
+            # vgg16_bn, whose checkpoints carry those biases.
+            layers.append(nn.Conv2d(channels, width, kernel_size=3, padding=1))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(width))
+            layers.append(nn.ReLU(inplace=True))
+            channels = width
+        self.features = nn.Sequential(*layers)
+        # Fixed 7x7 output makes the classifier size independent of the input
+        # size, so inputs other than 224 px work and ImageNet FC weights still fit.
+        self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+        self.classifier = nn.Sequential(
+            nn.Linear(512 * 7 * 7, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(p=dropout),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(p=dropout),
+            nn.Linear(hidden, num_classes),
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise like torchvision (Kaiming fan-out for convs, N(0, 0.01) for FC)."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Classify a batch of images.
+
+        Args:
+            x: float tensor of shape (N, in_channels, H, W) with H, W >= 32.
+
+        Returns:
+            Logits of shape (N, num_classes); no softmax is applied.
+        """
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"expected (N, C={self.in_channels}, H, W) input, got shape {tuple(x.shape)}"
+            )
+        h, w = x.shape[-2:]
+        if h < MIN_SIZE or w < MIN_SIZE:
+            raise ValueError(
+                f"expected input of at least {MIN_SIZE}x{MIN_SIZE} pixels, got {h}x{w}"
+            )
+        x = self.features(x)  # (N, 512, H // 32, W // 32)
+        x = self.avgpool(x)  # (N, 512, 7, 7)
+        x = torch.flatten(x, 1)  # (N, 25088)
+        return self.classifier(x)  # (N, num_classes)
+
+
+def imagenet_weights_url(batch_norm: bool) -> str:
+    """URL of torchvision's ImageNet checkpoint for VGG16 with or without BN."""
+    from torchvision.models import VGG16_BN_Weights, VGG16_Weights
+
+    weights = VGG16_BN_Weights.IMAGENET1K_V1 if batch_norm else VGG16_Weights.IMAGENET1K_V1
+    return weights.url
+
+
+def imagenet_cache_path(url: str) -> str:
+    """Where ``torch.hub`` keeps (or would keep) the checkpoint behind ``url``."""
+    filename = os.path.basename(urlparse(url).path)
+    return os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+
+
+def _fetch_imagenet_state_dict(batch_norm: bool) -> dict[str, torch.Tensor]:
+    url = imagenet_weights_url(batch_norm)
+    path = imagenet_cache_path(url)
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        # torchvision names files "<name>-<sha256 prefix>.pth"; checking it
+        # rejects truncated or tampered downloads before they enter the cache.
+        match = re.search(r"-([a-f0-9]+)\.", os.path.basename(path))
+        hash_prefix = match.group(1) if match else None
+        # urllib has no timeout by default, so an offline machine behind a
+        # black-holing firewall would otherwise block forever.
+        previous_timeout = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+        try:
+            torch.hub.download_url_to_file(url, path, hash_prefix, progress=False)
+        except Exception as exc:
+            raise RuntimeError(f"download of {url} to {path} failed ({exc!r})") from exc
+        finally:
+            socket.setdefaulttimeout(previous_timeout)
+    try:
+        # mmap avoids holding a second ~530 MB copy in RAM while copying.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise RuntimeError(f"cached file {path} is unreadable ({exc!r}); delete it") from exc
+
+
+def _adapt_first_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """Map (64, 3, 3, 3) RGB filters to (64, in_channels, 3, 3)."""
+    mean = weight.mean(dim=1, keepdim=True)  # (64, 1, 3, 3)
+    # Scaling by 3 / in_channels keeps the summed response equal to that of the
+    # RGB filters on a gray image (R = G = B): the pretrained BN statistics and
+    # later layers then see activations of the scale they were trained on.
+    return mean.repeat(1, in_channels, 1, 1) * (3.0 / in_channels)
+
+
+def load_imagenet_weights(model: VGG16) -> VGG16:
+    """Initialise ``model`` in place from torchvision's ImageNet VGG16 weights.
+
+    All convolutions (and BN layers when ``model.batch_norm``) and the first two
+    FC layers are copied; the first convolution is adapted to
+    ``model.in_channels`` (see ``_adapt_first_conv``); the last FC layer is
+    copied only when ``model.num_classes == 1000`` and otherwise keeps its fresh
+    initialisation. Uses the torch hub cache, downloading at most once.
+
+    Raises:
+        ValueError: ``model.hidden`` is not 4096, so the FC weights cannot fit.
+        RuntimeError: the weights are neither cached nor downloadable, or unusable.
+    """
+    if model.hidden != IMAGENET_HIDDEN:
+        raise ValueError(
+            f"ImageNet weights need hidden={IMAGENET_HIDDEN}, got hidden={model.hidden}"
+        )
+    try:
+        source = _fetch_imagenet_state_dict(model.batch_norm)
+        target = model.state_dict()
+        # Checkpoints saved before PyTorch 0.4.1 (torchvision's VGG files date from
+        # 2017) may lack BN num_batches_tracked; it only matters for momentum=None.
+        missing = sorted(
+            k for k in set(target) - set(source) if not k.endswith("num_batches_tracked")
+        )
+        if missing:
+            raise RuntimeError(f"checkpoint lacks {len(missing)} keys, e.g. {missing[0]!r}")
+        last_fc = f"classifier.{len(model.classifier) - 1}."
+        first_conv = "features.0.weight"
+        new_state: dict[str, torch.Tensor] = {}
+        for key, current in target.items():
+            if key.startswith(last_fc) and model.num_classes != IMAGENET_CLASSES:
+                new_state[key] = current
+                continue
+            if key not in source:
+                new_state[key] = current
+                continue
+            value = source[key]
+            if key == first_conv:
+                value = _adapt_first_conv(value.float(), model.in_channels)
+            if value.shape != current.shape:
+                raise RuntimeError(
+                    f"{key} has shape {tuple(value.shape)} in the checkpoint, "
+                    f"expected {tuple(current.shape)}"
+                )
+            new_state[key] = value
+        model.load_state_dict(new_state, strict=True)
+    except Exception as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else repr(exc)
+        raise RuntimeError(
+            f"could not load ImageNet weights for VGG16: {reason}; "
+            "run with network access once or drop --pretrained"
+        ) from exc
+    return model
