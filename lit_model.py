@@ -1,0 +1,332 @@
+"""LightningModules for the two tasks: `LitClassifier` (VGG16) and `LitSegmenter` (U-Net).
+
+    model = LitSegmenter(in_channels=3, base_width=16, image_size=128, context_slices=1)
+    trainer.fit(model, datamodule=LiTSDataModule("data/synthetic", "segmentation", image_size=128))
+
+Each module records its preprocessing (window, image size, context slices, class names, task) with
+`save_hyperparameters()`, so a checkpoint alone rebuilds the network and its input pipeline
+(see `build_network` and the predict scripts).
+
+Metric rules, stated once:
+- Regions follow the LiTS scorer: liver = label >= 1 (liver and tumor together), tumor = label 2.
+- Dice is accumulated over every pixel of the epoch (sum of intersections over sum of sizes),
+  not averaged over batches or slices, so empty tumor slices neither inflate nor deflate it.
+- Empty masks: when prediction and reference are both empty, Dice is 1; when only one is, Dice is 0.
+- Background is never part of a reported Dice.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryConfusionMatrix, BinaryF1Score,
+                                         BinaryRecall, BinaryROC, BinarySpecificity, MulticlassAccuracy)
+
+from dataset import CLS_CLASSES, SEG_CLASSES, WINDOW_HU
+from unet import UNet
+from vgg16 import VGG16, load_imagenet_weights
+
+REGIONS = ("liver", "tumor")
+
+
+def region_masks(labels: torch.Tensor) -> torch.Tensor:
+    """Labels (N, H, W) in {0, 1, 2} -> boolean regions (N, 2, H, W): [liver (>= 1), tumor (== 2)]."""
+    return torch.stack([labels >= 1, labels == 2], dim=1)
+
+
+def dice_from_counts(inter: torch.Tensor, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Dice = 2|P∩T| / (|P| + |T|); 1 where both are empty (nothing to find, nothing found)."""
+    total = pred + target
+    return torch.where(total > 0, 2 * inter.double() / total.clamp(min=1).double(),
+                       torch.ones_like(total, dtype=torch.float64))
+
+
+class RegionDice(Metric):
+    """Dice of the liver and tumor regions, accumulated over all pixels since the last reset.
+
+    With `num_groups`, counts are kept per group (e.g. per test case) and `compute` returns
+    (num_groups, 2); without, (2,) as [liver, tumor]. Counts are exact integers, summed across
+    processes under DDP."""
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, num_groups: int | None = None):
+        super().__init__()
+        self.per_group = num_groups is not None
+        for name in ("inter", "pred_sum", "target_sum"):
+            self.add_state(name, torch.zeros(num_groups or 1, 2, dtype=torch.int64), dist_reduce_fx="sum")
+
+    def update(self, pred_labels: torch.Tensor, target: torch.Tensor, groups: torch.Tensor | None = None) -> None:
+        p, t = region_masks(pred_labels), region_masks(target)  # (N, 2, H, W)
+        if groups is None:
+            groups = torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)
+        for state, value in ((self.inter, (p & t).sum((2, 3))), (self.pred_sum, p.sum((2, 3))),
+                             (self.target_sum, t.sum((2, 3)))):
+            state.index_add_(0, groups, value.to(torch.int64))
+
+    def compute(self) -> torch.Tensor:
+        dice = dice_from_counts(self.inter, self.pred_sum, self.target_sum).float()
+        return dice if self.per_group else dice[0]
+
+
+def soft_region_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - soft Dice of the liver and tumor regions over the whole batch, averaged over the two.
+
+    logits (N, 3, H, W); target (N, H, W). Region probabilities: liver = p1 + p2, tumor = p2,
+    the same regions the metrics score."""
+    prob = logits.float().softmax(dim=1)
+    p = torch.stack([prob[:, 1] + prob[:, 2], prob[:, 2]], dim=1)  # (N, 2, H, W)
+    t = region_masks(target).float()
+    inter = (p * t).sum((0, 2, 3))
+    dice = (2 * inter + eps) / (p.sum((0, 2, 3)) + t.sum((0, 2, 3)) + eps)
+    return 1 - dice.mean()
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    """LR factor: linear warm-up from ~0 to 1, then cosine decay to 0 at `total_steps`."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+class _Base(pl.LightningModule):
+    """Optimiser and schedule shared by both tasks: AdamW, warm-up then cosine, stepped per batch."""
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on biases and norms
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = max(1, int(total * hp.warmup_fraction))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    _channels_last = False
+    _compiled: nn.Module | None = None
+
+    def set_speed(self, channels_last: bool = False, compile: bool = False) -> None:
+        """Run-time speed choices that leave the weights and the checkpoint format as they are."""
+        self._channels_last = channels_last
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        # Kept out of the module registry, so state_dict keys stay "net.*" with or without compile.
+        self.__dict__["_compiled"] = torch.compile(self.net) if compile else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, C, H, W) -> logits from the wrapped network (see its forward)."""
+        if self._channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return (self._compiled or self.net)(x)
+
+
+class LitClassifier(_Base):
+    """VGG16 deciding per slice: healthy (0) or tumor (1)."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 2, batch_norm: bool = True, dropout: float = 0.5,
+                 hidden: int = 4096, pretrained: bool = False, lr: float = 1e-4, weight_decay: float = 1e-4,
+                 warmup_fraction: float = 0.05, class_weights: Sequence[float] | None = None,
+                 threshold: float = 0.5, window: Sequence[float] = WINDOW_HU, image_size: int = 256,
+                 context_slices: int = 1, class_names: Sequence[str] = CLS_CLASSES,
+                 task: str = "classification"):
+        super().__init__()
+        if num_classes != 2:
+            raise ValueError(f"the classifier is binary (healthy/tumor), got num_classes={num_classes}")
+        self.save_hyperparameters()
+        self.net = build_network(self.hparams)
+        if pretrained:
+            load_imagenet_weights(self.net)
+        weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+        self.register_buffer("class_weight", weight, persistent=False)
+        # One collection per split (attributes, not a ModuleDict: "train" would shadow Module.train).
+        for split in ("train", "val", "test"):
+            setattr(self, f"{split}_metrics", MetricCollection({
+                "acc": BinaryAccuracy(threshold=threshold),
+                "balanced_acc": MulticlassAccuracy(num_classes=2, average="macro"),  # mean of per-class recall
+                "auroc": BinaryAUROC(),
+                "sensitivity": BinaryRecall(threshold=threshold),
+                "specificity": BinarySpecificity(threshold=threshold),
+                "f1": BinaryF1Score(threshold=threshold),
+            }, prefix=f"{split}/"))
+        self.test_roc = BinaryROC()
+        self.test_confusion = BinaryConfusionMatrix(threshold=threshold)
+        self.roc_curve: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.confusion: torch.Tensor | None = None
+
+    def _step(self, batch, split: str) -> torch.Tensor:
+        images, target = batch[0], batch[1]  # (N, C, H, W), (N,)
+        logits = self(images)  # (N, 2)
+        loss = F.cross_entropy(logits.float(), target, weight=self.class_weight)
+        prob = logits.float().softmax(dim=1)[:, 1]  # (N,) tumor probability
+        pred = (prob >= self.hparams.threshold).long()
+        metrics = getattr(self, f"{split}_metrics")
+        for name, metric in metrics.items():
+            metric.update(pred if name.endswith("balanced_acc") else prob, target)
+        on_step = split == "train"
+        self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(target),
+                 sync_dist=not on_step)
+        if on_step:
+            self.log("train/acc_step", (pred == target).float().mean(), on_step=True, on_epoch=False, batch_size=len(target))
+        if split == "test":
+            self.test_roc.update(prob, target)
+            self.test_confusion.update(prob, target)
+        return loss
+
+    def _log_epoch(self, split: str) -> None:
+        metrics = getattr(self, f"{split}_metrics")
+        self.log_dict(metrics.compute(), prog_bar=split != "train")
+        metrics.reset()
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test")
+
+    def on_train_epoch_end(self):
+        self._log_epoch("train")
+
+    def on_validation_epoch_end(self):
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self):
+        self._log_epoch("test")
+        fpr, tpr, _ = self.test_roc.compute()
+        self.roc_curve = (fpr.cpu(), tpr.cpu())
+        self.confusion = self.test_confusion.compute().cpu()
+        self.test_roc.reset()
+        self.test_confusion.reset()
+
+
+class LitSegmenter(_Base):
+    """U-Net labelling each pixel background (0), liver (1) or tumor (2); loss = CE + region soft Dice."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 3, base_width: int = 64, depth: int = 4,
+                 upsampling: str = "transpose", attention: bool = False, lr: float = 1e-3,
+                 weight_decay: float = 1e-4, warmup_fraction: float = 0.05, dice_weight: float = 1.0,
+                 class_weights: Sequence[float] | None = None, window: Sequence[float] = WINDOW_HU,
+                 image_size: int = 256, context_slices: int = 1, class_names: Sequence[str] = SEG_CLASSES,
+                 task: str = "segmentation", num_overlays: int = 4):
+        super().__init__()
+        if num_classes != 3:
+            raise ValueError(f"the segmenter predicts background/liver/tumor, got num_classes={num_classes}")
+        self.save_hyperparameters()
+        self.net = build_network(self.hparams)
+        weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+        self.register_buffer("class_weight", weight, persistent=False)
+        self.train_dice, self.val_dice, self.test_dice = RegionDice(), RegionDice(), RegionDice()
+        self.case_dice: RegionDice | None = None
+        self.per_case_dice: dict[str, tuple[float, float]] = {}
+        self._overlay_batch = None
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        ce = F.cross_entropy(logits.float(), target, weight=self.class_weight)
+        return ce + self.hparams.dice_weight * soft_region_dice_loss(logits, target)
+
+    def _step(self, batch, split: str) -> torch.Tensor:
+        images, target = batch[0], batch[1]  # (N, C, H, W), (N, H, W)
+        logits = self(images)  # (N, 3, H, W)
+        loss = self.loss(logits, target)
+        pred = logits.argmax(dim=1)  # (N, H, W)
+        getattr(self, f"{split}_dice").update(pred, target)
+        on_step = split == "train"
+        self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(target),
+                 sync_dist=not on_step)
+        if split == "test" and len(batch) == 3 and self.case_dice is not None:
+            self.case_dice.update(pred, target, batch[2])
+        return loss
+
+    def _log_epoch(self, split: str) -> None:
+        metric = getattr(self, f"{split}_dice")
+        dice = metric.compute()
+        self.log_dict({f"{split}/dice_liver": dice[0], f"{split}/dice_tumor": dice[1]}, prog_bar=split == "val")
+        metric.reset()
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        if batch_idx == 0:
+            self._overlay_batch = (batch[0][: self.hparams.num_overlays].detach(),
+                                   batch[1][: self.hparams.num_overlays].detach())
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test")
+
+    def on_train_epoch_end(self):
+        self._log_epoch("train")
+
+    def on_validation_epoch_end(self):
+        self._log_epoch("val")
+        self._log_overlays()
+
+    def on_test_epoch_start(self):
+        # One Dice accumulator per test case: per-patient Dice, as the LiTS scorer reports it.
+        dm = getattr(self.trainer, "datamodule", None)
+        cases = getattr(dm, "datasets", {}).get("test") if dm is not None else None
+        self._test_case_ids = [c.case_id for c in cases.cases] if cases is not None else []
+        self.case_dice = RegionDice(num_groups=max(1, len(self._test_case_ids))).to(self.device)
+
+    def on_test_epoch_end(self):
+        self._log_epoch("test")
+        if self.case_dice is not None and self._test_case_ids:
+            per_case = self.case_dice.compute().cpu()  # (cases, 2)
+            self.per_case_dice = {cid: (float(d[0]), float(d[1])) for cid, d in zip(self._test_case_ids, per_case)}
+            self.log_dict({"test/dice_liver_per_case": per_case[:, 0].mean(),
+                           "test/dice_tumor_per_case": per_case[:, 1].mean()})
+        self.case_dice = None
+
+    def _log_overlays(self) -> None:
+        logger = self.logger
+        if self._overlay_batch is None or logger is None or not hasattr(logger.experiment, "add_image"):
+            return
+        images, target = self._overlay_batch
+        with torch.no_grad():
+            pred = self(images).argmax(dim=1)
+        rows = [torch.cat([overlay(images[i, images.shape[1] // 2], lab) for lab in (None, target[i], pred[i])], dim=2)
+                for i in range(images.shape[0])]
+        logger.experiment.add_image("val/ct_truth_prediction", torch.cat(rows, dim=1), self.global_step)
+        self._overlay_batch = None
+
+
+def overlay(ct: torch.Tensor, labels: torch.Tensor | None, alpha: float = 0.45) -> torch.Tensor:
+    """CT slice (H, W) in [0, 1] with liver in green and tumor in red -> RGB image (3, H, W)."""
+    rgb = ct.float().clamp(0, 1).expand(3, *ct.shape).clone()
+    if labels is None:
+        return rgb
+    for value, colour in ((1, (0.1, 0.8, 0.2)), (2, (0.95, 0.1, 0.1))):
+        m = labels == value
+        for c in range(3):
+            rgb[c][m] = (1 - alpha) * rgb[c][m] + alpha * colour[c]
+    return rgb
+
+
+def build_network(hparams) -> nn.Module:
+    """The bare network of a task from recorded hyperparameters (a checkpoint's `hyper_parameters`)."""
+    hp = dict(hparams)
+    if hp["task"] == "classification":
+        return VGG16(in_channels=hp["in_channels"], num_classes=hp["num_classes"], batch_norm=hp["batch_norm"],
+                     dropout=hp["dropout"], hidden=hp["hidden"])
+    if hp["task"] == "segmentation":
+        return UNet(in_channels=hp["in_channels"], num_classes=hp["num_classes"], base_width=hp["base_width"],
+                    depth=hp["depth"], upsampling=hp["upsampling"], attention=hp["attention"])
+    raise ValueError(f"unknown task {hp['task']!r}; expected 'classification' or 'segmentation'")
+
+
+LIT_MODULES = {"classification": LitClassifier, "segmentation": LitSegmenter}

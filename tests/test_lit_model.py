@@ -1,0 +1,128 @@
+"""Metrics, losses and checkpoint round trips of the LightningModules, against hand-computed values."""
+import numpy as np
+import pytest
+import torch
+
+from lit_model import (LitClassifier, LitSegmenter, RegionDice, build_network, dice_from_counts, region_masks,
+                       soft_region_dice_loss, warmup_cosine)
+
+
+def labels(rows):
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def test_region_masks_follow_lits_rule():
+    lab = labels([[[0, 1, 2]]])
+    m = region_masks(lab)
+    assert m.shape == (1, 2, 1, 3)
+    assert m[0, 0, 0].tolist() == [False, True, True]   # liver region = liver + tumor
+    assert m[0, 1, 0].tolist() == [False, False, True]  # tumor region = label 2 only
+
+
+def test_region_dice_hand_computed():
+    # liver region: pred {1,2,3,4}, truth {1,2,3,5} -> 2*3/(4+4) = 0.75; tumor: pred {4}, truth {3,5} -> 0
+    pred = labels([[[0, 1, 1, 1, 2, 0]]])
+    true = labels([[[0, 1, 1, 2, 0, 2]]])
+    m = RegionDice()
+    m.update(pred, true)
+    liver, tumor = m.compute().tolist()
+    assert liver == pytest.approx(0.75)
+    assert tumor == pytest.approx(0.0)
+
+
+def test_region_dice_pools_over_batches_not_mean_of_batches():
+    m = RegionDice()
+    # batch 1: tumor perfect on 1 pixel; batch 2: tumor pred 3 pixels, truth 1 overlapping
+    m.update(labels([[[2, 0, 0, 0]]]), labels([[[2, 0, 0, 0]]]))
+    m.update(labels([[[2, 2, 2, 0]]]), labels([[[2, 0, 0, 0]]]))
+    # pooled: inter 2, pred 4, truth 2 -> 4/6; the mean of per-batch Dice would be (1 + 0.5) / 2 = 0.75
+    assert m.compute()[1].item() == pytest.approx(4 / 6)
+
+
+def test_empty_mask_rules():
+    assert dice_from_counts(torch.tensor(0), torch.tensor(0), torch.tensor(0)).item() == 1.0  # both empty
+    assert dice_from_counts(torch.tensor(0), torch.tensor(5), torch.tensor(0)).item() == 0.0  # false positive
+    assert dice_from_counts(torch.tensor(0), torch.tensor(0), torch.tensor(5)).item() == 0.0  # missed
+    m = RegionDice()
+    m.update(labels([[[0, 1]]]), labels([[[0, 1]]]))  # no tumor anywhere, none predicted
+    assert m.compute().tolist() == [1.0, 1.0]
+
+
+def test_region_dice_per_group():
+    m = RegionDice(num_groups=2)
+    pred = labels([[[1, 1]], [[2, 0]]])
+    true = labels([[[1, 0]], [[2, 0]]])
+    m.update(pred, true, torch.tensor([0, 1]))
+    d = m.compute()
+    assert d.shape == (2, 2)
+    assert d[0].tolist() == pytest.approx([2 / 3, 1.0])  # case 0: liver 2*1/(2+1); tumor both empty
+    assert d[1].tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_region_dice_matches_independent_numpy_on_random_labels():
+    rng = np.random.default_rng(0)
+    p, t = rng.integers(0, 3, (4, 16, 16)), rng.integers(0, 3, (4, 16, 16))
+    m = RegionDice()
+    m.update(torch.from_numpy(p), torch.from_numpy(t))
+    for k, (pm, tm) in enumerate(((p >= 1, t >= 1), (p == 2, t == 2))):
+        expected = 2 * np.logical_and(pm, tm).sum() / (pm.sum() + tm.sum())
+        assert m.compute()[k].item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_soft_dice_loss_near_zero_for_confident_correct_logits_and_high_for_wrong():
+    target = labels([[[0, 1, 2, 2], [0, 1, 1, 0]]])
+    good = torch.nn.functional.one_hot(target, 3).permute(0, 3, 1, 2).float() * 50
+    bad = torch.nn.functional.one_hot((target + 1) % 3, 3).permute(0, 3, 1, 2).float() * 50
+    assert soft_region_dice_loss(good, target).item() < 0.05
+    # Hand count for the wrong labels (eps = 1): liver region pred 6, truth 5, overlap 3 -> 7/12;
+    # tumor pred 3, truth 2, overlap 0 -> 1/6; loss = 1 - (7/12 + 1/6) / 2 = 0.625
+    assert soft_region_dice_loss(bad, target).item() == pytest.approx(0.625, abs=1e-4)
+
+
+def test_warmup_cosine_schedule_shape():
+    f = warmup_cosine(total_steps=100, warmup_steps=10)
+    assert f(0) == pytest.approx(0.1)
+    assert f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.5)
+    assert f(100) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_hyperparameters_record_preprocessing_and_rebuild_network():
+    m = LitSegmenter(in_channels=3, base_width=4, image_size=64, context_slices=1, window=(-100.0, 200.0))
+    hp = m.hparams
+    assert hp.task == "segmentation" and hp.image_size == 64 and hp.context_slices == 1
+    assert tuple(hp.window) == (-100.0, 200.0) and tuple(hp.class_names) == ("background", "liver", "tumor")
+    net = build_network(hp)
+    assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in m.net.parameters())
+    c = LitClassifier(in_channels=1, hidden=16, image_size=32, context_slices=0)
+    assert c.hparams.task == "classification" and tuple(c.hparams.class_names) == ("healthy", "tumor")
+
+
+def test_checkpoint_reload_gives_identical_outputs(tmp_path):
+    import pytorch_lightning as pl
+    torch.manual_seed(0)
+    for model in (LitSegmenter(in_channels=3, base_width=4, image_size=32),
+                  LitClassifier(in_channels=3, hidden=16, image_size=32)):
+        trainer = pl.Trainer(logger=False, enable_checkpointing=False, max_epochs=0, enable_progress_bar=False)
+        trainer.strategy.connect(model)
+        path = tmp_path / f"{model.hparams.task}.ckpt"
+        trainer.save_checkpoint(path)
+        loaded = type(model).load_from_checkpoint(path, map_location="cpu", weights_only=True)
+        x = torch.rand(2, 3, 32, 32)
+        model.eval(), loaded.eval()
+        with torch.no_grad():
+            assert torch.equal(model(x), loaded(x))
+
+
+def test_speed_options_keep_outputs_and_checkpoint_keys():
+    torch.manual_seed(0)
+    model = LitSegmenter(in_channels=3, base_width=4, image_size=32).eval()
+    keys = list(model.state_dict())
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = model(x)
+        model.set_speed(channels_last=True)
+        assert torch.allclose(model(x), reference, atol=1e-5)
+    model.set_speed(channels_last=True, compile=True)  # compiles lazily, on the first call
+    assert list(model.state_dict()) == keys  # checkpoints stay loadable by the predict scripts

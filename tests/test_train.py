@@ -1,0 +1,129 @@
+"""train.py end to end on tiny phantoms written as real NIfTI files: fast_dev_run, learning, resume,
+reproducibility, DDP on two CPU processes, the PNG graphs and bad input."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dataset
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_lits")
+    for i in range(6):
+        dataset.write_phantom_case(root, i, size=48, seed=3, num_slices=12, num_tumors=2 if i % 3 else 0)
+    return root
+
+
+def run_args(data, out, task, *extra):
+    argv = ["--task", task, "--data-dir", str(data), "--output-dir", str(out), "--cache-dir", str(out.parent / "cache"),
+            "--graphs-dir", str(out / "graphs"), "--image-size", "32", "--base-width", "4", "--vgg-hidden", "16",
+            "--batch-size", "8", "--num-workers", "0", "--accelerator", "cpu", *extra]
+    return train.get_args_parser().parse_args(argv)
+
+
+@pytest.mark.parametrize("task", ["segmentation", "classification"])
+def test_fast_dev_run_each_task(tiny_data, tmp_path, task):
+    summary = train.main(run_args(tiny_data, tmp_path / "run", task, "--fast-dev-run"))
+    assert summary["task"] == task
+    assert "test/loss" in summary["test"]
+    split = json.loads((tmp_path / "run" / "splits.json").read_text())
+    parts = [set(split[k]) for k in ("train", "val", "test")]
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    assert set().union(*parts) == {f"volume-{i}" for i in range(6)}
+
+
+def _epoch_losses(out: Path) -> list[float]:
+    scalars = train.read_scalars(out / "tensorboard")
+    return [v for _, v in scalars["train/loss_epoch"]]
+
+
+def test_segmentation_learns_and_writes_graphs_and_checkpoints(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    summary = train.main(run_args(tiny_data, out, "segmentation", "--max-epochs", "4", "--lr", "3e-3"))
+    losses = _epoch_losses(out)
+    assert len(losses) == 4
+    assert losses[-1] < losses[0] * 0.9, losses
+    assert (out / "checkpoints" / "best.ckpt").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
+    for name in ("test_examples", "val_dice", "train_dice_epoch", "val_loss", "train_loss_epoch"):
+        png = out / "graphs" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    for key in ("test/dice_liver", "test/dice_tumor", "test/dice_liver_per_case", "test/dice_tumor_per_case"):
+        assert 0.0 <= summary["test"][key] <= 1.0
+    assert set(summary["test_per_case_dice"]) == set(summary["split"]["test"])
+    saved = json.loads((out / "test_metrics.json").read_text())
+    assert saved["test"] == pytest.approx(summary["test"])
+
+
+def test_classification_graphs_and_metrics(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    summary = train.main(run_args(tiny_data, out, "classification", "--max-epochs", "2"))
+    for name in ("train_loss_epoch", "train_accuracy_epoch", "train_loss_step", "train_accuracy_step", "val_loss",
+                 "val_accuracy", "roc_curve", "confusion_matrix"):
+        assert (out / "graphs" / f"{name}.png").is_file(), name
+    for key in ("acc", "balanced_acc", "auroc", "sensitivity", "specificity", "f1"):
+        assert 0.0 <= summary["test"][f"test/{key}"] <= 1.0
+
+
+def test_checkpoint_alone_rebuilds_model_and_preprocessing(tiny_data, tmp_path):
+    from lit_model import LitSegmenter
+    out = tmp_path / "run"
+    train.main(run_args(tiny_data, out, "segmentation", "--max-epochs", "1", "--context-slices", "2"))
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    hp = ckpt["hyper_parameters"]
+    assert hp["context_slices"] == 2 and hp["in_channels"] == 5 and hp["image_size"] == 32
+    assert tuple(hp["window"]) == dataset.WINDOW_HU
+    model = LitSegmenter.load_from_checkpoint(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert model(torch.rand(1, 5, 32, 32)).shape == (1, 3, 32, 32)
+
+
+def test_same_seed_same_metrics(tiny_data, tmp_path):
+    a = train.main(run_args(tiny_data, tmp_path / "a", "segmentation", "--max-epochs", "1"))
+    b = train.main(run_args(tiny_data, tmp_path / "b", "segmentation", "--max-epochs", "1"))
+    assert a["test"] == b["test"]
+
+
+def test_resume_ends_where_an_uninterrupted_run_would(tiny_data, tmp_path):
+    full = train.main(run_args(tiny_data, tmp_path / "full", "segmentation", "--max-epochs", "2"))
+    # A run stopped after its first epoch, then resumed from last.ckpt to the same 2 epochs.
+    out = tmp_path / "stopped"
+    train.main(run_args(tiny_data, out, "segmentation", "--max-epochs", "1"))
+    resumed = train.main(run_args(tiny_data, out, "segmentation", "--max-epochs", "2",
+                                  "--resume", str(out / "checkpoints" / "last.ckpt")))
+    assert resumed["epochs"] == full["epochs"] == 2
+    assert resumed["split"] == full["split"]
+    assert len(_epoch_losses(out)) == 2
+
+
+def _cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_bad_input_one_line_exit_2(tmp_path, tiny_data):
+    missing = _cli("--task", "segmentation", "--data-dir", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "o"))
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().splitlines()[-1].startswith("error:") and "nope" in missing.stderr
+    wrong = tmp_path / "fake.ckpt"
+    torch.save({"hyper_parameters": {"task": "classification"}, "state_dict": {}}, wrong)
+    res = _cli("--task", "segmentation", "--data-dir", str(tiny_data), "--resume", str(wrong),
+               "--output-dir", str(tmp_path / "o2"))
+    assert res.returncode == 2 and "classification checkpoint" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_ddp_on_two_cpu_processes(tiny_data, tmp_path):
+    out = tmp_path / "ddp"
+    res = _cli("--task", "segmentation", "--data-dir", str(tiny_data), "--output-dir", str(out),
+               "--cache-dir", str(tmp_path / "cache"), "--graphs-dir", str(out / "graphs"), "--image-size", "32",
+               "--base-width", "4", "--batch-size", "4", "--num-workers", "0", "--max-epochs", "1",
+               "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp")
+    assert res.returncode == 0, res.stderr[-3000:]
+    saved = json.loads((out / "test_metrics.json").read_text())
+    assert "test/dice_liver" in saved["test"]
+    assert (out / "graphs" / "val_dice.png").is_file()

@@ -1,0 +1,368 @@
+"""Train the tumor classifier (VGG16) or the liver/tumor segmenter (U-Net) on LiTS-layout data.
+
+    python train.py --task segmentation --demo                     # synthetic phantoms, a few minutes on a CPU
+    python train.py --task classification --data-dir /data/LiTS    # the real thing
+    tensorboard --logdir runs
+
+A run writes, under --output-dir (default runs/<task>): checkpoints/best.ckpt and last.ckpt,
+TensorBoard logs in tensorboard/, splits.json (the patient-level split), test_metrics.json; and the
+curves as PNG into --graphs-dir (default Graphs_Classification/ or Graphs_Segmentation/).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
+
+import dataset
+from dataset import CLS_CLASSES, SEG_CLASSES, WINDOW_HU, DataError, atomic_write_text, run_cli, write_synthetic_lits
+from lit_model import LitClassifier, LitSegmenter, overlay
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+
+DEMO_DATA_DIR = Path("data/synthetic")
+DEMO_CASES, DEMO_SIZE = 12, 128
+GRAPHS_DIRS = {"classification": Path("Graphs_Classification"), "segmentation": Path("Graphs_Segmentation")}
+
+# Values used when a flag is not given: (normal run, --demo preset) per task.
+DEFAULTS = {
+    "classification": {"max_epochs": (30, 6), "batch_size": (32, 32), "lr": (1e-4, 3e-4), "image_size": (224, 64),
+                       "oversample_tumor": (0.5, 0.5)},
+    "segmentation": {"max_epochs": (40, 8), "batch_size": (16, 16), "lr": (1e-3, 2e-3), "image_size": (256, 128),
+                     "oversample_tumor": (0.0, 0.0)},
+    "common": {"context_slices": (1, 1), "base_width": (64, 16), "num_workers": (4, 2), "vgg_hidden": (4096, 512)},
+}
+
+
+def _default(task: str, name: str, demo: bool):
+    table = DEFAULTS[task] if name in DEFAULTS[task] else DEFAULTS["common"]
+    return table[name][1 if demo else 0]
+
+
+def _default_help(name: str) -> str:
+    if name in DEFAULTS["common"]:
+        normal, demo = DEFAULTS["common"][name]
+        return f"(default: {normal}; --demo: {demo})"
+    c, s = DEFAULTS["classification"][name], DEFAULTS["segmentation"][name]
+    return f"(default: classification {c[0]}, segmentation {s[0]}; --demo: {c[1]} / {s[1]})"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train VGG16 (tumor / healthy slice) or U-Net (liver and tumor masks).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", required=True, choices=["classification", "segmentation"], help="what to train")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help=f"LiTS, MSD Task03_Liver or slice-folder data (default: synthetic phantoms in "
+                        f"{DEMO_DATA_DIR}, written there when absent)")
+    p.add_argument("--output-dir", type=Path, default=None, help="run folder (default: runs/<task>)")
+    p.add_argument("--cache-dir", type=Path, default=Path("data/cache"), help="prepared slice cache")
+    p.add_argument("--graphs-dir", type=Path, default=None,
+                   help="where the PNG curves go (default: Graphs_Classification or Graphs_Segmentation)")
+    p.add_argument("--demo", action="store_true",
+                   help="small preset for a CPU: synthetic data, small images and network, few epochs; "
+                        "flags given explicitly override it")
+    p.add_argument("--max-epochs", type=int, default=None, help=_default_help("max_epochs"))
+    p.add_argument("--max-time", default=None, help="stop after this long, Lightning's DD:HH:MM:SS (default: none)")
+    p.add_argument("--batch-size", type=int, default=None, help=_default_help("batch_size"))
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate of AdamW " + _default_help("lr"))
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    p.add_argument("--image-size", type=int, default=None, help="training resolution " + _default_help("image_size"))
+    p.add_argument("--context-slices", type=int, default=None,
+                   help="neighbour slices on each side stacked as channels (2.5D) " + _default_help("context_slices"))
+    p.add_argument("--window", type=float, nargs=2, default=list(WINDOW_HU), metavar=("LOW", "HIGH"),
+                   help="HU window mapped to [0, 1]")
+    p.add_argument("--base-width", type=int, default=None,
+                   help="U-Net channels at the top level " + _default_help("base_width"))
+    p.add_argument("--attention", action="store_true", help="U-Net with attention gates on the skips (default: off)")
+    p.add_argument("--vgg-hidden", type=int, default=None,
+                   help="VGG16 fully connected width " + _default_help("vgg_hidden"))
+    p.add_argument("--pretrained", action="store_true",
+                   help="start VGG16 from torchvision's ImageNet weights (needs them cached or a network; default: off)")
+    p.add_argument("--oversample-tumor", type=float, default=None,
+                   help="share of tumor slices drawn per training epoch, 0 = natural share "
+                        + _default_help("oversample_tumor"))
+    p.add_argument("--min-tumor-pixels", type=int, default=1,
+                   help="a slice counts as tumor from this many tumor pixels (classification)")
+    p.add_argument("--val-fraction", type=float, default=0.15, help="share of patients for validation")
+    p.add_argument("--test-fraction", type=float, default=0.15, help="share of patients for the test")
+    p.add_argument("--split-file", type=Path, default=None, help="reuse a splits.json (default: a new seeded split)")
+    p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers " + _default_help("num_workers"))
+    p.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation and augmentation")
+    p.add_argument("--accelerator", default="auto", help="cpu, gpu or auto")
+    p.add_argument("--devices", default="auto", help="devices per node: a number, a list or auto")
+    p.add_argument("--num-nodes", type=int, default=1, help="nodes for multi-node DDP")
+    p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
+    p.add_argument("--precision", default=None,
+                   help="32, 16-mixed or bf16-mixed (default: bf16-mixed on a GPU that supports it, else 32)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="NHWC memory format for the network (default: off; see BENCHMARKS.md for when it helps)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (default: off)")
+    p.add_argument("--resume", type=Path, default=None, help="continue from a checkpoint, e.g. <output-dir>/checkpoints/last.ckpt")
+    p.add_argument("--fast-dev-run", action="store_true", help="one batch of each split, to check the set-up")
+    return p
+
+
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the flags left out with the task's defaults (or the demo preset's)."""
+    for name in ("max_epochs", "batch_size", "lr", "image_size", "context_slices", "base_width", "num_workers",
+                 "vgg_hidden", "oversample_tumor"):
+        if getattr(args, name) is None:
+            setattr(args, name, _default(args.task, name, args.demo))
+    if args.output_dir is None:
+        args.output_dir = Path("runs") / args.task
+    if args.graphs_dir is None:
+        args.graphs_dir = GRAPHS_DIRS[args.task]
+    if args.precision is None:
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported() and args.accelerator in ("auto", "gpu", "cuda")
+        args.precision = "bf16-mixed" if bf16 else "32-true"
+    if args.image_size < 32:
+        raise DataError(f"found --image-size {args.image_size}; expected at least 32")
+    if args.context_slices < 0:
+        raise DataError(f"found --context-slices {args.context_slices}; expected 0 or more")
+    if not 0 <= args.oversample_tumor < 1:
+        raise DataError(f"found --oversample-tumor {args.oversample_tumor}; expected a share in [0, 1)")
+    return args
+
+
+def ensure_data(args: argparse.Namespace) -> bool:
+    """Returns whether the data is the synthetic demo set (generated here when absent)."""
+    if args.data_dir is not None:
+        if not args.data_dir.is_dir():
+            raise DataError(f"{args.data_dir}: data directory not found; expected a folder of LiTS, MSD or slice data")
+        return False
+    args.data_dir = DEMO_DATA_DIR
+    if not any(DEMO_DATA_DIR.glob("volume-*.nii*")):
+        sys.stderr.write(f"writing {DEMO_CASES} synthetic LiTS phantoms to {DEMO_DATA_DIR} (first run only)\n")
+        write_synthetic_lits(DEMO_DATA_DIR, cases=DEMO_CASES, size=DEMO_SIZE, seed=0, progress=True)
+    return True
+
+
+def build_model(args: argparse.Namespace):
+    common = dict(in_channels=2 * args.context_slices + 1, lr=args.lr, weight_decay=args.weight_decay,
+                  window=tuple(args.window), image_size=args.image_size, context_slices=args.context_slices)
+    if args.task == "classification":
+        return LitClassifier(hidden=args.vgg_hidden, pretrained=args.pretrained, class_names=CLS_CLASSES, **common)
+    return LitSegmenter(base_width=args.base_width, attention=args.attention, class_names=SEG_CLASSES, **common)
+
+
+def check_resume(path: Path, task: str) -> None:
+    if not path.is_file():
+        raise DataError(f"{path}: checkpoint not found; expected a .ckpt file written by train.py")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        found = ckpt["hyper_parameters"]["task"]
+    except Exception as exc:
+        raise DataError(f"{path}: not a checkpoint of this project ({type(exc).__name__}); "
+                        f"expected a .ckpt written by train.py") from None
+    if found != task:
+        raise DataError(f"{path}: a {found} checkpoint; expected a {task} checkpoint for --task {task}")
+
+
+class Throughput(pl.Callback):
+    """Logs training images per second over each epoch (all processes together)."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.start, self.images = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.images += len(batch[0])
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        rate = self.images * trainer.world_size / max(time.perf_counter() - self.start, 1e-9)
+        pl_module.log("train/images_per_s", float(rate), rank_zero_only=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The PNG graphs, drawn from the scalars logged to TensorBoard (all epochs, resumed runs included)
+# --------------------------------------------------------------------------------------------
+
+def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar tag in a TensorBoard folder as sorted (step, value) pairs, the last write per step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    out = {}
+    for tag in acc.Tags()["scalars"]:
+        by_step = {e.step: e.value for e in acc.Scalars(tag)}
+        out[tag] = sorted(by_step.items())
+    return out
+
+
+def _by_epoch(scalars: dict, tag: str) -> tuple[list[float], list[float]]:
+    """Epoch-level values of `tag`, on an axis of epochs counted from 1."""
+    epoch_at = dict(scalars.get("epoch", []))
+    points = [(epoch_at.get(step, np.nan) + 1, v) for step, v in scalars.get(tag, [])]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def _save(fig, path: Path, synthetic: bool) -> None:
+    if synthetic:
+        fig.text(0.99, 0.01, "synthetic phantom data (demo), not LiTS", ha="right", va="bottom", fontsize=8,
+                 color="0.35")
+    fig.tight_layout(rect=(0, 0.03 if synthetic else 0, 1, 1))
+    with dataset.atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def _curve(scalars: dict, tags: dict[str, str], path: Path, title: str, ylabel: str, synthetic: bool,
+           per_step: bool = False) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for tag, label in tags.items():
+        if per_step:
+            xs, ys = [s for s, _ in scalars.get(tag, [])], [v for _, v in scalars.get(tag, [])]
+        else:
+            xs, ys = _by_epoch(scalars, tag)
+        ax.plot(xs, ys, marker="" if per_step else "o", label=label)
+    ax.set(title=title, xlabel="step" if per_step else "epoch", ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    if len(tags) > 1:
+        ax.legend()
+    _save(fig, path, synthetic)
+
+
+def draw_graphs(task: str, tb_dir: Path, graphs_dir: Path, model, dm, synthetic: bool) -> None:
+    graphs_dir.mkdir(parents=True, exist_ok=True)
+    sc = read_scalars(tb_dir)
+    if task == "classification":
+        _curve(sc, {"train/loss_epoch": "train"}, graphs_dir / "train_loss_epoch.png", "Training loss per epoch", "cross-entropy", synthetic)
+        _curve(sc, {"train/acc": "train"}, graphs_dir / "train_accuracy_epoch.png", "Training accuracy per epoch", "accuracy", synthetic)
+        _curve(sc, {"train/loss_step": "train"}, graphs_dir / "train_loss_step.png", "Training loss per step", "cross-entropy", synthetic, per_step=True)
+        _curve(sc, {"train/acc_step": "train"}, graphs_dir / "train_accuracy_step.png", "Training accuracy per step (batch)", "accuracy", synthetic, per_step=True)
+        _curve(sc, {"val/loss": "validation"}, graphs_dir / "val_loss.png", "Validation loss", "cross-entropy", synthetic)
+        _curve(sc, {"val/acc": "accuracy", "val/balanced_acc": "balanced accuracy"}, graphs_dir / "val_accuracy.png",
+               "Validation accuracy", "accuracy", synthetic)
+        _draw_roc_and_confusion(model, graphs_dir, synthetic)
+    else:
+        _curve(sc, {"val/dice_liver": "liver (label >= 1)", "val/dice_tumor": "tumor (label 2)"}, graphs_dir / "val_dice.png",
+               "Validation Dice (pooled over the epoch)", "Dice", synthetic)
+        _curve(sc, {"train/dice_liver": "liver (label >= 1)", "train/dice_tumor": "tumor (label 2)"},
+               graphs_dir / "train_dice_epoch.png", "Training Dice per epoch", "Dice", synthetic)
+        _curve(sc, {"val/loss": "validation"}, graphs_dir / "val_loss.png", "Validation loss", "CE + soft Dice", synthetic)
+        _curve(sc, {"train/loss_epoch": "train"}, graphs_dir / "train_loss_epoch.png", "Training loss per epoch", "CE + soft Dice", synthetic)
+        _draw_test_examples(model, dm.datasets["test"], graphs_dir / "test_examples.png", synthetic)
+
+
+def _draw_roc_and_confusion(model, graphs_dir: Path, synthetic: bool) -> None:
+    if model.roc_curve is not None:
+        fpr, tpr = (t.numpy() for t in model.roc_curve)
+        auc = float(np.trapezoid(tpr, fpr))
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        ax.plot(fpr, tpr, label=f"AUROC {auc:.3f}")
+        ax.plot([0, 1], [0, 1], ls="--", color="0.6")
+        ax.set(title="ROC curve, test patients", xlabel="false positive rate (1 - specificity)",
+               ylabel="true positive rate (sensitivity)", xlim=(0, 1), ylim=(0, 1.01))
+        ax.legend(loc="lower right")
+        _save(fig, graphs_dir / "roc_curve.png", synthetic)
+    if model.confusion is not None:
+        cm = model.confusion.numpy()
+        fig, ax = plt.subplots(figsize=(4.5, 4))
+        ax.imshow(cm, cmap="Blues")
+        for (r, c), v in np.ndenumerate(cm):
+            ax.text(c, r, str(int(v)), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+        names = list(model.hparams.class_names)
+        ax.set(title=f"Confusion matrix, test (threshold {model.hparams.threshold})", xlabel="predicted",
+               ylabel="true", xticks=[0, 1], yticks=[0, 1], xticklabels=names, yticklabels=names)
+        _save(fig, graphs_dir / "confusion_matrix.png", synthetic)
+
+
+def _draw_test_examples(model, test_set, path: Path, synthetic: bool, count: int = 4) -> None:
+    """CT | ground truth | prediction for the slice with most tumor in each of a few test patients."""
+    picks = []
+    for ci, case in enumerate(test_set.cases):
+        score = case.tumor_pixels * 10**6 + case.liver_pixels  # most tumor first, else most liver
+        z = int(np.argmax(score))
+        rows = np.flatnonzero((test_set.index[:, 0] == ci) & (test_set.index[:, 1] == z))
+        if len(rows):
+            picks.append(int(rows[0]))
+    picks = picks[:count]
+    if not picks:
+        return
+    model.eval()
+    device = next(model.parameters()).device
+    fig, axes = plt.subplots(len(picks), 3, figsize=(9, 3 * len(picks)), squeeze=False)
+    for row, item in enumerate(picks):
+        image, target = test_set[item][:2]
+        with torch.inference_mode():
+            pred = model(image[None].to(device)).argmax(1)[0].cpu()
+        centre = image[image.shape[0] // 2]
+        cid = test_set.cases[int(test_set.index[item, 0])].case_id
+        for col, (labels, name) in enumerate(((None, "CT"), (target, "ground truth"), (pred, "prediction"))):
+            axes[row, col].imshow(overlay(centre, labels).permute(1, 2, 0).numpy())
+            axes[row, col].set_title(f"{cid} slice {int(test_set.index[item, 1])}: {name}" if col == 0 else name,
+                                     fontsize=9)
+            axes[row, col].axis("off")
+    fig.suptitle("Test patients: liver green, tumor red")
+    _save(fig, path, synthetic)
+
+
+def main(args: argparse.Namespace) -> dict:
+    args = resolve_args(args)
+    synthetic = ensure_data(args)
+    if args.resume is not None:
+        check_resume(args.resume, args.task)
+    pl.seed_everything(args.seed, workers=True, verbose=False)
+    out = Path(args.output_dir)
+    split_file = args.split_file
+    if split_file is None and args.resume is not None and (out / "splits.json").is_file():
+        split_file = out / "splits.json"  # a resumed run keeps its patients where they were
+    dm = dataset.LiTSDataModule(
+        args.data_dir, args.task, cache_dir=args.cache_dir, image_size=args.image_size, window=args.window,
+        context_slices=args.context_slices, batch_size=args.batch_size, num_workers=args.num_workers,
+        val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed, split_file=split_file,
+        output_dir=out, oversample_tumor=args.oversample_tumor, min_tumor_pixels=args.min_tumor_pixels)
+    model = build_model(args)
+    model.set_speed(channels_last=args.channels_last, compile=args.compile)
+    monitor = "val/auroc" if args.task == "classification" else "val/dice_tumor"
+    checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=monitor, mode="max",
+                                 save_top_k=1, save_last=True, auto_insert_metric_name=False,
+                                 enable_version_counter=False)
+    logger = TensorBoardLogger(save_dir=str(out), name="tensorboard", version="", default_hp_metric=False)
+    trainer = pl.Trainer(
+        accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy,
+        precision=args.precision, max_epochs=args.max_epochs, max_time=args.max_time, logger=logger,
+        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), Throughput()],
+        fast_dev_run=args.fast_dev_run, log_every_n_steps=5, deterministic="warn" if args.accelerator != "cpu" else True,
+        default_root_dir=str(out))
+    started = time.perf_counter()
+    trainer.fit(model, datamodule=dm, ckpt_path=str(args.resume) if args.resume else None)
+    fit_seconds = time.perf_counter() - started
+    best = checkpoint.best_model_path if not args.fast_dev_run and checkpoint.best_model_path else None
+    results = trainer.test(model, datamodule=dm, ckpt_path=best, verbose=False)
+    metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    summary = {"task": args.task, "data_dir": str(args.data_dir), "synthetic": synthetic,
+               "checkpoint": best, "last_checkpoint": str(out / "checkpoints" / "last.ckpt"),
+               "tensorboard": str(out / "tensorboard"), "graphs": str(args.graphs_dir),
+               "fit_seconds": round(fit_seconds, 1), "epochs": trainer.current_epoch, "test": metrics,
+               "split": {k: dm.split[k] for k in ("train", "val", "test")}}
+    if args.task == "segmentation":
+        summary["test_per_case_dice"] = {cid: {"liver": d[0], "tumor": d[1]} for cid, d in model.per_case_dice.items()}
+    if trainer.is_global_zero:
+        atomic_write_text(out / "test_metrics.json", json.dumps(summary, indent=2))
+        if not args.fast_dev_run:
+            draw_graphs(args.task, out / "tensorboard", args.graphs_dir, model, dm, synthetic)
+        print_summary(summary)
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    lines = [f"\n{summary['task']} run finished in {summary['fit_seconds']} s "
+             f"({'synthetic phantoms' if summary['synthetic'] else summary['data_dir']})",
+             f"  best checkpoint: {summary['checkpoint']}", f"  TensorBoard:     tensorboard --logdir {summary['tensorboard']}",
+             f"  graphs:          {summary['graphs']}/", "  test metrics (held-out patients):"]
+    lines += [f"    {k:28s} {v:.4f}" for k, v in sorted(summary["test"].items())]
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, get_args_parser()))
