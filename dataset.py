@@ -684,11 +684,13 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], cells: int) 
 
 def make_phantom(size: int = 128, num_slices: int | None = None, seed: int = 0,
                  num_tumors: int | None = None) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
-    """A CT-like abdominal phantom in canonical RAS voxel order (x: right, y: anterior, z: superior).
+    """A CT-like abdominal phantom in canonical RAS voxel order (x: left -> right, y: posterior ->
+    anterior, z: inferior -> superior).
 
     Returns (hu (X, Y, Z) int16, labels (X, Y, Z) uint8 with 0/1/2, spacing in mm). Body, fat,
-    muscle, spine, aorta, a textured lobulated liver with vessels, 0-4 hypo- or hyperdense tumors
-    (10-50 HU contrast) inside it, and 10-20 HU noise."""
+    muscle, spine, aorta, spleen, kidneys, a textured lobulated liver (95-120 HU) with vessels,
+    0-4 hypo- or hyperdense tumors (10-60 mm, 10-50 HU contrast) inside it, and 10-20 HU noise."""
+    from scipy.ndimage import distance_transform_edt
     rng = np.random.default_rng(seed)
     nz = num_slices or int(rng.integers(size // 3, size // 2 + 1))
     xy_mm = 360.0 / size * rng.uniform(0.85, 1.1)
@@ -702,12 +704,23 @@ def make_phantom(size: int = 128, num_slices: int | None = None, seed: int = 0,
     body = (u / bx) ** 2 + (v / by) ** 2 <= 1.0
     muscle = (u / (bx - 0.07)) ** 2 + (v / (by - 0.07)) ** 2 <= 1.0
     hu = np.where(body, -100.0, hu)          # subcutaneous fat
-    hu = np.where(muscle, 40.0, hu)          # muscle and bowel soft tissue
+    hu = np.where(muscle, rng.uniform(40, 55), hu)  # muscle and bowel soft tissue
     hu = np.where(muscle & (_smooth_noise(rng, (size, size, nz), 6) > 0.6), -80.0, hu)  # visceral fat
     spine = (u ** 2 + (v + by * 0.7) ** 2) <= 0.11 ** 2
     hu = np.where(np.broadcast_to(spine, hu.shape), 500.0, hu)
     aorta = ((u + 0.08) ** 2 + (v + by * 0.42) ** 2) <= 0.05 ** 2
     hu = np.where(np.broadcast_to(aorta, hu.shape), 170.0, hu)
+
+    # Enhanced organs as in a portal-venous scan: a spleen on the patient's left about as bright as
+    # the liver (so position and shape matter, not brightness alone) and two bright kidneys.
+    liver_hu = rng.uniform(95, 120)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sp = np.clip(np.sin(np.pi * (w - 0.45) / 0.5), 0, None) ** 0.6
+        spleen = (((u + 0.45) / (0.12 * sp)) ** 2 + ((v + 0.18) / (0.2 * sp)) ** 2) <= 1
+        kp = np.clip(np.sin(np.pi * (w - 0.05) / 0.45), 0, None) ** 0.6
+        kidneys = (((np.abs(u) - 0.3) / (0.08 * kp)) ** 2 + ((v + by * 0.55) / (0.12 * kp)) ** 2) <= 1
+    hu = np.where(spleen & muscle, liver_hu + rng.uniform(-5, 15), hu)
+    hu = np.where(kidneys & muscle, rng.uniform(150, 190), hu)
 
     # Liver on the patient's right, largest in mid-upper slices, with a lobulated outline.
     z0, z1 = rng.uniform(0.1, 0.25), rng.uniform(0.75, 0.95)
@@ -718,18 +731,22 @@ def make_phantom(size: int = 128, num_slices: int | None = None, seed: int = 0,
     with np.errstate(divide="ignore", invalid="ignore"):
         liver = (((u - cx) / rx) ** 2 + ((v - cy) / ry) ** 2) <= lobes
     liver &= muscle & ~np.broadcast_to(spine | aorta, hu.shape)
-    liver_hu = rng.uniform(50, 70)
     hu = np.where(liver, liver_hu + 8.0 * _smooth_noise(rng, hu.shape, max(4, size // 8)), hu)
     vessels = np.abs(_smooth_noise(rng, hu.shape, 7)) < 0.04
     hu = np.where(liver & vessels, liver_hu + rng.uniform(40, 80), hu)
 
     labels = liver.astype(np.uint8)
-    if num_tumors is None:
+    if not liver.any():
+        num_tumors = 0
+    elif num_tumors is None:
         num_tumors = int(rng.choice([0, 1, 2, 3, 4], p=[0.2, 0.3, 0.25, 0.15, 0.1]))
-    pts = np.argwhere(liver)
-    for _ in range(num_tumors if len(pts) else 0):
+    # Lesions of 10-60 mm diameter, centred at least half a radius inside the liver so that most of
+    # each lies in it (LiTS lesions range from a few mm to over 10 cm).
+    depth_mm = distance_transform_edt(liver, sampling=(xy_mm, xy_mm, z_mm)) if num_tumors else None
+    for _ in range(num_tumors):
+        r_mm = rng.uniform(5.0, 30.0)
+        pts = np.argwhere(depth_mm >= min(0.5 * r_mm, depth_mm.max()))
         c = pts[rng.integers(len(pts))].astype(np.float32)
-        r_mm = rng.uniform(4.0, 25.0)
         rads = np.array([r_mm / xy_mm, r_mm / xy_mm * rng.uniform(0.7, 1.3), r_mm / z_mm], dtype=np.float32)
         gx = (np.arange(size, dtype=np.float32)[:, None, None] - c[0]) / rads[0]
         gy = (np.arange(size, dtype=np.float32)[None, :, None] - c[1]) / rads[1]

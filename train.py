@@ -5,7 +5,7 @@
     tensorboard --logdir runs
 
 A run writes, under --output-dir (default runs/<task>): checkpoints/best.ckpt and last.ckpt,
-TensorBoard logs in tensorboard/, splits.json (the patient-level split), test_metrics.json; and the
+TensorBoard logs in tensorboard/version_N/ (one per run), splits.json (the patient-level split), test_metrics.json; and the
 curves as PNG into --graphs-dir (default Graphs_Classification/ or Graphs_Segmentation/).
 """
 from __future__ import annotations
@@ -36,10 +36,10 @@ GRAPHS_DIRS = {"classification": Path("Graphs_Classification"), "segmentation": 
 
 # Values used when a flag is not given: (normal run, --demo preset) per task.
 DEFAULTS = {
-    "classification": {"max_epochs": (30, 6), "batch_size": (32, 32), "lr": (1e-4, 3e-4), "image_size": (224, 64),
+    "classification": {"max_epochs": (30, 9), "batch_size": (32, 16), "lr": (1e-4, 3e-4), "image_size": (224, 64),
                        "oversample_tumor": (0.5, 0.5)},
-    "segmentation": {"max_epochs": (40, 8), "batch_size": (16, 16), "lr": (1e-3, 2e-3), "image_size": (256, 128),
-                     "oversample_tumor": (0.0, 0.0)},
+    "segmentation": {"max_epochs": (40, 11), "batch_size": (16, 16), "lr": (1e-3, 2e-3), "image_size": (256, 128),
+                     "oversample_tumor": (0.0, 0.5)},
     "common": {"context_slices": (1, 1), "base_width": (64, 16), "num_workers": (4, 2), "vgg_hidden": (4096, 512)},
 }
 
@@ -306,6 +306,15 @@ def _draw_test_examples(model, test_set, path: Path, synthetic: bool, count: int
     _save(fig, path, synthetic)
 
 
+def log_version(tb_root: Path, resume: Path | None) -> int:
+    """A new run logs into a new version_N folder (an earlier run's curves are never mixed into its
+    graphs); a resumed run goes on in the latest one."""
+    versions = sorted(int(p.name[8:]) for p in tb_root.glob("version_*") if p.name[8:].isdigit())
+    if resume is not None and versions:
+        return versions[-1]
+    return versions[-1] + 1 if versions else 0
+
+
 def main(args: argparse.Namespace) -> dict:
     args = resolve_args(args)
     synthetic = ensure_data(args)
@@ -327,7 +336,8 @@ def main(args: argparse.Namespace) -> dict:
     checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=monitor, mode="max",
                                  save_top_k=1, save_last=True, auto_insert_metric_name=False,
                                  enable_version_counter=False)
-    logger = TensorBoardLogger(save_dir=str(out), name="tensorboard", version="", default_hp_metric=False)
+    logger = TensorBoardLogger(save_dir=str(out), name="tensorboard", version=log_version(out / "tensorboard", args.resume),
+                               default_hp_metric=False)
     trainer = pl.Trainer(
         accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy,
         precision=args.precision, max_epochs=args.max_epochs, max_time=args.max_time, logger=logger,
@@ -342,7 +352,7 @@ def main(args: argparse.Namespace) -> dict:
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     summary = {"task": args.task, "data_dir": str(args.data_dir), "synthetic": synthetic,
                "checkpoint": best, "last_checkpoint": str(out / "checkpoints" / "last.ckpt"),
-               "tensorboard": str(out / "tensorboard"), "graphs": str(args.graphs_dir),
+               "tensorboard": logger.log_dir, "graphs": str(args.graphs_dir),
                "fit_seconds": round(fit_seconds, 1), "epochs": trainer.current_epoch, "test": metrics,
                "split": {k: dm.split[k] for k in ("train", "val", "test")}}
     if args.task == "segmentation":
@@ -350,7 +360,7 @@ def main(args: argparse.Namespace) -> dict:
     if trainer.is_global_zero:
         atomic_write_text(out / "test_metrics.json", json.dumps(summary, indent=2))
         if not args.fast_dev_run:
-            draw_graphs(args.task, out / "tensorboard", args.graphs_dir, model, dm, synthetic)
+            draw_graphs(args.task, Path(logger.log_dir), args.graphs_dir, model, dm, synthetic)
         print_summary(summary)
     return summary
 

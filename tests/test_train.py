@@ -40,15 +40,15 @@ def test_fast_dev_run_each_task(tiny_data, tmp_path, task):
     assert set().union(*parts) == {f"volume-{i}" for i in range(6)}
 
 
-def _epoch_losses(out: Path) -> list[float]:
-    scalars = train.read_scalars(out / "tensorboard")
+def _epoch_losses(summary: dict) -> list[float]:
+    scalars = train.read_scalars(Path(summary["tensorboard"]))
     return [v for _, v in scalars["train/loss_epoch"]]
 
 
 def test_segmentation_learns_and_writes_graphs_and_checkpoints(tiny_data, tmp_path):
     out = tmp_path / "run"
     summary = train.main(run_args(tiny_data, out, "segmentation", "--max-epochs", "4", "--lr", "3e-3"))
-    losses = _epoch_losses(out)
+    losses = _epoch_losses(summary)
     assert len(losses) == 4
     assert losses[-1] < losses[0] * 0.9, losses
     assert (out / "checkpoints" / "best.ckpt").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
@@ -99,7 +99,10 @@ def test_resume_ends_where_an_uninterrupted_run_would(tiny_data, tmp_path):
                                   "--resume", str(out / "checkpoints" / "last.ckpt")))
     assert resumed["epochs"] == full["epochs"] == 2
     assert resumed["split"] == full["split"]
-    assert len(_epoch_losses(out)) == 2
+    assert len(_epoch_losses(resumed)) == 2  # one set of curves across the interruption
+    assert Path(resumed["tensorboard"]).name == "version_0"
+    again = train.main(run_args(tiny_data, out, "segmentation", "--max-epochs", "1"))
+    assert Path(again["tensorboard"]).name == "version_1"  # a new run never mixes into old curves
 
 
 def _cli(*args, cwd=ROOT):
