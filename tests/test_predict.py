@@ -1,0 +1,584 @@
+"""predict_segmentation.py and predict_classification.py on tiny phantoms written as real NIfTI files.
+
+No model is trained for these tests: checkpoints are real Lightning files of untrained networks, and
+where the answer must be known an oracle stands in for the network (it recognises each slice it is
+given and returns that slice's ground truth), so every step around the network is checked exactly:
+preprocessing, 2.5D stacks, batching, orientation back to the file, the header, slice numbering.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import pickle
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+import dataset
+import predict_classification as pc
+import predict_segmentation as ps
+
+ROOT = Path(__file__).resolve().parents[1]
+WINDOW = dataset.WINDOW_HU
+
+
+def save_checkpoint(model, path: Path) -> Path:
+    """A real Lightning checkpoint of an untrained model, as trainer.save_checkpoint writes it."""
+    import pytorch_lightning as pl
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, max_epochs=0, accelerator="cpu",
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> dict[str, Path]:
+    from lit_model import LitClassifier, LitSegmenter
+    root = tmp_path_factory.mktemp("ckpts")
+    torch.manual_seed(0)
+    return {
+        "seg": save_checkpoint(LitSegmenter(in_channels=3, base_width=4, image_size=32, context_slices=1), root / "seg.ckpt"),
+        # image size = the phantoms' in-plane size: no resampling, so an oracle's answer comes back exactly
+        "seg48": save_checkpoint(LitSegmenter(in_channels=3, base_width=4, image_size=48, context_slices=1),
+                                 root / "seg48.ckpt"),
+        "cls": save_checkpoint(LitClassifier(in_channels=3, hidden=16, image_size=32), root / "cls.ckpt"),
+    }
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """(volume, segmentation) pairs: axes flipped, stored in RAS order, and with an identity affine."""
+    root = tmp_path_factory.mktemp("phantoms")
+    out = {"flipped": dataset.write_phantom_case(root / "flipped", 0, size=48, seed=1, num_slices=8,
+                                                 flips=(True, False, True), num_tumors=2),
+           "ras": dataset.write_phantom_case(root / "ras", 1, size=48, seed=1, num_slices=8,
+                                             flips=(False, False, False), num_tumors=2)}
+    (root / "identity").mkdir()
+    pair = []
+    for src in out["ras"]:
+        img = nib.Nifti1Image(np.asarray(nib.load(src).dataobj), np.eye(4))
+        img.set_qform(np.eye(4), code=1)
+        img.set_sform(np.eye(4), code=1)
+        nib.save(img, root / "identity" / src.name)
+        pair.append(root / "identity" / src.name)
+    out["identity"] = tuple(pair)
+    for vol, seg in out.values():
+        assert (np.asarray(nib.load(seg).dataobj) == 2).any(), "each phantom needs tumor for the tests to bite"
+    return out
+
+
+class Oracle(nn.Module):
+    """Stands in for a network: recognises the centre slice of each 2.5D stack among the volume's
+    preprocessed slices, checks the neighbours are the ones `context_indices` names, and returns
+    one-hot logits of that slice's answer (segmentation (B, 3, S, S), or classification (B, 2))."""
+
+    def __init__(self, unit: torch.Tensor, answers: torch.Tensor, context: int = 1, lone: bool = False):
+        super().__init__()
+        self.unit, self.answers, self.context, self.lone = unit, answers, context, lone  # (Z, S, S), (Z, ...)
+        self.seen: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centre = x[:, x.shape[1] // 2]  # (B, S, S)
+        dist = (centre[:, None] - self.unit[None]).abs().flatten(2).amax(2)  # (B, Z)
+        z = dist.argmin(dim=1)
+        assert float(dist.min(dim=1).values.max()) < 1e-5, "a stack's centre is none of the volume's slices"
+        for b, zb in enumerate(z.tolist()):
+            near = [zb] * x.shape[1] if self.lone else dataset.context_indices(zb, len(self.unit), self.context)
+            torch.testing.assert_close(x[b], self.unit[near], atol=1e-5, rtol=0)
+        self.seen += z.tolist()
+        ans = self.answers[z]
+        if ans.ndim == 1:  # classification: tumor or not
+            return torch.stack([-5 * ans.float() + 2.5, 5 * ans.float() - 2.5], dim=1)  # (B, 2)
+        return F.one_hot(ans.long(), 3).permute(0, 3, 1, 2).float()  # (B, 3, S, S)
+
+
+def unit_slices(volume: Path, size: int) -> torch.Tensor:
+    """The model input the oracle expects, made with dataset.py directly (not the predict scripts)."""
+    hu, _ = dataset.load_volume(volume)
+    return dataset.resize_slices(torch.from_numpy(dataset.window_hu(hu, WINDOW)), size)
+
+
+def use_oracle(monkeypatch, oracle: nn.Module) -> None:
+    monkeypatch.setattr(ps.Checkpoint, "network", lambda self, device: oracle)
+
+
+def seg_args(*argv) -> object:
+    return ps.get_args_parser().parse_args([str(a) for a in argv])
+
+
+def cls_args(*argv) -> object:
+    return pc.get_args_parser().parse_args([str(a) for a in argv])
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * float((a & b).sum()) / max(1, float(a.sum() + b.sum()))
+
+
+# --------------------------------------------------------------------------------------------
+# Orientation and header: the oracle's answer must come back voxel for voxel in the file's order
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["flipped", "ras", "identity"])
+def test_oracle_labels_line_up_with_the_input(kind, phantoms, ckpts, tmp_path, monkeypatch):
+    volume, segmentation = phantoms[kind]
+    truth_slices, _ = dataset.load_label_volume(segmentation)  # (Z, H, W) in slices order
+    use_oracle(monkeypatch, Oracle(unit_slices(volume, 48), torch.from_numpy(truth_slices)))
+    out = tmp_path / "out" / "pred.nii.gz"
+    ps.main(seg_args("--checkpoint", ckpts["seg48"], "--input", volume, "--output", out, "--no-postprocess",
+                     "--device", "cpu", "--batch-size", 3))
+    pred_img, in_img = nib.load(out), nib.load(volume)
+    pred, truth = np.asarray(pred_img.dataobj), np.asarray(nib.load(segmentation).dataobj)  # file order
+    assert pred.shape == in_img.shape
+    np.testing.assert_allclose(pred_img.affine, in_img.affine, atol=1e-6)
+    np.testing.assert_allclose(pred_img.get_qform(), in_img.get_qform(), atol=1e-6)
+    np.testing.assert_allclose(pred_img.get_sform(), in_img.get_sform(), atol=1e-6)
+    assert int(pred_img.header["qform_code"]) == int(in_img.header["qform_code"])
+    assert int(pred_img.header["sform_code"]) == int(in_img.header["sform_code"])
+    assert nib.aff2axcodes(pred_img.affine) == nib.aff2axcodes(in_img.affine)
+    assert pred_img.get_data_dtype() == np.uint8 and pred_img.dataobj.slope == 1 and pred_img.dataobj.inter == 0
+    assert dice(pred >= 1, truth >= 1) == 1.0 and dice(pred == 2, truth == 2) == 1.0
+    np.testing.assert_array_equal(pred, truth)
+
+
+def test_default_output_beside_the_input_and_postprocess_keeps_a_clean_answer(phantoms, ckpts, tmp_path, monkeypatch):
+    volume = Path(shutil.copy(phantoms["flipped"][0], tmp_path / "volume-0.nii"))
+    truth_slices, _ = dataset.load_label_volume(phantoms["flipped"][1])
+    use_oracle(monkeypatch, Oracle(unit_slices(volume, 48), torch.from_numpy(truth_slices)))
+    result = ps.main(seg_args("--checkpoint", ckpts["seg48"], "--input", volume, "--device", "cpu",
+                              "--report", tmp_path / "report.json"))
+    out = tmp_path / "volume-0_seg.nii.gz"
+    assert result["cases"][0]["output"] == str(out)
+    pred = np.asarray(nib.load(out).dataobj)
+    truth = np.asarray(nib.load(phantoms["flipped"][1]).dataobj)
+    # The phantom's liver is one piece with its tumors inside: post-processing changes nothing.
+    np.testing.assert_array_equal(pred, truth)
+    report = json.loads((tmp_path / "report.json").read_text())["cases"][0]
+    assert report["num_lesions"] == len(report["lesions"]) >= 1
+    expected_ml = float((truth >= 1).sum()) * np.prod(nib.load(volume).header.get_zooms()[:3]) / 1000
+    assert report["liver_volume_ml"] == pytest.approx(expected_ml, rel=1e-5)
+
+
+def test_slice_option_predicts_the_files_own_slice(phantoms, ckpts, tmp_path, monkeypatch):
+    volume, segmentation = phantoms["flipped"]  # the slice axis is flipped: file order != slices order
+    truth = np.asarray(nib.load(segmentation).dataobj)
+    k = int(np.argmax((truth == 2).sum(axis=(0, 1))))
+    assert k != truth.shape[2] - 1 - k
+    truth_slices, _ = dataset.load_label_volume(segmentation)
+    oracle = Oracle(unit_slices(volume, 48), torch.from_numpy(truth_slices))
+    use_oracle(monkeypatch, oracle)
+    out = tmp_path / "one.nii.gz"
+    result = ps.main(seg_args("--checkpoint", ckpts["seg48"], "--input", volume, "--slice", k, "--output", out,
+                              "--no-postprocess", "--device", "cpu"))
+    assert oracle.seen == [truth.shape[2] - 1 - k]  # one forward, of the right slice
+    img, in_img = nib.load(out), nib.load(volume)
+    mask = np.asarray(img.dataobj)
+    assert mask.shape == (*truth.shape[:2], 1)
+    np.testing.assert_array_equal(mask[..., 0], truth[..., k])
+    # The one-slice volume sits where slice k sits in the world.
+    np.testing.assert_allclose(img.affine[:, :3], in_img.affine[:, :3], atol=1e-6)
+    np.testing.assert_allclose(img.affine[:, 3], in_img.affine @ [0, 0, k, 1], atol=1e-5)
+    report = result["cases"][0]
+    assert report["slice"] == k and all(d["centre_slice"] == k for d in report["lesions"])
+
+    default = Path(shutil.copy(volume, tmp_path / "v.nii"))
+    ps.main(seg_args("--checkpoint", ckpts["seg48"], "--input", default, "--slice", k, "--device", "cpu"))
+    assert (tmp_path / f"v_slice{k}_seg.nii.gz").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# Report numbers and post-processing against hand-computed cases
+# --------------------------------------------------------------------------------------------
+
+def test_report_numbers_by_hand():
+    labels = np.zeros((10, 40, 40), dtype=np.uint8)
+    labels[1:9, 5:35, 5:35] = 1  # liver region: 8 * 30 * 30 = 7200 voxels
+    labels[2:7, 10:14, 10:14] = 2  # lesion A: 5 slices of 4 x 4 = 80 voxels, centre slice 4
+    labels[7, 25:27, 20:23] = 2  # lesion B: 1 slice of 2 x 3 = 6 voxels
+    spacing = (2.5, 0.8, 0.7)  # (slice, row, column) mm
+    voxel_ml = 2.5 * 0.8 * 0.7 / 1000
+    r = ps.measure(labels, spacing, file_slice=lambda z: 9 - z)  # a file stored upside down
+    assert r["num_lesions"] == 2
+    assert r["liver_volume_ml"] == pytest.approx(7200 * voxel_ml)
+    assert r["tumor_volume_ml"] == pytest.approx(86 * voxel_ml)
+    assert r["tumor_burden_percent"] == pytest.approx(100 * 86 / 7200)
+    a, b = r["lesions"]
+    assert (a["id"], b["id"]) == (1, 2)
+    assert a["volume_ml"] == pytest.approx(80 * voxel_ml) and a["voxels"] == 80
+    assert a["largest_axial_diameter_mm"] == pytest.approx(np.hypot(3 * 0.8, 3 * 0.7))  # corner to corner
+    assert a["centre_slice"] == 9 - 4
+    assert b["volume_ml"] == pytest.approx(6 * voxel_ml)
+    assert b["largest_axial_diameter_mm"] == pytest.approx(np.hypot(1 * 0.8, 2 * 0.7))
+    assert b["centre_slice"] == 9 - 7
+
+    # 2D: pixels, no spacing; 8-connected lesions (diagonal neighbours are one lesion).
+    flat = np.zeros((1, 20, 20), dtype=np.uint8)
+    flat[0, 2:18, 2:18] = 1
+    flat[0, 5, 5] = flat[0, 6, 6] = 2
+    r2 = ps.measure(flat)
+    assert r2["liver_area_px"] == 256 and r2["tumor_area_px"] == 2 and r2["num_lesions"] == 1
+    assert r2["lesions"][0]["largest_diameter_px"] == pytest.approx(np.sqrt(2))
+    assert ps.measure(np.zeros((3, 8, 8), np.uint8), spacing)["tumor_burden_percent"] == 0.0
+
+
+def test_largest_diameter_is_exact_on_large_and_odd_shapes():
+    yy, xx = np.mgrid[:501, :501]
+    disk = (yy - 250) ** 2 + (xx - 250) ** 2 <= 200 ** 2  # > 512 border pixels: the hull path
+    assert ps.max_pixel_distance(disk, (0.5, 0.5)) == pytest.approx(200.0)  # 2 r * 0.5 mm
+    rng = np.random.default_rng(0)
+    blob = rng.random((15, 17)) < 0.3
+    pts = np.argwhere(blob) * [0.9, 0.6]
+    brute = np.sqrt(((pts[:, None] - pts[None]) ** 2).sum(-1)).max()
+    assert ps.max_pixel_distance(blob, (0.9, 0.6)) == pytest.approx(brute)
+    line = np.zeros((5, 900), bool)
+    line[2, 10:890] = True  # collinear: no 2D hull
+    assert ps.max_pixel_distance(line) == pytest.approx(879.0)
+
+
+def test_postprocess_removes_a_detached_island_and_a_far_tumor_voxel():
+    labels = np.zeros((6, 32, 32), dtype=np.uint8)
+    labels[1:5, 4:20, 4:20] = 1
+    labels[1:5, 5:19, 5:19] = 2  # a large tumor filling the liver: its core is far from parenchyma, kept
+    labels[2:4, 25:28, 25:28] = 1  # small detached liver island
+    labels[5, 30, 1] = 2  # tumor voxel far from any liver
+    expected = labels.copy()
+    expected[2:4, 25:28, 25:28] = 0
+    expected[5, 30, 1] = 0
+    np.testing.assert_array_equal(ps.postprocess(labels), expected)
+    # A tumor blob next to no liver parenchyma goes even when it is the largest piece.
+    lone_tumor = np.zeros((3, 20, 20), dtype=np.uint8)
+    lone_tumor[:, 2:10, 2:10] = 2
+    lone_tumor[1, 15:17, 15:17] = 1
+    cleaned = ps.postprocess(lone_tumor)
+    assert (cleaned == 2).sum() == 0 and (cleaned == 1).sum() == 4
+
+
+# --------------------------------------------------------------------------------------------
+# Batching, checkpoints, devices
+# --------------------------------------------------------------------------------------------
+
+def test_batched_inference_matches_one_stack_at_a_time(ckpts, phantoms):
+    ckpt = ps.load_checkpoint(ckpts["seg"], "segmentation")
+    net = ckpt.network(torch.device("cpu"))  # BN folded, channels-last
+    hu, _ = dataset.load_volume(phantoms["flipped"][0])
+    volume = ps.preprocess_volume(hu, ckpt.hparams)  # (Z, 32, 32)
+    torch.testing.assert_close(volume, unit_slices(phantoms["flipped"][0], 32), atol=1e-6, rtol=0)
+    batched = ps.infer_batched(net, volume, 1, lambda y: y, batch_size=3)  # (Z, 3, 32, 32)
+    from lit_model import build_network
+    plain = build_network(ckpt.hparams)
+    plain.load_state_dict(ckpt.state_dict)
+    plain.eval()
+    with torch.no_grad():
+        one = torch.cat([plain(volume[dataset.context_indices(z, len(volume), 1)][None]) for z in range(len(volume))])
+    torch.testing.assert_close(batched, one, atol=1e-4, rtol=1e-4)
+
+
+def test_checkpoint_written_by_train_py_loads_and_predicts(tmp_path):
+    import train
+    data = tmp_path / "lits"
+    for i in range(4):  # few slices: the point is the checkpoint file, not the training
+        dataset.write_phantom_case(data, i, size=48, seed=0, num_slices=8, num_tumors=1)
+    argv = ["--task", "segmentation", "--data-dir", str(data), "--output-dir", str(tmp_path / "run"),
+            "--cache-dir", str(tmp_path / "cache"), "--graphs-dir", str(tmp_path / "graphs"), "--max-epochs", "1",
+            "--image-size", "32", "--base-width", "4", "--num-workers", "0", "--batch-size", "8",
+            "--accelerator", "cpu"]
+    summary = train.main(train.get_args_parser().parse_args(argv))
+    best = Path(summary["checkpoint"])
+    torch.load(best, map_location="cpu", weights_only=True)  # the file itself needs no code to load
+    volume = sorted(data.glob("volume-*.nii"))[0]
+    out = tmp_path / "pred.nii.gz"
+    ps.main(seg_args("--checkpoint", best, "--input", volume, "--output", out, "--device", "cpu"))
+    pred = np.asarray(nib.load(out).dataobj)
+    assert pred.shape == nib.load(volume).shape and set(np.unique(pred)) <= {0, 1, 2}
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    via_torch, via_pickle = tmp_path / "evil.ckpt", tmp_path / "evil.pkl"
+    torch.save({"state_dict": {}, "hyper_parameters": {"task": "segmentation"}, "x": Evil()}, via_torch)
+    with open(via_pickle, "wb") as fh:
+        pickle.dump(Evil(), fh)
+    for path in (via_torch, via_pickle):
+        with pytest.raises(dataset.DataError, match="refused|cannot load"):
+            ps.load_checkpoint(path, "segmentation")
+        assert not marker.exists()
+
+
+def test_device_choice():
+    assert ps.pick_device("cpu").type == "cpu"
+    assert ps.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(dataset.DataError, match="no CUDA"):
+            ps.pick_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_path_gives_the_cpu_answer_with_an_oracle(phantoms, ckpts, tmp_path, monkeypatch):
+    volume, segmentation = phantoms["flipped"]
+    truth_slices, _ = dataset.load_label_volume(segmentation)
+    oracle = Oracle(unit_slices(volume, 48).cuda(), torch.from_numpy(truth_slices).cuda())
+    use_oracle(monkeypatch, oracle)
+    out = tmp_path / "pred.nii.gz"
+    ps.main(seg_args("--checkpoint", ckpts["seg48"], "--input", volume, "--output", out, "--no-postprocess",
+                     "--device", "cuda"))
+    np.testing.assert_array_equal(np.asarray(nib.load(out).dataobj), np.asarray(nib.load(segmentation).dataobj))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_real_network_runs_channels_last_bf16(phantoms, ckpts, tmp_path):
+    out = tmp_path / "pred.nii.gz"
+    ps.main(seg_args("--checkpoint", ckpts["seg"], "--input", phantoms["flipped"][0], "--output", out,
+                     "--device", "cuda"))
+    assert nib.load(out).shape == nib.load(phantoms["flipped"][0]).shape
+    result = pc.main(cls_args("--checkpoint", ckpts["cls"], "--input", phantoms["flipped"][0], "--device", "cuda"))
+    assert all(0.0 <= r["probability"] <= 1.0 for r in result["rows"])
+
+
+# --------------------------------------------------------------------------------------------
+# 2D slices and folders
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def slice_files(phantoms, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("slices")
+    hu, _ = dataset.load_volume(phantoms["flipped"][0])
+    z = hu.shape[0] // 2
+    png = root / "liver_0_0004.png"
+    Image.fromarray((dataset.window_hu(hu[z]) * 255).round().astype(np.uint8)).save(png)
+    small = root / "small.png"
+    Image.fromarray((dataset.window_hu(hu[z, :40, :36]) * 255).round().astype(np.uint8)).save(small)
+    npy = root / "liver_0_0005.npy"
+    np.save(npy, hu[z + 1].astype(np.float32))
+    return {"png": png, "small": small, "npy": npy, "folder": root}
+
+
+def test_png_slice_gives_mask_and_overlay_pngs(slice_files, ckpts, tmp_path):
+    png = Path(shutil.copy(slice_files["png"], tmp_path / "s.png"))
+    result = ps.main(seg_args("--checkpoint", ckpts["seg"], "--input", png, "--device", "cpu"))
+    mask, overlay = tmp_path / "s_mask.png", tmp_path / "s_overlay.png"
+    with Image.open(mask) as m, Image.open(overlay) as o:
+        assert m.mode == "L" and m.size == (48, 48)
+        assert set(np.unique(np.asarray(m))) <= {0, 1, 2}
+        assert o.mode == "RGB" and o.size == (48, 48)
+    report = result["cases"][0]
+    assert report["kind"] == "image" and "liver_area_px" in report and "liver_volume_ml" not in report
+
+    out = tmp_path / "named" / "m.png"
+    ps.main(seg_args("--checkpoint", ckpts["seg"], "--input", slice_files["npy"], "--output", out, "--device", "cpu"))
+    assert out.is_file() and (tmp_path / "named" / "m_overlay.png").is_file()
+
+
+def test_image_oracle_mask_is_the_answer(slice_files, ckpts, tmp_path, monkeypatch):
+    with Image.open(slice_files["png"]) as im:
+        unit = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255)[None]  # (1, 48, 48)
+    answer = (unit[0] > 0.5).to(torch.uint8) + (unit[0] > 0.6).to(torch.uint8)  # any 0/1/2 pattern
+    use_oracle(monkeypatch, Oracle(unit, answer[None], lone=True))
+    out = tmp_path / "m.png"
+    ps.main(seg_args("--checkpoint", ckpts["seg48"], "--input", slice_files["png"], "--output", out,
+                     "--no-postprocess", "--device", "cpu"))
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), answer.numpy())
+
+
+def test_folders_of_volumes_and_of_slices(phantoms, slice_files, ckpts, tmp_path):
+    vols = tmp_path / "vols"
+    vols.mkdir()
+    for kind in ("flipped", "ras"):
+        for f in phantoms[kind]:
+            shutil.copy(f, vols / f.name)  # segmentation-N.nii beside them is skipped
+    result = ps.main(seg_args("--checkpoint", ckpts["seg"], "--input", vols, "--output", tmp_path / "out",
+                              "--device", "cpu", "--report", tmp_path / "r.json"))
+    assert len(result["cases"]) == 2
+    for name in ("volume-0", "volume-1"):
+        assert nib.load(tmp_path / "out" / f"{name}_seg.nii.gz").shape == nib.load(vols / f"{name}.nii").shape
+    assert len(json.loads((tmp_path / "r.json").read_text())["cases"]) == 2
+
+    ps.main(seg_args("--checkpoint", ckpts["seg"], "--input", slice_files["folder"], "--output", tmp_path / "m",
+                     "--device", "cpu"))
+    for stem, size in (("liver_0_0004", (48, 48)), ("liver_0_0005", (48, 48)), ("small", (36, 40))):
+        for suffix in ("mask", "overlay"):
+            with Image.open(tmp_path / "m" / f"{stem}_{suffix}.png") as im:
+                assert im.size == size
+    # Our own outputs in a folder are not taken as input on a second run.
+    with pytest.raises(dataset.DataError, match="found no volumes or slices"):
+        ps.find_inputs(tmp_path / "m")
+
+    rows = pc.main(cls_args("--checkpoint", ckpts["cls"], "--input", slice_files["folder"], "--device", "cpu"))["rows"]
+    assert [(r["case"], r["slice"]) for r in rows] == [("liver_0_0004", 0), ("liver_0_0005", 0), ("small", 0)]
+
+
+# --------------------------------------------------------------------------------------------
+# Classification
+# --------------------------------------------------------------------------------------------
+
+def test_classification_table_csv_json_in_the_files_slice_order(phantoms, ckpts, tmp_path, monkeypatch, capsys):
+    volume, segmentation = phantoms["flipped"]
+    truth = np.asarray(nib.load(segmentation).dataobj)  # file order
+    truth_slices, _ = dataset.load_label_volume(segmentation)
+    has_tumor = torch.from_numpy((truth_slices == 2).any(axis=(1, 2)))
+    use_oracle(monkeypatch, Oracle(unit_slices(volume, 32), has_tumor))
+    result = pc.main(cls_args("--checkpoint", ckpts["cls"], "--input", volume, "--output", tmp_path / "p.csv",
+                              "--device", "cpu", "--batch-size", 3))
+    with open(tmp_path / "p.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["case", "slice", "probability", "prediction"]
+    n = truth.shape[2]
+    assert [int(r["slice"]) for r in rows] == list(range(n))
+    expected = ["tumor" if (truth[..., k] == 2).any() else "healthy" for k in range(n)]
+    assert [r["prediction"] for r in rows] == expected
+    assert {r["case"] for r in rows} == {"volume-0"}
+    assert all(0.0 <= float(r["probability"]) <= 1.0 for r in rows)
+    out = capsys.readouterr().out
+    assert f"tumor in {expected.count('tumor')} of {n} slice(s)" in out
+    assert result["verdicts"] and "most suspicious slice" in result["verdicts"][0]
+
+    pc.main(cls_args("--checkpoint", ckpts["cls"], "--input", volume, "--output", tmp_path / "p.json",
+                     "--device", "cpu", "--threshold", "1.0"))
+    records = json.loads((tmp_path / "p.json").read_text())
+    assert [r["slice"] for r in records] == list(range(n))
+    assert set(records[0]) == {"case", "slice", "probability", "prediction"}
+    assert all(r["prediction"] == "healthy" for r in records)  # sigmoid(5) < 1.0: nothing reaches --threshold 1
+
+    k = expected.index("tumor")
+    one = pc.main(cls_args("--checkpoint", ckpts["cls"], "--input", volume, "--slice", k, "--device", "cpu"))
+    assert [(r["slice"], r["prediction"]) for r in one["rows"]] == [(k, "tumor")]
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit status 2, nothing half-written
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bad_files(phantoms, ckpts, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bad")
+    rng = np.random.default_rng(0)
+    files = {"random.nii": rng.bytes(4000), "random.ckpt": rng.bytes(4000)}
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    whole = phantoms["flipped"][0].read_bytes()
+    (root / "truncated.nii").write_bytes(whole[: len(whole) // 2])
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4, 2), np.int16), np.eye(4)), root / "four_d.nii")
+    nib.save(nib.Nifti1Image(np.zeros((48, 48), np.int16), np.eye(4)), root / "two_d.nii")
+    from lit_model import LitSegmenter
+    torch.save(LitSegmenter(in_channels=3, base_width=4).net.state_dict(), root / "state_dict.ckpt")
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(root / "pwned"), "w"))
+    torch.save({"hyper_parameters": {"task": "segmentation"}, "state_dict": {}, "evil": Evil()}, root / "evil.ckpt")
+    (root / "a_file").write_text("not a folder")
+    return {"root": root, **{p.name: p for p in root.iterdir()}}
+
+
+def _bad_cases(phantoms, ckpts, bad):
+    vol = phantoms["flipped"][0]
+    seg, cls = ("predict_segmentation.py", ckpts["seg"]), ("predict_classification.py", ckpts["cls"])
+    blocked = bad["a_file"] / "out"
+    return {
+        "missing input": (*seg, ["--input", bad["root"] / "nothere.nii"]),
+        "corrupt nifti": (*seg, ["--input", bad["random.nii"]]),
+        "truncated nifti": (*seg, ["--input", bad["truncated.nii"]]),
+        "4D nifti": (*seg, ["--input", bad["four_d.nii"]]),
+        "2D nifti": (*cls, ["--input", bad["two_d.nii"]]),
+        "classification ckpt to segmentation": ("predict_segmentation.py", ckpts["cls"], ["--input", vol]),
+        "segmentation ckpt to classification": ("predict_classification.py", ckpts["seg"], ["--input", vol]),
+        "random bytes ckpt": ("predict_segmentation.py", bad["random.ckpt"], ["--input", vol]),
+        "bare state dict": ("predict_segmentation.py", bad["state_dict.ckpt"], ["--input", vol]),
+        "malicious pickle": ("predict_segmentation.py", bad["evil.ckpt"], ["--input", vol]),
+        "slice out of range": (*seg, ["--input", vol, "--slice", "8"]),
+        "output under a file": (*seg, ["--input", vol, "--output", blocked / "x.nii.gz"]),
+    }
+
+
+@pytest.fixture(scope="module")
+def bad_runs(phantoms, ckpts, bad_files):
+    """Every bad-input case as its own process (two at a time: each pays for importing torch)."""
+    cases = _bad_cases(phantoms, ckpts, bad_files)
+    watched = [bad_files["root"], phantoms["flipped"][0].parent]
+    before = {p for d in watched for p in d.rglob("*")}
+
+    def run(item):
+        script, ckpt, argv = item
+        cmd = [sys.executable, str(ROOT / script), "--checkpoint", str(ckpt), "--device", "cpu", *map(str, argv)]
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+    with ThreadPoolExecutor(2) as pool:
+        results = dict(zip(cases, pool.map(run, cases.values())))
+    after = {p for d in watched for p in d.rglob("*")}
+    return results, after - before
+
+
+@pytest.mark.parametrize("case", ["missing input", "corrupt nifti", "truncated nifti", "4D nifti", "2D nifti",
+                                  "classification ckpt to segmentation", "segmentation ckpt to classification",
+                                  "random bytes ckpt", "bare state dict", "malicious pickle", "slice out of range",
+                                  "output under a file"])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, bad_runs, bad_files):
+    results, created = bad_runs
+    proc = results[case]
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "expected" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not created, f"files left behind: {sorted(map(str, created))}"
+    assert not (bad_files["root"] / "pwned").exists()
+
+
+def test_more_bad_flags_in_process(phantoms, ckpts, slice_files, bad_files, tmp_path, capsys):
+    vol = phantoms["flipped"][0]
+    seg = ["--checkpoint", str(ckpts["seg"]), "--device", "cpu"]
+    cls = ["--checkpoint", str(ckpts["cls"]), "--device", "cpu"]
+    cases = [
+        (ps, [*seg, "--input", str(vol), "--report", str(bad_files["a_file"] / "r.json")], "cannot create"),
+        (ps, [*seg, "--input", str(vol), "--output", str(tmp_path / "x.png")], "expected .nii"),
+        (ps, [*seg, "--input", str(slice_files["folder"]), "--slice", "1"], "needs one volume"),
+        (ps, [*seg, "--input", str(slice_files["folder"]), "--output", str(bad_files["a_file"])], "cannot create"),
+        (ps, [*seg, "--input", str(vol), "--ground-truth", str(tmp_path / "none.nii")], "ground truth not found"),
+        (ps, ["--checkpoint", str(tmp_path / "none.ckpt"), "--input", str(vol)], "checkpoint not found"),
+        (ps, [*seg, "--input", str(vol), "--batch-size", "0"], "expected 1 or more"),
+        (ps, [*seg, "--input", str(vol), "--output", str(vol)], "the input itself"),
+        (pc, [*cls, "--input", str(vol), "--output", str(tmp_path / "p.txt")], "expected .csv or .json"),
+        (pc, [*cls, "--input", str(vol), "--slice", "-1"], "found --slice -1; expected 0..7"),
+        (pc, [*cls, "--input", str(vol), "--threshold", "1.5"], "expected a probability"),
+        (pc, [*cls, "--input", str(bad_files["random.ckpt"])], "expected a NIfTI volume"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((pc, ["--checkpoint", str(ckpts["cls"]), "--input", str(vol), "--device", "cuda"], "no CUDA"))
+    for module, argv, message in cases:
+        assert dataset.run_cli(module.main, module.get_args_parser(), argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err, (argv, err)
+    assert not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring against ground truth (evaluate.py)
+# --------------------------------------------------------------------------------------------
+
+def test_ground_truth_scoring_with_the_oracle_is_perfect(phantoms, ckpts, tmp_path, monkeypatch):
+    pytest.importorskip("evaluate")
+    volume, segmentation = phantoms["ras"]
+    truth_slices, _ = dataset.load_label_volume(segmentation)
+    use_oracle(monkeypatch, Oracle(unit_slices(volume, 48), torch.from_numpy(truth_slices)))
+    result = ps.main(seg_args("--checkpoint", ckpts["seg48"], "--input", volume, "--output", tmp_path / "p.nii.gz",
+                              "--ground-truth", segmentation, "--no-postprocess", "--device", "cpu",
+                              "--report", tmp_path / "r.json"))
+    metrics = result["cases"][0]["metrics"]
+    assert metrics["dice_liver"] == pytest.approx(1.0) and metrics["dice_tumor"] == pytest.approx(1.0)
+    assert metrics["voe_liver"] == pytest.approx(0.0) and metrics["assd_liver"] == pytest.approx(0.0)
+    assert metrics["lesions_fp"] == 0 and metrics["lesions_fn"] == 0 and metrics["lesions_tp"] >= 1
+    assert json.loads((tmp_path / "r.json").read_text())["cases"][0]["metrics"] == metrics
