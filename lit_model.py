@@ -99,7 +99,8 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
 
 
 class _Base(pl.LightningModule):
-    """Optimiser and schedule shared by both tasks: AdamW, warm-up then cosine, stepped per batch."""
+    """What both tasks share: the split routing of the Lightning hooks, the speed options, and the
+    optimiser (AdamW, warm-up then cosine, stepped per batch)."""
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -130,6 +131,26 @@ class _Base(pl.LightningModule):
         if self._channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return (self._compiled or self.net)(x)
+
+    # Each task defines `_step(batch, split)` (loss, metric updates, step logging) and
+    # `_log_epoch(split)` (epoch metrics); the Lightning hooks only route the splits.
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test")
+
+    def on_train_epoch_end(self):
+        self._log_epoch("train")
+
+    def on_validation_epoch_end(self):
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self):
+        self._log_epoch("test")
 
 
 class LitClassifier(_Base):
@@ -189,23 +210,8 @@ class LitClassifier(_Base):
         self.log_dict(metrics.compute(), prog_bar=split != "train")
         metrics.reset()
 
-    def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
-
-    def validation_step(self, batch, batch_idx):
-        self._step(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._step(batch, "test")
-
-    def on_train_epoch_end(self):
-        self._log_epoch("train")
-
-    def on_validation_epoch_end(self):
-        self._log_epoch("val")
-
     def on_test_epoch_end(self):
-        self._log_epoch("test")
+        super().on_test_epoch_end()
         fpr, tpr, _ = self.test_roc.compute()
         self.roc_curve = (fpr.cpu(), tpr.cpu())
         self.confusion = self.test_confusion.compute().cpu()
@@ -257,23 +263,14 @@ class LitSegmenter(_Base):
         self.log_dict({f"{split}/dice_liver": dice[0], f"{split}/dice_tumor": dice[1]}, prog_bar=split == "val")
         metric.reset()
 
-    def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
-
     def validation_step(self, batch, batch_idx):
         if batch_idx == 0:
             self._overlay_batch = (batch[0][: self.hparams.num_overlays].detach(),
                                    batch[1][: self.hparams.num_overlays].detach())
-        self._step(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._step(batch, "test")
-
-    def on_train_epoch_end(self):
-        self._log_epoch("train")
+        super().validation_step(batch, batch_idx)
 
     def on_validation_epoch_end(self):
-        self._log_epoch("val")
+        super().on_validation_epoch_end()
         self._log_overlays()
 
     def on_test_epoch_start(self):
@@ -284,7 +281,7 @@ class LitSegmenter(_Base):
         self.case_dice = RegionDice(num_groups=max(1, len(self._test_case_ids))).to(self.device)
 
     def on_test_epoch_end(self):
-        self._log_epoch("test")
+        super().on_test_epoch_end()
         if self.case_dice is not None and self._test_case_ids:
             per_case = self.case_dice.compute().cpu()  # (cases, 2)
             self.per_case_dice = {cid: (float(d[0]), float(d[1])) for cid, d in zip(self._test_case_ids, per_case)}
