@@ -127,7 +127,9 @@ class Geometry:
         return n - 1 - k if flip else k
 
 
-def _read_nifti(path: Path):
+def read_nifti(path: Path):
+    """Open a NIfTI file: (nibabel image, array with the header's scaling applied, 3D). Any failure to
+    read it becomes a one-line DataError naming the file."""
     try:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)  # applies scl_slope/scl_inter where the header sets them
@@ -147,7 +149,7 @@ def _read_nifti(path: Path):
 def load_volume(path: str | Path) -> tuple[np.ndarray, Geometry]:
     """Read a CT volume: returns HU as float32 slices (Z, H, W) in (S, P, L) order and its Geometry."""
     path = Path(path)
-    img, data = _read_nifti(path)
+    img, data = read_nifti(path)
     zooms = [float(z) for z in img.header.get_zooms()[:3]]
     geom = Geometry(affine=np.asarray(img.affine, dtype=np.float64), shape=tuple(int(s) for s in data.shape),
                     spacing=(0.0, 0.0, 0.0))
@@ -164,17 +166,17 @@ def load_label_volume(path: str | Path, expected_shape: tuple[int, ...] | None =
                       image_path: str | Path | None = None) -> tuple[np.ndarray, Geometry]:
     """Read a label volume: uint8 slices (Z, H, W) in (S, P, L) order with values in {0, 1, 2}."""
     path = Path(path)
-    img, data = _read_nifti(path)
+    img, data = read_nifti(path)
     if expected_shape is not None and tuple(data.shape) != tuple(expected_shape):
         raise DataError(f"{path}: found shape {tuple(data.shape)}; expected {tuple(expected_shape)} "
                         f"as its volume {Path(image_path).name if image_path else ''}".rstrip())
-    labels = _check_labels(data, path)
+    labels = check_labels(data, path)
     geom = Geometry(affine=np.asarray(img.affine, dtype=np.float64),
                     shape=tuple(int(s) for s in data.shape), spacing=(0.0, 0.0, 0.0))
     return geom.to_slices(labels), geom
 
 
-def _check_labels(data: np.ndarray, path: Path) -> np.ndarray:
+def check_labels(data: np.ndarray, path: Path) -> np.ndarray:
     """Labels must be whole numbers in {0, 1, 2} (some LiTS files store them as floats)."""
     lo, hi = data.min(), data.max()
     if lo < 0 or hi > 2 or (data.dtype.kind == "f" and np.any(data != np.round(data))):
@@ -228,7 +230,7 @@ def load_slice_mask(path: str | Path) -> np.ndarray:
         raise DataError(f"{path}: cannot read mask ({one_line(exc)[:200]}); expected PNG or NPY") from None
     if arr.ndim != 2:
         raise DataError(f"{path}: found an array of shape {arr.shape}; expected a 2D mask (H, W)")
-    return _check_labels(arr, path)
+    return check_labels(arr, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,8 +252,9 @@ _LITS_SEG = re.compile(r"^segmentation-(\d+)\.nii(\.gz)?$")
 _MSD = re.compile(r"^(liver_\d+)\.nii(\.gz)?$")
 
 
-def _visible_files(root: Path):
-    # Hidden files are skipped: the MSD archive ships macOS "._liver_N.nii.gz" companions.
+def visible_files(root: Path):
+    """Files under `root`, sorted, at any depth. Hidden files are skipped: the MSD archive ships
+    macOS "._liver_N.nii.gz" companions."""
     for p in sorted(root.rglob("*")):
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts):
             yield p
@@ -280,7 +283,7 @@ def find_cases(data_dir: str | Path) -> list[Case]:
     root = Path(data_dir)
     if not root.is_dir():
         raise DataError(f"{root}: data directory not found; expected a folder of LiTS, MSD or slice data")
-    files = list(_visible_files(root))
+    files = list(visible_files(root))
 
     vols = _unique_by_key(files, _LITS_VOL, "volume")
     segs = _unique_by_key(files, _LITS_SEG, "segmentation")

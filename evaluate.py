@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from dataset import DataError, _check_labels, _read_nifti, _visible_files, atomic_write_text, run_cli
+from dataset import DataError, check_labels, read_nifti, visible_files, atomic_write_text, run_cli
 
 REGIONS: tuple[str, ...] = ("liver", "tumor")
 METRICS: tuple[str, ...] = ("dice", "voe", "rvd", "assd", "mssd", "rmsd")
@@ -227,7 +227,7 @@ def case_number(path: str | Path) -> int | None:
 def _niftis(root: Path, what: str) -> list[Path]:
     if not root.is_dir():
         raise DataError(f"{root}: {what} folder not found; expected a folder of NIfTI label volumes")
-    return [p for p in _visible_files(root) if _NIFTI.search(p.name)]
+    return [p for p in visible_files(root) if _NIFTI.search(p.name)]
 
 
 def _by_number(paths: Sequence[Path], what: str) -> dict[int, Path]:
@@ -277,8 +277,8 @@ def load_pair(pred_path: Path, gt_path: Path) -> tuple[np.ndarray, np.ndarray, t
     and hold only labels 0, 1, 2. Returns (pred uint8, gt uint8, gt spacing in mm per array axis)."""
     import nibabel as nib
 
-    gt_img, gt = _read_nifti(gt_path)
-    pred_img, pred = _read_nifti(pred_path)
+    gt_img, gt = read_nifti(gt_path)
+    pred_img, pred = read_nifti(pred_path)
     if pred.shape != gt.shape:
         raise DataError(f"{pred_path}: found shape {pred.shape}; expected {gt.shape}, the shape of "
                         f"{gt_path.name} (predictions must be on the ground truth's voxel grid)")
@@ -288,8 +288,8 @@ def load_pair(pred_path: Path, gt_path: Path) -> tuple[np.ndarray, np.ndarray, t
                         f"(orientation {''.join(nib.aff2axcodes(pred_img.affine))} vs "
                         f"{''.join(nib.aff2axcodes(gt_img.affine))}); expected the ground truth's voxel "
                         f"grid to within {AFFINE_TOLERANCE_MM:g} mm (write predictions in the input's geometry)")
-    gt = _check_labels(np.asarray(gt), gt_path)
-    pred = _check_labels(np.asarray(pred), pred_path)
+    gt = check_labels(np.asarray(gt), gt_path)
+    pred = check_labels(np.asarray(pred), pred_path)
     spacing = tuple(float(z) for z in gt_img.header.get_zooms()[:3])
     return pred, gt, spacing
 
