@@ -2,7 +2,7 @@
 own matrix-product peak in the same run; plus how well the real data loader keeps up.
 
     python benchmarks/bench_train.py                                   # CPU, fp32, all three models
-    python benchmarks/bench_train.py --device cuda --precision bf16-mixed --channels-last --compile
+    python benchmarks/bench_train.py --device cuda --precision bf16-mixed --channels-last both --compile
     python benchmarks/bench_train.py --models unet256 --batch-size 4 --loader
 
 Models: unet256 / unet512 (U-Net, base width 64, depth 4, 3 input slices, 3 classes) and vgg224
@@ -37,11 +37,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--precision", default="32", choices=list(DTYPES), help="training precision")
     p.add_argument("--batch-size", type=int, default=None, help="images per step (default: 4 on CPU, 32 on CUDA; half at 512)")
-    p.add_argument("--channels-last", action="store_true", help="NHWC memory format")
+    p.add_argument("--channels-last", choices=["off", "on", "both"], default="off",
+                   help="NHWC memory format; both = measure off and on side by side in this run")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--steps", type=int, default=4, help="timed steps")
-    p.add_argument("--peak-size", type=int, default=None, help="matrix size for the peak (default: 2048 CPU, 8192 CUDA)")
+    p.add_argument("--peak-size", type=int, default=None, help="matrix size for the peak (default: 4096 CPU, 8192 CUDA)")
     p.add_argument("--loader", action="store_true",
                    help="also train the same steps fed by the real LiTSDataModule (prepared cache, workers) "
                         "and print its rate over the in-memory rate")
@@ -139,33 +140,40 @@ def main(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.precision]
-    peak = measure_peak(device, dtype, args.peak_size or (8192 if device.type == "cuda" else 2048))
-    print(f"device {device} | precision {args.precision} | channels-last {args.channels_last} | compile {args.compile} "
+    peak = measure_peak(device, dtype, args.peak_size or (8192 if device.type == "cuda" else 4096))
+    print(f"device {device} | precision {args.precision} | compile {args.compile} "
           f"| torch {torch.__version__} | threads {torch.get_num_threads()}")
-    print(f"peak matmul {peak / 1e9:.1f} GFLOP/s ({dtype})")
+    print(f"peak matmul {peak / 1e9:.1f} GFLOP/s ({dtype})", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    layouts = {"off": [False], "on": [True], "both": [False, True]}[args.channels_last]
     for name in args.models:
-        net, size, classes = build(name)
-        net = net.to(device)
-        if args.channels_last:
-            net = net.to(memory_format=torch.channels_last)
-        bs = args.batch_size or ((32 if device.type == "cuda" else 4) // (2 if size >= 512 else 1))
-        x = torch.rand(bs, 3, size, size, device=device)
-        y = (torch.randint(0, classes, (bs, size, size), device=device) if classes == 3
-             else torch.randint(0, classes, (bs,), device=device))
-        flops_per_image = count_train_flops(net, x[:1], y[:1])
-        step = make_step(net, device, dtype, args.channels_last, args.compile)
-        sec = timed(step, iter(lambda: (x, y), None), args.warmup, args.steps, device)
-        rate = bs / sec
-        achieved = rate * flops_per_image
-        print(f"{name}: batch {bs} | {rate:.2f} images/s | {flops_per_image / 1e9:.1f} GFLOP/image | "
-              f"{achieved / 1e9:.1f} GFLOP/s | MFU {achieved / peak:.1%}")
-        if args.loader:
-            task = MODELS[name][0]
-            batches = loader_batches(task, size, bs, device, args.num_workers, tmp)
-            sec_loader = timed(step, batches, args.warmup, args.steps, device)
-            print(f"{name}: fed by LiTSDataModule ({args.num_workers} workers) {bs / sec_loader:.2f} images/s | "
-                  f"loader/in-memory {sec / sec_loader:.2f}")
+        for channels_last in layouts:
+            run_model(name, args, device, dtype, peak, channels_last, tmp)
+
+
+def run_model(name: str, args, device, dtype, peak: float, channels_last: bool, tmp: Path) -> None:
+    torch.manual_seed(0)
+    net, size, classes = build(name)
+    net = net.to(device)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    bs = args.batch_size or ((32 if device.type == "cuda" else 4) // (2 if size >= 512 else 1))
+    x = torch.rand(bs, 3, size, size, device=device)
+    y = (torch.randint(0, classes, (bs, size, size), device=device) if classes == 3
+         else torch.randint(0, classes, (bs,), device=device))
+    flops_per_image = count_train_flops(net, x[:1], y[:1])
+    step = make_step(net, device, dtype, channels_last, args.compile)
+    sec = timed(step, iter(lambda: (x, y), None), args.warmup, args.steps, device)
+    rate = bs / sec
+    achieved = rate * flops_per_image
+    tag = f"{name}{' channels-last' if channels_last else ''}"
+    print(f"{tag}: batch {bs} | {rate:.2f} images/s | {flops_per_image / 1e9:.1f} GFLOP/image | "
+          f"{achieved / 1e9:.1f} GFLOP/s | MFU {achieved / peak:.1%}", flush=True)
+    if args.loader:
+        batches = loader_batches(MODELS[name][0], size, bs, device, args.num_workers, tmp)
+        sec_loader = timed(step, batches, args.warmup, args.steps, device)
+        print(f"{tag}: fed by LiTSDataModule ({args.num_workers} workers) {bs / sec_loader:.2f} images/s | "
+              f"loader/in-memory {sec / sec_loader:.2f}", flush=True)
 
 
 if __name__ == "__main__":
