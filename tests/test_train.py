@@ -130,3 +130,31 @@ def test_ddp_on_two_cpu_processes(tiny_data, tmp_path):
     saved = json.loads((out / "test_metrics.json").read_text())
     assert "test/dice_liver" in saved["test"]
     assert (out / "graphs" / "val_dice.png").is_file()
+
+
+def test_killed_run_resumes_to_the_same_end(tiny_data, tmp_path):
+    """SIGKILL mid-run (no chance to clean up), then --resume from last.ckpt: the run ends after the
+    requested epochs with the same split, and its curves cover every epoch once."""
+    import os
+    import signal
+    import time
+    out = tmp_path / "killed"
+    args = ["--task", "segmentation", "--data-dir", str(tiny_data), "--output-dir", str(out),
+            "--cache-dir", str(tmp_path / "cache"), "--graphs-dir", str(out / "graphs"), "--image-size", "32",
+            "--base-width", "4", "--batch-size", "4", "--num-workers", "0", "--max-epochs", "3",
+            "--accelerator", "cpu"]
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    last = out / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert last.exists(), "the run never wrote last.ckpt"
+    split_before = json.loads((out / "splits.json").read_text())
+    resumed = train.main(train.get_args_parser().parse_args([*args, "--resume", str(last)]))
+    assert resumed["epochs"] == 3
+    assert resumed["split"] == {k: split_before[k] for k in ("train", "val", "test")}
+    scalars = train.read_scalars(Path(resumed["tensorboard"]))
+    assert len(scalars["val/loss"]) == 3 and len(scalars["train/loss_epoch"]) == 3
