@@ -123,8 +123,15 @@ class Geometry:
                             f"{''.join(nib.aff2axcodes(self.affine))}); expected axial slices")
         n = self.shape[2]
         if not 0 <= k < n:
-            raise DataError(f"slice {k} is out of range: the volume has {n} slices (0..{n - 1})")
+            raise DataError(f"found slice {k}; expected 0..{n - 1} (the volume has {n} slices)")
         return n - 1 - k if flip else k
+
+    def file_slice_index(self, z: int) -> int:
+        """The file's own index, along its axial axis, of slice z of the slices array; the inverse of
+        `slice_index` (reports name slices as the file numbers them)."""
+        t = ornt_transform(axcodes2ornt(SLICE_AXCODES), self._file_ornt)
+        axis, flip = int(t[0, 0]), t[0, 1] < 0
+        return int(self.shape[axis] - 1 - z) if flip else int(z)
 
 
 def read_nifti(path: Path):

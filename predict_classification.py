@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from dataset import CLS_CLASSES, DataError, atomic_write_text, load_slice_image, load_volume, run_cli
-from predict_segmentation import (ensure_folder, file_slice_index, find_inputs, infer_batched, load_checkpoint,
+from predict_segmentation import (ensure_folder, find_inputs, infer_batched, load_checkpoint,
                                   pick_device, preprocess_volume, slice_of_file, strip_nifti_suffix)
 
 COLUMNS = ("case", "slice", "probability", "prediction")
@@ -75,7 +75,7 @@ def classify_volume(get_net, path: Path, hp: dict, device: torch.device, args: a
     volume = preprocess_volume(hu, hp, device)  # (Z, S, S)
     probs = infer_batched(get_net(), volume, hp["context_slices"], tumor_probability, args.batch_size, zs,
                           desc=path.name).numpy()
-    numbers = [file_slice_index(geom, int(z)) for z in zs]
+    numbers = [geom.file_slice_index(int(z)) for z in zs]
     order = np.argsort(numbers)
     return _rows(strip_nifti_suffix(path.name), np.take(numbers, order), probs[order], threshold, names)
 

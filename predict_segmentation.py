@@ -37,12 +37,11 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 from scipy import ndimage
 from torch import nn
 from tqdm import tqdm
 
-from dataset import (IMAGE_SUFFIXES, SLICE_AXCODES, DataError, Geometry, atomic_output, atomic_write_text,
+from dataset import (IMAGE_SUFFIXES, DataError, Geometry, atomic_output, atomic_write_text,
                      context_indices, load_label_volume, load_slice_image, load_volume, one_line, resize_slices,
                      run_cli, window_hu)
 
@@ -350,13 +349,6 @@ def slice_of_file(geom: Geometry, k: int, path: Path) -> int:
     return geom.slice_index(k)
 
 
-def file_slice_index(geom: Geometry, z: int) -> int:
-    """The file's own index, along its axial axis (normally its third), of slice z of the slices array."""
-    t = ornt_transform(axcodes2ornt(SLICE_AXCODES), io_orientation(geom.affine))
-    axis, flip = int(t[0, 0]), t[0, 1] < 0
-    return int(geom.shape[axis] - 1 - z) if flip else int(z)
-
-
 def score(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> dict:
     """LiTS metrics of a prediction against ground truth (both (Z, H, W) in slices order), plus lesion
     detection counts. Non-finite distances (an empty mask) become None, so the report stays JSON."""
@@ -536,7 +528,7 @@ def _predict_volume(job: _Job, args: argparse.Namespace, hp: dict, device: torch
     report = {"input": str(job.path), "output": str(job.outputs[0]), "kind": "volume",
               "shape": list(geom.shape), "spacing_mm": [float(s) for s in geom.spacing],
               "slice": args.slice, "postprocess": bool(args.postprocess)}
-    to_file = (lambda z: file_slice_index(geom, z)) if which is None else (lambda z: args.slice)
+    to_file = geom.file_slice_index if which is None else (lambda z: args.slice)
     report.update(measure(labels, geom.spacing, to_file))
     if truth is not None:
         ref = truth if which is None else truth[which]

@@ -235,6 +235,7 @@ def test_slice_index_maps_file_slice_to_the_same_data(tmp_path, flips):
     n = raw.shape[2]
     expected = [n - 1 - k for k in range(n)] if flips[2] else list(range(n))
     assert [geom.slice_index(k) for k in range(n)] == expected
+    assert [geom.file_slice_index(geom.slice_index(k)) for k in range(n)] == list(range(n))
     for k in range(n):  # the same voxel values (in-plane order differs)
         np.testing.assert_array_equal(np.sort(hu[geom.slice_index(k)].ravel()), np.sort(raw[:, :, k].ravel()))
     for bad in (-1, n):
