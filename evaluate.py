@@ -1,6 +1,6 @@
 """LiTS metrics of predicted label volumes against the ground truth, as the LiTS scorer defines them.
 
-    python evaluate.py --pred runs/predictions --gt /data/LiTS --output metrics.csv
+    python evaluate.py --pred runs/predictions --gt /data/LiTS --output metrics.csv --summary summary.json
 
 Cases are paired by number: the ground truth is `segmentation-N.nii[.gz]` (LiTS), `labelsTr/liver_N.nii.gz`
 (MSD) or any NIfTI whose name holds the case number as its last integer; a prediction is any NIfTI in
@@ -8,32 +8,90 @@ Cases are paired by number: the ground truth is `segmentation-N.nii[.gz]` (LiTS)
 `prediction-N.nii.gz`). Prediction and ground truth must share the voxel grid (shape and affine), as
 the LiTS scorer requires; nothing is resampled or reoriented.
 
-Per case and per region (liver = label >= 1, i.e. liver and tumor together as LiTS scores it;
-tumor = label == 2): Dice, VOE, RVD, ASSD, MSSD, RMSD in mm (see `case_metrics` for the definitions and
-the empty-mask rules). Over all cases: the mean of each column (NaN cases left out and counted), the
-"Dice global" (intersections and sizes pooled over cases) and lesion detection precision/recall
-(3D connected tumor components matched one-to-one at IoU > 0.5).
+The definitions follow the scorer of the LiTS challenge (github.com/PatrickChrist/lits-challenge-scoring,
+`program/evaluate.py`, `helpers/calc_metric.py`, `helpers/surface.py`); where this module departs from
+it, the function's docstring and the README say so. Per case and per region (liver = label >= 1, i.e.
+liver and tumor together; tumor = label == 2): Dice, VOE, RVD, ASSD, MSSD, RMSD in mm
+(`case_metrics`), and lesion detection counts (`match_lesions`, `detection_counts`). Over all cases:
+means, Dice global, detection precision/recall/F1 at IoU > 0.5 and > 0, the Dice of detected
+lesions, recall by lesion size, and the tumor burden error (`summarize`).
+
+This module is the one home of these rules: `predict_segmentation.py --ground-truth` and the
+training-time Dice of `lit_model.py` call its functions.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import io
+import json
+import math
 import re
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial.distance import pdist
 
-from dataset import DataError, check_labels, read_nifti, visible_files, atomic_write_text, run_cli
+from dataset import DataError, atomic_write_text, check_labels, read_nifti, run_cli, visible_files
 
 REGIONS: tuple[str, ...] = ("liver", "tumor")
 METRICS: tuple[str, ...] = ("dice", "voe", "rvd", "assd", "mssd", "rmsd")
 COLUMNS: tuple[str, ...] = tuple(f"{m}_{r}" for r in REGIONS for m in METRICS)
-CSV_COLUMNS: tuple[str, ...] = ("case",) + COLUMNS
+LESION_COLUMNS: tuple[str, ...] = ("lesions_tp", "lesions_fp", "lesions_fn")
+CSV_COLUMNS: tuple[str, ...] = ("case",) + COLUMNS + LESION_COLUMNS
+IOU_THRESHOLDS: tuple[float, ...] = (0.5, 0.0)  # what the scorer reports: "detected" and "touched at all"
+# Reference lesions by their largest axial diameter in mm: (name, lower bound, upper bound), the lower
+# bound exclusive except for the first class: < 10, [10, 20], > 20.
+SIZE_CLASSES: tuple[tuple[str, float, float], ...] = (("lt10mm", 0.0, 10.0), ("10to20mm", 10.0, 20.0),
+                                                      ("gt20mm", 20.0, math.inf))
 AFFINE_TOLERANCE_MM = 1e-3
+NAN = float("nan")
+
+
+# --------------------------------------------------------------------------------------------
+# Dice from counts: the empty-mask rules, shared with the training-time metrics
+# --------------------------------------------------------------------------------------------
+
+def _counts(*values):
+    return tuple(np.asarray(v, dtype=np.float64) for v in values)
+
+
+def _scalar_or_array(a: np.ndarray):
+    return float(a) if a.ndim == 0 else a
+
+
+def dice_from_counts(intersection, pred, ref):
+    """Dice of one case (or element-wise, of arrays of cases): 2|P & G| / (|P| + |G|) from voxel counts.
+
+    Empty masks, the LiTS scorer's per-case rule: P and G both empty -> 1.0 (nothing to find, nothing
+    found); only one empty -> 0.0. Returns a float for scalar counts, else a float64 array."""
+    inter, p, r = _counts(intersection, pred, ref)
+    total = p + r
+    return _scalar_or_array(np.where(total > 0, 2.0 * inter / np.where(total > 0, total, 1.0), 1.0))
+
+
+def pooled_dice(intersection, pred, ref):
+    """Dice of a whole split (or of a dataset, the LiTS "Dice global"): counts summed over all its
+    cases, slices or pixels beforehand.
+
+    When the reference of the whole split is empty (e.g. no tumor in any patient) the Dice does not
+    apply and is NaN, whatever the prediction holds: a 1.0 would read as a perfect score. (The scorer
+    divides by zero there.) Element-wise on arrays, as `dice_from_counts`."""
+    inter, p, r = _counts(intersection, pred, ref)
+    return _scalar_or_array(np.where(r > 0, 2.0 * inter / np.where(r > 0, p + r, 1.0), np.nan))
+
+
+def mean_case_dice(intersection, pred, ref) -> float:
+    """Mean over cases of `dice_from_counts` (the scorer's "Dice per case"); 1-D count arrays, one entry
+    per case. NaN when no case's reference has the region (the split rule of `pooled_dice`)."""
+    inter, p, r = (np.atleast_1d(a) for a in _counts(intersection, pred, ref))
+    if not (r > 0).any():
+        return NAN
+    return float(np.mean(dice_from_counts(inter, p, r)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -53,30 +111,32 @@ def _bbox(mask: np.ndarray, pad: int = 0) -> tuple[slice, ...]:
     return tuple(box)
 
 
-def _surface(mask: np.ndarray) -> np.ndarray:
-    """Voxels of the mask with at least one 6-neighbour (face neighbour) outside it; outside the
-    array counts as outside the mask (border_value=0), as in the LiTS scorer and medpy."""
-    cross = ndimage.generate_binary_structure(mask.ndim, 1)
-    return mask & ~ndimage.binary_erosion(mask, structure=cross, border_value=0)
+def surface(mask: np.ndarray) -> np.ndarray:
+    """The scorer's surface (helpers/surface.py, from SLIVER07): the mask minus its erosion by the
+    18-neighbourhood (`generate_binary_structure(3, 2)`: face and edge neighbours, not corners), i.e. the
+    mask voxels with a face or edge neighbour outside the mask. Outside the array counts as outside the
+    mask (border_value=0), as in the scorer."""
+    structure = ndimage.generate_binary_structure(mask.ndim, 2)
+    return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
 
 
-def _surface_distances(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float],
-                       crop: bool = True) -> np.ndarray:
-    """All surface-to-surface distances in mm, both directions concatenated:
-    for each voxel of pred's surface the distance to the nearest voxel of gt's surface, then the same
-    from gt to pred. Both masks must be non-empty (a non-empty mask always has a surface).
+def surface_distances(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float],
+                      crop: bool = True) -> np.ndarray:
+    """All surface-to-surface distances in mm, both directions pooled into one array: for each voxel of
+    pred's surface the distance to the nearest voxel of gt's surface, then the same from gt to pred
+    (the scorer's two nearest-neighbour sets). Both masks must be non-empty.
 
     Cropping to the bounding box of pred | gt padded by one voxel changes nothing: every voxel outside
-    that box is background in both masks, so each mask voxel sees the same 6-neighbours in the crop
-    (a neighbour beyond the crop edge is either in the padding ring, which is kept, or beyond the
-    volume edge, which border_value=0 already treats as background), hence the same surfaces; and the
-    Euclidean distance between two surface voxels depends only on their index difference times the
-    spacing, and all surface voxels lie inside the box, so the exact EDT inside the box finds the same
-    nearest surface voxel as on the full volume. On a 512x512xN CT the box is a small fraction of it."""
+    that box is background in both masks, so each mask voxel sees the same 18 neighbours in the crop
+    (a neighbour beyond the crop edge is either in the padding ring, which is kept, or beyond the volume
+    edge, which border_value=0 already treats as background), hence the same surfaces; and the distance
+    between two surface voxels depends only on their index difference times the spacing, and all
+    surface voxels lie inside the box, so the exact EDT inside the box finds the same nearest surface
+    voxel as a search over the whole volume."""
     if crop:
         box = _bbox(pred | gt, pad=1)
         pred, gt = pred[box], gt[box]
-    sp, sg = _surface(pred), _surface(gt)
+    sp, sg = surface(pred), surface(gt)
     # distance_transform_edt gives each non-zero voxel its distance to the nearest zero voxel; the
     # surface voxels are the zeros of ~surface.
     to_gt = ndimage.distance_transform_edt(~sg, sampling=spacing)[sp]
@@ -86,17 +146,16 @@ def _surface_distances(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float
 
 def _region_metrics(p: np.ndarray, g: np.ndarray, spacing: Sequence[float]) -> dict[str, float]:
     n_p, n_g = int(np.count_nonzero(p)), int(np.count_nonzero(g))
-    nan = float("nan")
     if n_p == 0 and n_g == 0:
         return dict(dice=1.0, voe=0.0, rvd=0.0, assd=0.0, mssd=0.0, rmsd=0.0)
     if n_g == 0:
-        return dict(dice=0.0, voe=1.0, rvd=nan, assd=nan, mssd=nan, rmsd=nan)
+        return dict(dice=0.0, voe=1.0, rvd=NAN, assd=NAN, mssd=NAN, rmsd=NAN)
     if n_p == 0:
-        return dict(dice=0.0, voe=1.0, rvd=-1.0, assd=nan, mssd=nan, rmsd=nan)
+        return dict(dice=0.0, voe=1.0, rvd=-1.0, assd=NAN, mssd=NAN, rmsd=NAN)
     inter = int(np.count_nonzero(p & g))
     union = n_p + n_g - inter
-    d = _surface_distances(p, g, spacing)
-    return dict(dice=2.0 * inter / (n_p + n_g), voe=1.0 - inter / union, rvd=(n_p - n_g) / n_g,
+    d = surface_distances(p, g, spacing)
+    return dict(dice=dice_from_counts(inter, n_p, n_g), voe=1.0 - inter / union, rvd=(n_p - n_g) / n_g,
                 assd=float(d.mean()), mssd=float(d.max()), rmsd=float(np.sqrt(np.mean(d * d))))
 
 
@@ -110,21 +169,23 @@ def case_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> 
     Returns the keys dice_liver, voe_liver, rvd_liver, assd_liver, mssd_liver, rmsd_liver and the same
     six with _tumor. With P the predicted and G the reference mask:
 
-    - Dice = 2|P & G| / (|P| + |G|); VOE = 1 - |P & G| / |P | G|; RVD = (|P| - |G|) / |G| (signed:
-      negative is under-segmentation).
-    - Surfaces are the mask voxels with a 6-neighbour outside the mask (the array border counts as
-      outside). For every surface voxel of P the distance in mm to the nearest surface voxel of G, and
-      vice versa, pooled into one set: ASSD is its mean, MSSD its maximum (the symmetric Hausdorff
-      distance, = medpy.metric.binary.hd), RMSD the root of its mean square. Pooling is what the LiTS
-      scorer does; medpy's assd instead averages the two directed means (the same value when both
-      surfaces have as many voxels).
+    - Dice = 2|P & G| / (|P| + |G|); VOE = 1 - |P & G| / |P | G| (the scorer's 1 - Jaccard).
+    - RVD = (|P| - |G|) / |G|, signed: negative is under-segmentation. The scorer calls medpy's
+      `ravd(reference, prediction)`, i.e. (|G| - |P|) / |P|, reference and prediction swapped; not copied.
+    - Surfaces as `surface` (18-neighbourhood). For every surface voxel of P the distance in mm to the
+      nearest surface voxel of G, and vice versa, pooled into one set S: ASSD = mean(S), MSSD = max(S)
+      (the symmetric Hausdorff distance), RMSD = sqrt(mean(S^2)), the scorer's definitions (pooled, not
+      the mean of the two directed means).
 
-    Empty masks (common for the tumor):
-    - P and G both empty: Dice 1, VOE 0, RVD 0, ASSD = MSSD = RMSD = 0 (a perfect answer).
+    Empty masks:
+    - P and G both empty: Dice 1, VOE 0, RVD 0, ASSD = MSSD = RMSD = 0 (a perfect answer; the scorer's
+      per-case Dice rule).
     - G empty, P not: Dice 0, VOE 1, RVD NaN (relative to an empty reference it is undefined),
       ASSD/MSSD/RMSD NaN (no reference surface).
     - P empty, G not: Dice 0, VOE 1, RVD -1, ASSD/MSSD/RMSD NaN (no predicted surface).
-    Summaries over cases leave the NaN out (nanmean) and say how many were left out per column.
+    The scorer puts 9001 in place of these NaN; summaries here leave the NaN out and count them.
+    (The scorer also scores the liver as missing when the prediction has no voxel of label 1, even if it
+    has label 2; here the liver region is label >= 1 in both, always.)
     """
     pred, gt = np.asarray(pred), np.asarray(gt)
     if pred.shape != gt.shape:
@@ -141,9 +202,7 @@ def case_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> 
 
 def dice_counts(pred: np.ndarray, gt: np.ndarray) -> dict[str, int]:
     """Voxel counts for the LiTS "Dice global" (one Dice over all cases pooled):
-    `intersection_<r>` = |P & G|, `pred_<r>` = |P|, `gt_<r>` = |G| for r in liver, tumor.
-
-    Dice global = 2 * sum(intersection) / sum(pred + gt) over cases; see `dice_global`."""
+    `intersection_<r>` = |P & G|, `pred_<r>` = |P|, `gt_<r>` = |G| for r in liver, tumor."""
     pred, gt = np.asarray(pred), np.asarray(gt)
     out = {}
     for region in REGIONS:
@@ -155,57 +214,279 @@ def dice_counts(pred: np.ndarray, gt: np.ndarray) -> dict[str, int]:
 
 
 def dice_global(counts: Sequence[dict[str, int]], region: str) -> float:
-    """Pooled Dice from `dice_counts` of several cases; 1.0 when every P and G is empty."""
-    inter = sum(c[f"intersection_{region}"] for c in counts)
-    total = sum(c[f"pred_{region}"] + c[f"gt_{region}"] for c in counts)
-    return 2.0 * inter / total if total else 1.0
+    """Dice global: 2 * sum(|P & G|) / sum(|P| + |G|) over cases (`dice_counts` of each); NaN when no
+    case's reference has the region (`pooled_dice`)."""
+    return pooled_dice(*(sum(c[f"{k}_{region}"] for c in counts) for k in ("intersection", "pred", "gt")))
 
 
-def lesion_detection(pred: np.ndarray, gt: np.ndarray, iou_threshold: float = 0.5) -> tuple[int, int, int]:
-    """Tumor lesions detected, as (true positives, false positives, false negatives).
-
-    Lesions are the connected components of label == 2 with 26-connectivity (in 3D: voxels touching
-    by a face, an edge or a corner are one lesion). A reference lesion counts as detected when a
-    predicted component overlaps it with IoU > iou_threshold; matching is one-to-one, pairs taken
-    greedily by descending IoU (ties by reference, then predicted label), each component used at most
-    once. FP = predicted components left unmatched, FN = reference lesions left unmatched."""
-    p, g = np.asarray(pred) == 2, np.asarray(gt) == 2
-    if p.shape != g.shape:
-        raise ValueError(f"pred has shape {p.shape} but gt has {g.shape}; expected the same shape")
-    if not p.any() or not g.any():
-        full = ndimage.generate_binary_structure(p.ndim, p.ndim)
-        n_p = ndimage.label(p, structure=full)[1] if p.any() else 0
-        n_g = ndimage.label(g, structure=full)[1] if g.any() else 0
-        return 0, int(n_p), int(n_g)
-    box = _bbox(p | g)  # components do not change: everything outside the box is background
-    p, g = p[box], g[box]
-    full = ndimage.generate_binary_structure(p.ndim, p.ndim)
-    lp, n_p = ndimage.label(p, structure=full)
-    lg, n_g = ndimage.label(g, structure=full)
-    size_p = np.bincount(lp.ravel(), minlength=n_p + 1)
-    size_g = np.bincount(lg.ravel(), minlength=n_g + 1)
-    both = (lp > 0) & (lg > 0)
-    pairs, inter = np.unique(np.stack([lg[both], lp[both]]), axis=1, return_counts=True)
-    candidates = []
-    for (a, b), n in zip(pairs.T.tolist(), inter.tolist()):
-        iou = n / (size_g[a] + size_p[b] - n)
-        if iou > iou_threshold:
-            candidates.append((-iou, a, b))
-    used_g, used_p = set(), set()
-    for _, a, b in sorted(candidates):
-        if a not in used_g and b not in used_p:
-            used_g.add(a)
-            used_p.add(b)
-    tp = len(used_g)
-    return tp, int(n_p) - tp, int(n_g) - tp
+def tumor_burden(labels: np.ndarray) -> float:
+    """Tumor burden as the scorer defines it: |label == 2| / |label >= 1| (a fraction of the liver,
+    tumor included). NaN when there is no liver."""
+    labels = np.asarray(labels)
+    liver = int(np.count_nonzero(labels >= 1))
+    return int(np.count_nonzero(labels == 2)) / liver if liver else NAN
 
 
-def precision_recall(tp: int, fp: int, fn: int) -> tuple[float, float]:
-    """precision = TP / (TP + FP), recall = TP / (TP + FN); each is 1.0 when its denominator is 0
-    (no predicted lesions: nothing was wrongly claimed; no reference lesions: nothing was missed)."""
-    precision = tp / (tp + fp) if tp + fp else 1.0
-    recall = tp / (tp + fn) if tp + fn else 1.0
-    return precision, recall
+def burden_error(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Reference burden minus predicted burden (the scorer's sign). A prediction without liver claims
+    no tumor: burden 0 (the scorer instead sets 9001 when the prediction has no voxel of label 1, even
+    one that has label 2). NaN when the reference has no liver (the scorer divides by zero)."""
+    predicted = tumor_burden(pred)
+    return tumor_burden(gt) - (0.0 if math.isnan(predicted) else predicted)
+
+
+# --------------------------------------------------------------------------------------------
+# Lesions: the scorer's labelling, merging and matching
+# --------------------------------------------------------------------------------------------
+
+def label_lesions(labels: np.ndarray) -> tuple[np.ndarray, int]:
+    """Lesions: the connected components of label == 2 with scipy.ndimage.label's default structure, as
+    the scorer labels them: face-connected (6-neighbourhood in 3D), so voxels that touch only at an
+    edge or a corner belong to different lesions. Returns (lesion ids 1..n, 0 elsewhere; n)."""
+    lab, n = ndimage.label(np.asarray(labels) == 2)
+    return lab, int(n)
+
+
+@dataclass(frozen=True)
+class LesionPair:
+    """A merged reference lesion and the merged predicted lesion matched to it."""
+    ref_ids: tuple[int, ...]    # reference lesion ids merged into one
+    pred_ids: tuple[int, ...]   # predicted lesion ids merged into one
+    intersection: int           # voxels
+    ref_voxels: int
+    pred_voxels: int
+
+    @property
+    def iou(self) -> float:
+        return self.intersection / (self.ref_voxels + self.pred_voxels - self.intersection)
+
+    @property
+    def dice(self) -> float:
+        return dice_from_counts(self.intersection, self.pred_voxels, self.ref_voxels)
+
+
+@dataclass(frozen=True)
+class LesionMatch:
+    """The outcome of `match_lesions`: every pair, and the lesion counts before merging."""
+    pairs: tuple[LesionPair, ...]
+    num_pred: int
+    num_ref: int
+
+
+def match_lesions(pred_ids: np.ndarray, num_pred: int, ref_ids: np.ndarray, num_ref: int) -> LesionMatch:
+    """Merge and match lesions by the rule of the scorer's `detect_lesions` (helpers/calc_metric.py).
+
+    pred_ids, ref_ids: lesion id volumes from `label_lesions`. With I(p, g) the voxels shared by
+    predicted lesion p and reference lesion g:
+
+    1. Reference lesions spanned by one prediction are merged: each reference lesion that overlaps a
+       prediction joins the group of the prediction overlapping it most (ties: the lower prediction id).
+       Reference lesions without overlap stay alone (and are missed).
+    2. Each overlapping predicted lesion goes to the merged reference lesion it overlaps most (summed
+       over the group's members; ties: the group whose lowest reference id is lower).
+    3. Predicted lesions that went to the same merged reference lesion are merged.
+    4. Each merged reference lesion that received predictions forms a `LesionPair`; it is detected at
+       threshold t when the pair's IoU = |Pm & Gm| / |Pm | Gm| > t (`detection_counts`).
+
+    Ids follow scipy's raster order of the array, so ties can depend on the axis order; the scorer
+    works in the NIfTI file's order, as `evaluate_folders` does. Where the scorer departs from IoU: its
+    union counts `detected_mask == p_id` although that mask holds reference ids at that point (a label
+    mix-up); here the union is that of the two merged lesions."""
+    pred_ids, ref_ids = np.asarray(pred_ids), np.asarray(ref_ids)
+    if pred_ids.shape != ref_ids.shape:
+        raise ValueError(f"pred has shape {pred_ids.shape} but gt has {ref_ids.shape}; expected the same shape")
+    both = (pred_ids > 0) & (ref_ids > 0)
+    if not both.any():
+        return LesionMatch((), int(num_pred), int(num_ref))
+    pred_size = np.bincount(pred_ids.ravel(), minlength=num_pred + 1)
+    ref_size = np.bincount(ref_ids.ravel(), minlength=num_ref + 1)
+    pairs, shared = np.unique(np.stack([pred_ids[both], ref_ids[both]]), axis=1, return_counts=True)
+    overlap: dict[tuple[int, int], int] = {(int(p), int(g)): int(n) for (p, g), n in zip(pairs.T, shared)}
+
+    # 1. Group key of each overlapping reference lesion: the prediction overlapping it most.
+    best_pred: dict[int, tuple[int, int]] = {}  # g -> (overlap, -p), the larger the better
+    for (p, g), n in overlap.items():
+        if g not in best_pred or (n, -p) > best_pred[g]:
+            best_pred[g] = (n, -p)
+    groups: dict[int, list[int]] = {}
+    for g in sorted(best_pred):
+        groups.setdefault(-best_pred[g][1], []).append(g)
+    group_of = {g: key for key, members in groups.items() for g in members}
+
+    # 2. Each overlapping prediction goes to the merged reference lesion it overlaps most.
+    to_group: dict[int, dict[int, int]] = {}
+    for (p, g), n in overlap.items():
+        row = to_group.setdefault(p, {})
+        row[group_of[g]] = row.get(group_of[g], 0) + n
+    assigned: dict[int, list[int]] = {}
+    for p in sorted(to_group):
+        key = max(to_group[p], key=lambda k: (to_group[p][k], -groups[k][0]))
+        assigned.setdefault(key, []).append(p)
+
+    # 3-4. One pair per merged reference lesion that received predictions.
+    out = []
+    for key, preds in sorted(assigned.items(), key=lambda kv: groups[kv[0]][0]):
+        refs = groups[key]
+        out.append(LesionPair(ref_ids=tuple(refs), pred_ids=tuple(preds),
+                              intersection=sum(to_group[p][key] for p in preds),
+                              ref_voxels=int(sum(ref_size[g] for g in refs)),
+                              pred_voxels=int(sum(pred_size[p] for p in preds))))
+    return LesionMatch(tuple(out), int(num_pred), int(num_ref))
+
+
+def detection_counts(match: LesionMatch, iou_threshold: float = 0.5) -> tuple[int, int, int]:
+    """(TP, FP, FN) as the scorer's evaluate.py counts them: TP = merged lesion pairs with IoU >
+    `iou_threshold`; FP = predicted lesions - TP; FN = reference lesions - TP, the lesion counts taken
+    before merging. So a detected merge of k reference lesions is one TP and k - 1 FN, and a lesion
+    predicted in k detected pieces is one TP and k - 1 FP."""
+    tp = sum(1 for pair in match.pairs if pair.iou > iou_threshold)
+    return tp, match.num_pred - tp, match.num_ref - tp
+
+
+def largest_axial_diameters(ids: np.ndarray, num: int, spacing: Sequence[float], axial_axis: int) -> np.ndarray:
+    """Largest axial diameter in mm of lesions 1..num: the largest distance between the centres of two
+    of the lesion's voxels lying in the same axial slice (slices are the planes normal to
+    `axial_axis`), over all its slices; 0 for a lesion of one voxel per slice. The same measure as the
+    prediction report's."""
+    ids = np.moveaxis(np.asarray(ids), axial_axis, 0)
+    in_plane = np.array([s for ax, s in enumerate(spacing) if ax != axial_axis], dtype=np.float64)
+    out = np.zeros(num, dtype=np.float64)
+    for i, box in enumerate(ndimage.find_objects(ids, max_label=num)):
+        if box is None:
+            continue
+        lesion = ids[box] == i + 1
+        for plane in lesion:
+            rows = np.flatnonzero(plane.any(axis=1))
+            if rows.size == 0:
+                continue
+            # The farthest pair of a set of grid points are hull vertices, and each hull vertex is the
+            # first or the last point of its row: two points per row are enough.
+            first = plane[rows].argmax(axis=1)
+            last = plane.shape[1] - 1 - plane[rows][:, ::-1].argmax(axis=1)
+            pts = np.concatenate([np.stack([rows, first], 1), np.stack([rows, last], 1)]) * in_plane
+            if len(pts) > 1:
+                out[i] = max(out[i], float(pdist(pts).max()))
+    return out
+
+
+def size_class(diameter_mm: float) -> str:
+    """The name of the `SIZE_CLASSES` entry of a lesion diameter: lt10mm (< 10), 10to20mm (10 to 20
+    inclusive), gt20mm (> 20)."""
+    if diameter_mm < SIZE_CLASSES[0][2]:
+        return SIZE_CLASSES[0][0]
+    return SIZE_CLASSES[1][0] if diameter_mm <= SIZE_CLASSES[1][2] else SIZE_CLASSES[2][0]
+
+
+# --------------------------------------------------------------------------------------------
+# One case, and the summary over cases
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class CaseScore:
+    """Everything `evaluate.py` takes from one case: `row` (the CSV columns but `case`) and what the
+    summary pools over cases."""
+    row: dict[str, float]
+    counts: dict[str, int]
+    detection: dict[float, tuple[int, int, int]]       # IoU threshold -> (TP, FP, FN)
+    detected_dice: list[float]                          # Dice of each pair detected at IoU > 0.5
+    sizes: list[tuple[str, bool]] = field(default_factory=list)  # (size class, detected at IoU > 0.5) per reference lesion
+    burden_error: float = NAN
+
+
+def score_case(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], axial_axis: int) -> CaseScore:
+    """Score one case: `case_metrics`, lesion detection at each of `IOU_THRESHOLDS`, the Dice of the
+    detected lesions, the size class and detection of each reference lesion, the tumor burden error.
+    pred, gt: label volumes on the same grid; spacing: mm per array axis; axial_axis: the array axis
+    across axial slices (for lesion diameters)."""
+    pred, gt = np.asarray(pred), np.asarray(gt)
+    row = case_metrics(pred, gt, spacing)
+    pred_ids, num_pred = label_lesions(pred)
+    ref_ids, num_ref = label_lesions(gt)
+    match = match_lesions(pred_ids, num_pred, ref_ids, num_ref)
+    detection = {t: detection_counts(match, t) for t in IOU_THRESHOLDS}
+    row.update(zip(LESION_COLUMNS, detection[0.5]))
+    detected = [pair for pair in match.pairs if pair.iou > 0.5]
+    found = {g for pair in detected for g in pair.ref_ids}
+    diameters = largest_axial_diameters(ref_ids, num_ref, spacing, axial_axis)
+    sizes = [(size_class(d), g in found) for g, d in enumerate(diameters, start=1)]
+    return CaseScore(row=row, counts=dice_counts(pred, gt), detection=detection,
+                     detected_dice=[pair.dice for pair in detected], sizes=sizes, burden_error=burden_error(pred, gt))
+
+
+def detection_rates(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
+    """(precision, recall, F1) = (TP / (TP + FP), TP / (TP + FN), 2TP / (2TP + FP + FN)); each NaN when
+    its denominator is 0 (no predicted lesion, no reference lesion, neither), where the scorer puts 0."""
+    def ratio(a: int, b: int) -> float:
+        return a / b if b else NAN
+    return ratio(tp, tp + fp), ratio(tp, tp + fn), ratio(2 * tp, 2 * tp + fp + fn)
+
+
+def summarize(scores: Sequence[CaseScore], extra_predictions: int = 0) -> dict:
+    """Every aggregate over cases, as a flat dict (the `--summary` JSON):
+
+    - `cases`; `mean_<column>` and `nan_<column>` for each of the 12 metric columns: the mean over the
+      cases where it is not NaN, and how many were left out. The tumor means are all NaN (every case
+      left out) when no case's reference has tumor: no Dice for what is not there.
+    - `dice_global_liver`, `dice_global_tumor` (`dice_global`).
+    - `lesions_reference`, `lesions_predicted` (before merging); at IoU > 0.5: `lesions_tp`,
+      `lesions_fp`, `lesions_fn`, `detection_precision`, `detection_recall`, `detection_f1`; the same
+      with the suffix `_iou0` at IoU > 0 (`detection_counts`, `detection_rates`).
+    - `lesion_dice_detected`: the mean Dice of the lesion pairs detected at IoU > 0.5, over all cases'
+      pairs pooled (the scorer's "lesion Dice"); 0 when reference lesions exist but none was detected
+      (the scorer's default), NaN when there is no reference lesion at all.
+    - For each size class c of `SIZE_CLASSES`: `lesions_<c>` reference lesions, `detected_<c>` of them
+      detected at IoU > 0.5 (a lesion of a detected merged group counts as detected), `recall_<c>`
+      (NaN without lesions of that size).
+    - `tumor_burden_rmse` = sqrt(mean(e^2)) and `tumor_burden_max_error` = max |e| over cases, e the
+      `burden_error` (the scorer's maximum is of the signed e, so over-estimates never show);
+      `nan_tumor_burden`: cases left out (reference without liver).
+    - `extra_predictions`: prediction files with no ground truth (ignored)."""
+    rows = [s.row for s in scores]
+    summary: dict = {"cases": len(rows)}
+    no_tumor = not any(s.counts["gt_tumor"] for s in scores)
+    for col in COLUMNS:
+        values = np.array([r[col] for r in rows], dtype=np.float64)
+        finite = ~np.isnan(values)
+        if col.endswith("_tumor") and no_tumor:
+            finite[:] = False
+        summary[f"mean_{col}"] = float(values[finite].mean()) if finite.any() else NAN
+        summary[f"nan_{col}"] = int((~finite).sum())
+    for region in REGIONS:
+        summary[f"dice_global_{region}"] = dice_global([s.counts for s in scores], region)
+    num_ref = sum(s.detection[0.5][0] + s.detection[0.5][2] for s in scores)
+    summary["lesions_reference"] = num_ref
+    summary["lesions_predicted"] = sum(s.detection[0.5][0] + s.detection[0.5][1] for s in scores)
+    for t, suffix in ((0.5, ""), (0.0, "_iou0")):
+        tp, fp, fn = (int(sum(s.detection[t][i] for s in scores)) for i in range(3))
+        summary.update({f"lesions_tp{suffix}": tp, f"lesions_fp{suffix}": fp, f"lesions_fn{suffix}": fn})
+        rates = detection_rates(tp, fp, fn)
+        for name, value in zip(("precision", "recall", "f1"), rates):
+            summary[f"detection_{name}{suffix}"] = value
+    dices = [d for s in scores for d in s.detected_dice]
+    summary["lesion_dice_detected"] = float(np.mean(dices)) if dices else (0.0 if num_ref else NAN)
+    for name, _, _ in SIZE_CLASSES:
+        found = [hit for s in scores for c, hit in s.sizes if c == name]
+        summary[f"lesions_{name}"] = len(found)
+        summary[f"detected_{name}"] = int(sum(found))
+        summary[f"recall_{name}"] = sum(found) / len(found) if found else NAN
+    errors = np.array([s.burden_error for s in scores], dtype=np.float64)
+    errors = errors[~np.isnan(errors)]
+    summary["tumor_burden_rmse"] = float(np.sqrt(np.mean(errors ** 2))) if errors.size else NAN
+    summary["tumor_burden_max_error"] = float(np.max(np.abs(errors))) if errors.size else NAN
+    summary["nan_tumor_burden"] = len(scores) - int(errors.size)
+    summary["extra_predictions"] = int(extra_predictions)
+    return summary
+
+
+def json_safe(value):
+    """NaN and infinities as None, so a file of results is strict JSON (null reads as "not applicable")."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,9 +553,10 @@ def pair_files(pred_dir: str | Path, gt_dir: str | Path) -> tuple[list[tuple[int
     return pairs, extra
 
 
-def load_pair(pred_path: Path, gt_path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+def load_pair(pred_path: Path, gt_path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...], int]:
     """Read a prediction and its ground truth in file voxel order, checking they share the voxel grid
-    and hold only labels 0, 1, 2. Returns (pred uint8, gt uint8, gt spacing in mm per array axis)."""
+    and hold only labels 0, 1, 2. Returns (pred uint8, gt uint8, gt spacing in mm per array axis,
+    the array axis nearest the patient's head-feet direction, across which the slices are axial)."""
     import nibabel as nib
 
     gt_img, gt = read_nifti(gt_path)
@@ -291,50 +573,31 @@ def load_pair(pred_path: Path, gt_path: Path) -> tuple[np.ndarray, np.ndarray, t
     gt = check_labels(np.asarray(gt), gt_path)
     pred = check_labels(np.asarray(pred), pred_path)
     spacing = tuple(float(z) for z in gt_img.header.get_zooms()[:3])
-    return pred, gt, spacing
+    world_axis = nib.io_orientation(gt_img.affine)[:, 0]  # array axis -> world axis (0 R-L, 1 A-P, 2 S-I)
+    axial_axis = int(np.flatnonzero(world_axis == 2)[0]) if (world_axis == 2).any() else 2
+    return pred, gt, spacing, axial_axis
 
 
 def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, *,
                      progress: bool = False) -> tuple[list[dict], dict]:
     """Score every ground-truth case in `gt_dir` against its prediction in `pred_dir`.
 
-    Returns (rows, summary). rows: one dict per case, sorted by case number, with `case` (int) and the
-    12 metric columns of `case_metrics`. summary: `cases`; `mean_<column>` (mean over the cases where the
-    value is not NaN; NaN if none) and `nan_<column>` (how many cases were left out) for each column;
-    `dice_global_liver`, `dice_global_tumor`; `tp`, `fp`, `fn` summed over cases;
-    `detection_precision`, `detection_recall`; `extra_predictions` (prediction files with no ground
+    Returns (rows, summary). rows: one dict per case, sorted by case number, with `case` (int), the 12
+    metric columns of `case_metrics` and `lesions_tp`, `lesions_fp`, `lesions_fn` (IoU > 0.5).
+    summary: `summarize` of the cases, with `extra_predictions` (prediction files with no ground
     truth, ignored)."""
     from tqdm import tqdm
 
     pairs, extra = pair_files(pred_dir, gt_dir)
-    rows, counts, detections = [], [], []
+    rows, scores = [], []
     # The context closes the bar (ending its line) before an error propagates, so the CLI's
     # `error:` line starts a line of its own.
     with tqdm(pairs, desc="evaluating", unit="case", disable=not progress, file=sys.stderr) as bar:
         for n, pred_path, gt_path in bar:
-            pred, gt, spacing = load_pair(pred_path, gt_path)
-            rows.append({"case": n, **case_metrics(pred, gt, spacing)})
-            counts.append(dice_counts(pred, gt))
-            detections.append(lesion_detection(pred, gt))
-    return rows, summarize(rows, counts, detections, extra_predictions=len(extra))
-
-
-def summarize(rows: Sequence[dict], counts: Sequence[dict], detections: Sequence[tuple[int, int, int]],
-              extra_predictions: int = 0) -> dict:
-    """The summary of `evaluate_folders` from its per-case rows, `dice_counts` and `lesion_detection`."""
-    summary: dict = {"cases": len(rows)}
-    for col in COLUMNS:
-        values = np.array([r[col] for r in rows], dtype=np.float64)
-        finite = ~np.isnan(values)
-        summary[f"mean_{col}"] = float(values[finite].mean()) if finite.any() else float("nan")
-        summary[f"nan_{col}"] = int((~finite).sum())
-    for region in REGIONS:
-        summary[f"dice_global_{region}"] = dice_global(counts, region)
-    tp, fp, fn = (int(sum(d[i] for d in detections)) for i in range(3))
-    summary.update(tp=tp, fp=fp, fn=fn)
-    summary["detection_precision"], summary["detection_recall"] = precision_recall(tp, fp, fn)
-    summary["extra_predictions"] = int(extra_predictions)
-    return summary
+            pred, gt, spacing, axial_axis = load_pair(pred_path, gt_path)
+            scores.append(score_case(pred, gt, spacing, axial_axis))
+            rows.append({"case": n, **scores[-1].row})
+    return rows, summarize(scores, extra_predictions=len(extra))
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,11 +605,11 @@ def summarize(rows: Sequence[dict], counts: Sequence[dict], detections: Sequence
 # --------------------------------------------------------------------------------------------
 
 def _fmt(v: float) -> str:
-    return "nan" if np.isnan(v) else f"{v:.4f}"
+    return "nan" if math.isnan(v) else f"{v:.4f}"
 
 
 def format_summary(summary: dict) -> str:
-    """A short table of the per-case means, the Dice global values and lesion detection."""
+    """A short table of the per-case means, Dice global, lesion detection and tumor burden."""
     n = summary["cases"]
     lines = [f"{n} case(s)   {'liver':>10} {'tumor':>10}   (mean over cases; NaN cases left out)"]
     for m in METRICS:
@@ -357,8 +620,19 @@ def format_summary(summary: dict) -> str:
         lines.append(f"{(m.upper() + unit):<11} {cells[0]:>10} {cells[1]:>10}{note}")
     lines.append(f"{'Dice global':<11} {_fmt(summary['dice_global_liver']):>10} "
                  f"{_fmt(summary['dice_global_tumor']):>10}")
-    lines.append(f"lesion detection (IoU > 0.5): TP {summary['tp']}, FP {summary['fp']}, FN {summary['fn']}, "
-                 f"precision {summary['detection_precision']:.4f}, recall {summary['detection_recall']:.4f}")
+    if math.isnan(summary["dice_global_tumor"]):
+        lines.append("note: no reference tumor in any case: tumor Dice and the other tumor metrics do not "
+                     "apply (nan)")
+    for label, s in (("IoU > 0.5", ""), ("IoU > 0  ", "_iou0")):
+        lines.append(f"lesion detection ({label}): TP {summary['lesions_tp' + s]}, FP {summary['lesions_fp' + s]}, "
+                     f"FN {summary['lesions_fn' + s]}, precision {_fmt(summary['detection_precision' + s])}, "
+                     f"recall {_fmt(summary['detection_recall' + s])}, F1 {_fmt(summary['detection_f1' + s])}")
+    lines.append(f"Dice of detected lesions: {_fmt(summary['lesion_dice_detected'])}")
+    lines.append("recall by largest axial diameter: " + ", ".join(
+        f"{name} {_fmt(summary['recall_' + name])} ({summary['detected_' + name]}/{summary['lesions_' + name]})"
+        for name, _, _ in SIZE_CLASSES))
+    lines.append(f"tumor burden error: RMSE {_fmt(summary['tumor_burden_rmse'])}, "
+                 f"max {_fmt(summary['tumor_burden_max_error'])}")
     return "\n".join(lines)
 
 
@@ -367,7 +641,8 @@ def rows_to_csv(rows: Sequence[dict]) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for r in rows:
-        writer.writerow([r["case"]] + [format(float(r[c]), ".8g") for c in COLUMNS])
+        writer.writerow([r["case"]] + [format(float(r[c]), ".8g") for c in COLUMNS]
+                        + [int(r[c]) for c in LESION_COLUMNS])
     return buf.getvalue()
 
 
@@ -379,22 +654,29 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="folder of ground-truth label volumes (segmentation-N.nii[.gz], labelsTr/liver_N.nii.gz)")
     parser.add_argument("--output", type=Path, default=None,
                         help="CSV file for the per-case metrics (default: none, print the summary only)")
+    parser.add_argument("--summary", type=Path, default=None,
+                        help="JSON file for every aggregate over cases, NaN written as null (default: none)")
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.output is not None and args.output.is_dir():
-        raise DataError(f"{args.output}: --output is a folder; expected a CSV file name")
+    for flag, path, kind in (("--output", args.output, "CSV"), ("--summary", args.summary, "JSON")):
+        if path is not None and path.is_dir():
+            raise DataError(f"{path}: {flag} is a folder; expected a {kind} file name")
     rows, summary = evaluate_folders(args.pred, args.gt, progress=True)
     if summary["extra_predictions"]:
         sys.stderr.write(f"note: {summary['extra_predictions']} prediction file(s) in {args.pred} have no "
                          f"ground truth and were ignored\n")
-    if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.output, rows_to_csv(rows))
+    for path, text in ((args.output, rows_to_csv(rows) if args.output else None),
+                       (args.summary, json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, text)
     print(format_summary(summary))
     if args.output is not None:
         print(f"per-case metrics: {args.output}")
+    if args.summary is not None:
+        print(f"summary: {args.summary}")
     return 0
 
 

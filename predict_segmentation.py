@@ -350,17 +350,11 @@ def slice_of_file(geom: Geometry, k: int, path: Path) -> int:
 
 
 def score(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> dict:
-    """LiTS metrics of a prediction against ground truth (both (Z, H, W) in slices order), plus lesion
-    detection counts. Non-finite distances (an empty mask) become None, so the report stays JSON."""
-    from evaluate import case_metrics, lesion_detection
-    metrics = dict(case_metrics(pred, truth, spacing))
-    tp, fp, fn = lesion_detection(pred, truth)
-    out = {}
-    for key, value in metrics.items():
-        value = float(value)
-        out[key] = value if math.isfinite(value) else None
-    out.update(lesions_tp=int(tp), lesions_fp=int(fp), lesions_fn=int(fn))
-    return out
+    """LiTS metrics of a prediction against ground truth (both (Z, H, W) in slices order, so axial is
+    axis 0), with lesion detection counts at IoU > 0.5: `evaluate.score_case`'s row. Non-finite values
+    (an empty mask) become None, so the report stays JSON."""
+    from evaluate import json_safe, score_case
+    return json_safe(score_case(pred, truth, spacing, axial_axis=0).row)
 
 
 # --------------------------------------------------------------------------------------------

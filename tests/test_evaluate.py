@@ -1,5 +1,6 @@
 """evaluate.py: hand-computed metrics, an independent brute-force reference, lesion matching, the CLI."""
 import csv
+import json
 import math
 import shutil
 import subprocess
@@ -95,7 +96,78 @@ def test_surface_distances_cubes_offset_by_one_voxel(axis):
 
 
 # --------------------------------------------------------------------------------------------
-# Empty masks
+# Surfaces: the 18-neighbourhood of the scorer, not the 6-neighbourhood
+# --------------------------------------------------------------------------------------------
+
+def offsets(n: int) -> list[tuple[int, int, int]]:
+    """The 6 (face) or 18 (face and edge) neighbour offsets of a voxel, listed from their definition."""
+    steps = [(a, b, c) for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1)]
+    return [o for o in steps if 1 <= sum(map(abs, o)) <= {6: 1, 18: 2}[n]]
+
+
+SIX, EIGHTEEN = offsets(6), offsets(18)
+
+
+def brute_surface(mask: np.ndarray, neighbours=EIGHTEEN) -> np.ndarray:
+    """Mask voxels with a neighbour outside the mask or outside the array, one voxel at a time."""
+    surf = np.zeros_like(mask)
+    for idx in zip(*np.nonzero(mask)):
+        for off in neighbours:
+            nb = tuple(i + o for i, o in zip(idx, off))
+            if any(n < 0 or n >= s for n, s in zip(nb, mask.shape)) or not mask[nb]:
+                surf[idx] = True
+                break
+    return surf
+
+
+def brute_region(p: np.ndarray, g: np.ndarray, spacing, neighbours=EIGHTEEN) -> dict:
+    """The scorer's definitions: nearest-neighbour distances between the two surfaces (cdist), pooled."""
+    n_p, n_g, inter = p.sum(), g.sum(), (p & g).sum()
+    pts_p = np.argwhere(brute_surface(p, neighbours)) * np.asarray(spacing)
+    pts_g = np.argwhere(brute_surface(g, neighbours)) * np.asarray(spacing)
+    d = cdist(pts_p, pts_g)  # mm
+    both = np.concatenate([d.min(axis=1), d.min(axis=0)])
+    return dict(dice=2 * inter / (n_p + n_g), voe=1 - inter / (n_p + n_g - inter), rvd=(n_p - n_g) / n_g,
+                assd=both.sum() / (len(pts_p) + len(pts_g)), mssd=both.max(),
+                rmsd=np.sqrt((both ** 2).sum() / (len(pts_p) + len(pts_g))))
+
+
+def notched_block() -> np.ndarray:
+    """A 4x4x4 block (inside a 6x6x6 array) with the 2x2 column x < 2, y < 2 cut out along z: 48 voxels."""
+    m = np.zeros((6, 6, 6), bool)
+    m[1:5, 1:5, 1:5] = True
+    m[1:3, 1:3, 1:5] = False
+    return m
+
+
+def test_surface_is_the_18_neighbourhood_by_hand():
+    m = notched_block()
+    assert m.sum() == 48
+    # Each voxel has a face or an edge neighbour outside: all 48 are on the 18-neighbourhood surface.
+    # Only (3, 3, 2) and (3, 3, 3) (block coordinates (2, 2, 1), (2, 2, 2)) have all six face
+    # neighbours inside; their edge neighbours (2, 2, z) lie in the notch.
+    assert evaluate.surface(m).sum() == 48
+    six = m & ~ndimage.binary_erosion(m, structure=ndimage.generate_binary_structure(3, 1), border_value=0)
+    assert six.sum() == 46 and not six[3, 3, 2] and not six[3, 3, 3]
+    np.testing.assert_array_equal(evaluate.surface(m), brute_surface(m, EIGHTEEN))
+    np.testing.assert_array_equal(six, brute_surface(m, SIX))
+
+
+def test_distances_use_the_18_neighbourhood_with_anisotropic_spacing():
+    spacing = (2.5, 0.7, 0.9)
+    g = notched_block()
+    p = np.zeros_like(g)
+    p[1:5, 1:5, 1:5] = True  # the block without the notch
+    got = evaluate.case_metrics(p.astype(np.uint8), g.astype(np.uint8), spacing)
+    ref18, ref6 = brute_region(p, g, spacing, EIGHTEEN), brute_region(p, g, spacing, SIX)
+    assert_metrics(got, {f"{k}_liver": float(v) for k, v in ref18.items()}, tol=1e-9)
+    # The two definitions differ here, so this case tells them apart.
+    assert abs(ref18["assd"] - ref6["assd"]) > 0.01 * ref18["assd"]
+    assert abs(ref18["rmsd"] - ref6["rmsd"]) > 0.01 * ref18["rmsd"]
+
+
+# --------------------------------------------------------------------------------------------
+# Empty masks and the Dice rules
 # --------------------------------------------------------------------------------------------
 
 def _liver_with_tumor(tumor: bool) -> np.ndarray:
@@ -131,6 +203,20 @@ def test_empty_prediction_nonempty_reference():
                        "assd_tumor": NAN, "mssd_tumor": NAN, "rmsd_tumor": NAN})
 
 
+def test_dice_rules_from_counts():
+    # Per case: both empty is a perfect 1, one empty is 0.
+    assert evaluate.dice_from_counts(0, 0, 0) == 1.0
+    assert evaluate.dice_from_counts(0, 5, 0) == 0.0 and evaluate.dice_from_counts(0, 0, 5) == 0.0
+    assert evaluate.dice_from_counts(3, 4, 5) == pytest.approx(6 / 9)
+    np.testing.assert_allclose(evaluate.dice_from_counts([0, 3], [0, 4], [0, 5]), [1.0, 6 / 9])
+    # A whole split: no reference at all means no Dice, even with predictions.
+    assert math.isnan(evaluate.pooled_dice(0, 0, 0)) and math.isnan(evaluate.pooled_dice(0, 7, 0))
+    assert evaluate.pooled_dice(0, 0, 5) == 0.0 and evaluate.pooled_dice(3, 4, 5) == pytest.approx(6 / 9)
+    # Mean over cases: (1 + 0 + 6/9) / 3 when some case has the region; NaN when none has.
+    assert evaluate.mean_case_dice([0, 0, 3], [0, 0, 4], [0, 5, 5]) == pytest.approx((1 + 0 + 6 / 9) / 3)
+    assert math.isnan(evaluate.mean_case_dice([0, 0], [0, 4], [0, 0]))
+
+
 def test_dice_counts_and_dice_global_by_hand():
     gt1, pred1 = _liver_with_tumor(True), _liver_with_tumor(False)  # liver 32 = 32; tumor |G| 8, |P| 0
     c1 = evaluate.dice_counts(pred1, gt1)
@@ -143,13 +229,47 @@ def test_dice_counts_and_dice_global_by_hand():
     # Tumor pooled: 2 * (0 + 7) / ((0 + 8) + (7 + 8)) = 14/23 (per-case mean would be (0 + 14/15)/2).
     assert evaluate.dice_global([c1, c2], "tumor") == pytest.approx(14 / 23)
     assert evaluate.dice_global([c1, c2], "liver") == 1.0
-    z = np.zeros((2, 2, 2), np.uint8)
-    assert evaluate.dice_global([evaluate.dice_counts(z, z)], "tumor") == 1.0
+    # No tumor in any reference: not applicable, whether or not one was predicted.
+    no_tumor = _liver_with_tumor(False)
+    assert math.isnan(evaluate.dice_global([evaluate.dice_counts(no_tumor, no_tumor)], "tumor"))
+    assert math.isnan(evaluate.dice_global([evaluate.dice_counts(_liver_with_tumor(True), no_tumor)], "tumor"))
+
+
+def test_tumor_burden_by_hand():
+    gt = np.zeros((2, 10, 10), np.uint8)
+    gt[0] = 1
+    gt[0, 0, :4] = 2            # 4 tumor of 100 liver (tumor included): 0.04
+    pred = np.zeros_like(gt)
+    pred[0, :5] = 1
+    pred[0, 0, :5] = 2          # 5 of 50: 0.1
+    assert evaluate.tumor_burden(gt) == pytest.approx(0.04) and evaluate.tumor_burden(pred) == pytest.approx(0.1)
+    assert evaluate.burden_error(pred, gt) == pytest.approx(-0.06)        # reference minus prediction
+    assert evaluate.burden_error(np.zeros_like(gt), gt) == pytest.approx(0.04)  # no liver predicted: burden 0
+    assert math.isnan(evaluate.burden_error(pred, np.zeros_like(gt)))     # no reference liver: undefined
+    scores = [evaluate.score_case(p, gt, (1.0, 1.0, 1.0), 0) for p in (pred, np.zeros_like(gt))]
+    scores.append(evaluate.score_case(pred, np.zeros_like(gt), (1.0, 1.0, 1.0), 0))
+    s = evaluate.summarize(scores)
+    assert s["tumor_burden_rmse"] == pytest.approx(math.sqrt((0.06 ** 2 + 0.04 ** 2) / 2))
+    assert s["tumor_burden_max_error"] == pytest.approx(0.06)  # of |e|: the over-estimate counts
+    assert s["nan_tumor_burden"] == 1
 
 
 # --------------------------------------------------------------------------------------------
-# Lesion detection
+# Lesion detection: labelling, merging, matching (the scorer's detect_lesions)
 # --------------------------------------------------------------------------------------------
+
+def detect(pred: np.ndarray, gt: np.ndarray, threshold: float = 0.5) -> tuple[int, int, int]:
+    match = evaluate.match_lesions(*evaluate.label_lesions(pred), *evaluate.label_lesions(gt))
+    return evaluate.detection_counts(match, threshold)
+
+
+def line(n: int, *spans: tuple[int, int]) -> np.ndarray:
+    """A 1x1xn volume with tumor (2) on the half-open spans given, liver (1) elsewhere."""
+    v = np.ones((1, 1, n), np.uint8)
+    for a, b in spans:
+        v[0, 0, a:b] = 2
+    return v
+
 
 def _lesion_case():
     gt = np.ones((3, 12, 12), np.uint8)
@@ -157,78 +277,223 @@ def _lesion_case():
     gt[0:2, 0:2, 0:2] = 2      # lesion A: 8 voxels
     pred[0:2, 0:2, 0:3] = 2    # A': 12 voxels, overlap 8 -> IoU 8/12 = 2/3 > 0.5: detected
     gt[0:2, 6:8, 6:8] = 2      # lesion B: 8 voxels
-    pred[0:2, 7:9, 7:9] = 2    # B': 8 voxels, overlap 2 -> IoU 2/14 = 1/7 < 0.5: not a match
+    pred[0:2, 7:9, 7:9] = 2    # B': 8 voxels, overlap 2 -> IoU 2/14 = 1/7: detected only at IoU > 0
     pred[2, 11, 0] = 2         # C: touches nothing: a false positive
     return pred, gt
 
 
 def test_lesion_detection_by_hand():
     pred, gt = _lesion_case()
-    # TP: A. FP: B' and C. FN: B.
-    assert evaluate.lesion_detection(pred, gt) == (1, 2, 1)
-    # At IoU > 0.1, B' matches B too.
-    assert evaluate.lesion_detection(pred, gt, iou_threshold=0.1) == (2, 1, 0)
-    assert evaluate.precision_recall(1, 2, 1) == (pytest.approx(1 / 3), 0.5)
+    assert detect(pred, gt) == (1, 2, 1)         # TP A; FP B' and C; FN B
+    assert detect(pred, gt, 0.0) == (2, 1, 0)    # B' overlaps B at all
+    assert evaluate.detection_rates(1, 2, 1) == (pytest.approx(1 / 3), 0.5, pytest.approx(2 / 5))
 
 
-def test_lesion_detection_is_one_to_one():
-    gt = np.zeros((1, 3, 9), np.uint8)
-    pred = np.zeros((1, 3, 9), np.uint8)
-    gt[0, 1, 0:4] = 2
-    gt[0, 1, 5:9] = 2          # two lesions of 4 voxels, one voxel apart
-    pred[0, 1, :] = 2          # one component of 9 covering both: IoU 4/9 with each
-    assert evaluate.lesion_detection(pred, gt, iou_threshold=0.3) == (1, 0, 1)
-    assert evaluate.lesion_detection(pred, gt) == (0, 1, 2)
+def test_one_prediction_spanning_two_lesions_is_one_detection():
+    # Reference lesions [0, 4) and [5, 9), one voxel apart; one prediction [0, 9) covers both.
+    # Both join the prediction's group: 8 voxels, overlap 8, union 9, IoU 8/9. One TP; the
+    # scorer counts FN = 2 reference lesions - 1 TP = 1 and FP = 1 - 1 = 0.
+    gt, pred = line(9, (0, 4), (5, 9)), line(9, (0, 9))
+    assert detect(pred, gt) == (1, 0, 1)
+    match = evaluate.match_lesions(*evaluate.label_lesions(pred), *evaluate.label_lesions(gt))
+    (pair,) = match.pairs
+    assert pair.ref_ids == (1, 2) and pair.pred_ids == (1,)
+    assert pair.iou == pytest.approx(8 / 9) and pair.dice == pytest.approx(16 / 17)
 
 
-def test_lesions_touching_diagonally_are_one_component():
+def test_one_lesion_predicted_in_two_pieces_is_one_detection():
+    # Reference [0, 9); predictions [0, 4) and [5, 9). Both pieces go to the one lesion and are merged:
+    # overlap 8, union 9, IoU 8/9: one TP; FP = 2 predicted lesions - 1 TP = 1 (the scorer's count).
+    gt, pred = line(9, (0, 9)), line(9, (0, 4), (5, 9))
+    assert detect(pred, gt) == (1, 1, 0)
+
+
+def test_prediction_goes_to_the_lesion_it_overlaps_most():
+    # g1 = [0, 3), g2 = [4, 24); p1 = [0, 10) overlaps g1 by 3 and g2 by 6; p2 = [11, 23) overlaps g2 by 12.
+    # g1's best prediction is p1, g2's is p2: no reference merge. p1 overlaps g2 (6) more than g1 (3), so
+    # p1 and p2 both go to g2 and are merged: overlap 18, union 20 + 22 - 18 = 24, IoU 3/4. g1 receives
+    # nothing: missed although p1 covers it. TP 1, FP 2 - 1, FN 2 - 1.
+    gt, pred = line(30, (0, 3), (4, 24)), line(30, (0, 10), (11, 23))
+    assert detect(pred, gt) == (1, 1, 1)
+    assert detect(pred, gt, 0.0) == (1, 1, 1)
+
+
+def test_lesions_touching_at_a_corner_or_an_edge_are_two():
     gt = np.zeros((2, 2, 2), np.uint8)
-    gt[0, 0, 0] = gt[1, 1, 1] = 2  # corner contact only: one lesion with 26-connectivity
-    assert evaluate.lesion_detection(gt, gt) == (1, 0, 0)
+    gt[0, 0, 0] = gt[1, 1, 1] = 2  # corner contact only
+    assert evaluate.label_lesions(gt)[1] == 2
+    edge = np.zeros((1, 2, 2), np.uint8)
+    edge[0, 0, 0] = edge[0, 1, 1] = 2  # edge contact only
+    assert evaluate.label_lesions(edge)[1] == 2
+    assert detect(gt, gt) == (2, 0, 0)
     half = np.zeros_like(gt)
-    half[0, 0, 0] = 2              # IoU 1/2 is not > 0.5
-    assert evaluate.lesion_detection(half, gt) == (0, 1, 1)
+    half[0, 0, 0] = 2
+    assert detect(half, gt) == (1, 0, 1)
+
+
+@pytest.mark.parametrize("end, iou, detected", [
+    (10, 10 / 20, False),  # half of it: IoU 0.5 exactly, not > 0.5
+    (11, 11 / 20, True),
+    (40, 20 / 40, False),  # all of it and as much again: 0.5
+    (39, 20 / 39, True),
+])
+def test_iou_just_under_and_just_over_one_half(end, iou, detected):
+    gt, pred = line(60, (0, 20)), line(60, (0, end))
+    match = evaluate.match_lesions(*evaluate.label_lesions(pred), *evaluate.label_lesions(gt))
+    (pair,) = match.pairs
+    assert pair.iou == pytest.approx(iou)
+    assert detect(pred, gt) == ((1, 0, 0) if detected else (0, 1, 1))
+    assert detect(pred, gt, 0.0) == (1, 0, 0)
 
 
 def test_detection_without_lesions():
     pred, gt = _lesion_case()
     none = np.ones_like(gt)
-    assert evaluate.lesion_detection(none, none) == (0, 0, 0)
-    assert evaluate.lesion_detection(pred, none) == (0, 3, 0)
-    assert evaluate.lesion_detection(none, gt) == (0, 0, 2)
-    assert evaluate.precision_recall(0, 0, 0) == (1.0, 1.0)  # nothing claimed, nothing missed
-    assert evaluate.precision_recall(0, 3, 0) == (0.0, 1.0)
-    assert evaluate.precision_recall(0, 0, 2) == (1.0, 0.0)
+    assert detect(none, none) == (0, 0, 0)
+    assert detect(pred, none) == (0, 3, 0)
+    assert detect(none, gt) == (0, 0, 2)
+    nan = (NAN, NAN, NAN)
+    for counts, expected in (((0, 0, 0), nan), ((0, 3, 0), (0.0, NAN, 0.0)), ((0, 0, 2), (NAN, 0.0, 0.0))):
+        for got, want in zip(evaluate.detection_rates(*counts), expected):
+            assert (math.isnan(got) and math.isnan(want)) or got == want, (counts, got, want)
+
+
+def scorer_procedure(pred: np.ndarray, gt: np.ndarray, threshold: float) -> tuple[int, int, int]:
+    """The scorer's detect_lesions, re-done from its description with a dense overlap matrix whose
+    columns (reference lesions) and rows (predictions) are merged in label order, and the IoU counted
+    on the merged masks themselves."""
+    pl, n_p = ndimage.label(pred == 2)
+    gl, n_g = ndimage.label(gt == 2)
+    p_list = [p for p in range(1, n_p + 1) if ((pl == p) & (gl > 0)).any()]
+    members = [[g] for g in range(1, n_g + 1)]
+    inter = np.array([[np.sum((pl == p) & (gl == g)) for g in range(1, n_g + 1)] for p in p_list],
+                     dtype=np.int64).reshape(len(p_list), n_g)
+    for i in range(len(p_list)):  # references spanned by prediction i, and best overlapped by it
+        cols = [j for j in np.flatnonzero(inter[i]) if np.argmax(inter[:, j]) == i]
+        if len(cols) > 1:
+            inter[:, cols[0]] = inter[:, cols].sum(axis=1)
+            members[cols[0]] = sum((members[j] for j in cols), [])
+            inter = np.delete(inter, cols[1:], axis=1)
+            members = [m for j, m in enumerate(members) if j not in cols[1:]]
+    kept = np.zeros_like(inter)
+    if len(p_list):
+        best = np.argmax(inter, axis=1)
+        kept[np.arange(len(p_list)), best] = inter[np.arange(len(p_list)), best]
+    tp = 0
+    for j, refs in enumerate(members):
+        rows = np.flatnonzero(kept[:, j])
+        if len(rows):
+            p_mask, g_mask = np.isin(pl, [p_list[r] for r in rows]), np.isin(gl, refs)
+            tp += int(kept[rows, j].sum() / np.sum(p_mask | g_mask) > threshold)
+    return tp, n_p - tp, n_g - tp
+
+
+def random_lesions(rng, shape) -> np.ndarray:
+    """Liver everywhere, tumor where smoothed noise is high: many lesions of all shapes."""
+    lab = np.ones(shape, np.uint8)
+    lab[ndimage.gaussian_filter(rng.standard_normal(shape), 1.0) > 0.25] = 2
+    return lab
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_detection_matches_the_scorer_procedure_on_random_lesions(seed):
+    rng = np.random.default_rng(seed)
+    shape = (8, 16, 16)
+    gt = random_lesions(rng, shape)
+    pred = gt.copy()
+    noise = ndimage.gaussian_filter(rng.standard_normal(shape), 1.0)
+    pred[noise > 0.2] = 1                                     # split and shrink lesions
+    pred[(noise < -0.3) | (random_lesions(rng, shape) == 2) & (noise < 0)] = 2  # grow, merge, add
+    n_g = evaluate.label_lesions(gt)[1]
+    assert n_g >= 3
+    for threshold in (0.5, 0.0):
+        assert detect(pred, gt, threshold) == scorer_procedure(pred, gt, threshold), threshold
+
+
+def test_predict_segmentation_scores_with_these_definitions():
+    import predict_segmentation
+    pred, gt = _lesion_case()
+    got = predict_segmentation.score(pred, gt, (2.5, 0.7, 0.7))
+    assert got == evaluate.json_safe(evaluate.score_case(pred, gt, (2.5, 0.7, 0.7), axial_axis=0).row)
+    assert (got["lesions_tp"], got["lesions_fp"], got["lesions_fn"]) == (1, 2, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Lesion size classes
+# --------------------------------------------------------------------------------------------
+
+def brute_diameters(ids: np.ndarray, num: int, spacing, axial_axis: int) -> list[float]:
+    """All pairs of voxel centres of a lesion in each axial slice, by cdist."""
+    out = []
+    for i in range(1, num + 1):
+        best = 0.0
+        for z in range(ids.shape[axial_axis]):
+            pts = np.argwhere(np.take(ids, z, axis=axial_axis) == i)
+            if len(pts) > 1:
+                sp = [s for ax, s in enumerate(spacing) if ax != axial_axis]
+                best = max(best, cdist(pts * sp, pts * sp).max())
+        out.append(best)
+    return out
+
+
+def test_size_classes_by_hand():
+    # Axial axis 0, 0.5 mm pixels: a row of n pixels spans (n - 1) * 0.5 mm.
+    gt = np.ones((25, 8, 50), np.uint8)
+    gt[1, 0, 0:20] = 2     # 9.5 mm: lt10mm
+    gt[1, 2, 0:21] = 2     # 10.0 mm: 10to20mm (10 and 20 belong to the middle class)
+    gt[1, 4, 0:41] = 2     # 20.0 mm: 10to20mm
+    gt[1, 6, 0:42] = 2     # 20.5 mm: gt20mm
+    gt[3:23, 7, 49] = 2    # 20 slices long (50 mm along z) but one pixel per slice: 0 mm, lt10mm
+    ids, n = evaluate.label_lesions(gt)
+    diameters = evaluate.largest_axial_diameters(ids, n, (2.5, 0.5, 0.5), axial_axis=0)
+    assert sorted(diameters.tolist()) == [0.0, 9.5, 10.0, 20.0, 20.5]
+    assert [evaluate.size_class(d) for d in (0.0, 9.5, 10.0, 20.0, 20.5)] == \
+        ["lt10mm", "lt10mm", "10to20mm", "10to20mm", "gt20mm"]
+    # Detect the 9.5 mm and the 20.5 mm lesions only.
+    pred = np.ones_like(gt)
+    pred[1, 0, 0:20] = pred[1, 6, 0:42] = 2
+    s = evaluate.summarize([evaluate.score_case(pred, gt, (2.5, 0.5, 0.5), axial_axis=0)])
+    assert (s["lesions_lt10mm"], s["detected_lt10mm"], s["recall_lt10mm"]) == (2, 1, 0.5)
+    assert (s["lesions_10to20mm"], s["detected_10to20mm"], s["recall_10to20mm"]) == (2, 0, 0.0)
+    assert (s["lesions_gt20mm"], s["detected_gt20mm"], s["recall_gt20mm"]) == (1, 1, 1.0)
+
+
+@pytest.mark.parametrize("axial_axis", [0, 2])
+def test_diameters_match_brute_force(axial_axis):
+    rng = np.random.default_rng(3)
+    gt = random_lesions(rng, (6, 14, 12))
+    ids, n = evaluate.label_lesions(gt)
+    spacing = (1.7, 0.6, 0.9)
+    np.testing.assert_allclose(evaluate.largest_axial_diameters(ids, n, spacing, axial_axis),
+                               brute_diameters(ids, n, spacing, axial_axis), atol=1e-12)
+
+
+def test_summary_of_detection_and_detected_lesion_dice():
+    pred1, gt1 = _lesion_case()                        # Dice of A: 2*8/(12+8) = 0.8
+    gt2, pred2 = line(9, (0, 4), (5, 9)), line(9, (0, 9))  # merged pair: 16/17
+    scores = [evaluate.score_case(pred1, gt1, (1.0, 1.0, 1.0), 0), evaluate.score_case(pred2, gt2, (1.0, 1.0, 1.0), 0)]
+    assert {k: scores[0].row[k] for k in evaluate.LESION_COLUMNS} == {"lesions_tp": 1, "lesions_fp": 2, "lesions_fn": 1}
+    s = evaluate.summarize(scores)
+    assert (s["lesions_reference"], s["lesions_predicted"]) == (4, 4)
+    assert (s["lesions_tp"], s["lesions_fp"], s["lesions_fn"]) == (2, 2, 2)
+    assert (s["lesions_tp_iou0"], s["lesions_fp_iou0"], s["lesions_fn_iou0"]) == (3, 1, 1)
+    assert s["detection_precision"] == s["detection_recall"] == s["detection_f1"] == 0.5
+    assert s["detection_recall_iou0"] == pytest.approx(0.75)
+    assert s["lesion_dice_detected"] == pytest.approx((0.8 + 16 / 17) / 2)
+    # No lesion detected anywhere: 0 (something was there); no reference lesion anywhere: not applicable.
+    missed = evaluate.summarize([evaluate.score_case(np.ones_like(gt1), gt1, (1.0, 1.0, 1.0), 0)])
+    assert missed["lesion_dice_detected"] == 0.0 and missed["detection_recall"] == 0.0
+    clean = evaluate.summarize([evaluate.score_case(pred1, np.ones_like(gt1), (1.0, 1.0, 1.0), 0)])
+    assert math.isnan(clean["lesion_dice_detected"]) and math.isnan(clean["detection_recall"])
+    assert clean["detection_precision"] == 0.0
+    # ... and no tumor Dice of any kind.
+    assert math.isnan(clean["dice_global_tumor"]) and math.isnan(clean["mean_dice_tumor"])
+    assert clean["nan_dice_tumor"] == 1 and clean["mean_dice_liver"] == 1.0
 
 
 # --------------------------------------------------------------------------------------------
 # Against an independent brute-force computation
 # --------------------------------------------------------------------------------------------
-
-SIX = [(1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1)]
-
-
-def brute_surface(mask: np.ndarray) -> np.ndarray:
-    """Mask voxels with a face neighbour outside the mask or outside the array, one voxel at a time."""
-    surf = np.zeros_like(mask)
-    for idx in zip(*np.nonzero(mask)):
-        for off in SIX:
-            nb = tuple(i + o for i, o in zip(idx, off))
-            if any(n < 0 or n >= s for n, s in zip(nb, mask.shape)) or not mask[nb]:
-                surf[idx] = True
-                break
-    return surf
-
-
-def brute_region(p: np.ndarray, g: np.ndarray, spacing) -> dict:
-    n_p, n_g, inter = p.sum(), g.sum(), (p & g).sum()
-    pts_p = np.argwhere(brute_surface(p)) * np.asarray(spacing)
-    pts_g = np.argwhere(brute_surface(g)) * np.asarray(spacing)
-    d = cdist(pts_p, pts_g)  # mm
-    both = np.concatenate([d.min(axis=1), d.min(axis=0)])
-    return dict(dice=2 * inter / (n_p + n_g), voe=1 - inter / (n_p + n_g - inter), rvd=(n_p - n_g) / n_g,
-                assd=both.mean(), mssd=both.max(), rmsd=np.sqrt((both ** 2).mean()))
-
 
 def random_labels(rng, shape, shift=(0, 0, 0)) -> np.ndarray:
     """Liver and tumor blobs from thresholded smoothed noise; they reach the volume's faces."""
@@ -269,15 +534,15 @@ def test_crop_gives_the_same_distances_as_no_crop():
     p[-3:, -2:, -3:] = rng.random((3, 2, 3)) > 0.3
     p[6:9, 4:6, 3:6] = True
     g[0, 0, 0] = p[-1, -1, -1] = True
-    d_crop = np.sort(evaluate._surface_distances(p, g, spacing, crop=True))
-    d_full = np.sort(evaluate._surface_distances(p, g, spacing, crop=False))
+    d_crop = np.sort(evaluate.surface_distances(p, g, spacing, crop=True))
+    d_full = np.sort(evaluate.surface_distances(p, g, spacing, crop=False))
     np.testing.assert_allclose(d_crop, d_full, atol=1e-12)
     # And an interior pair whose padded box does not touch the border.
     g2, p2 = np.zeros((12, 10, 8), bool), np.zeros((12, 10, 8), bool)
     g2[4:7, 3:6, 2:5] = True
     p2[5:8, 3:5, 3:6] = True
-    np.testing.assert_allclose(np.sort(evaluate._surface_distances(p2, g2, spacing, crop=True)),
-                               np.sort(evaluate._surface_distances(p2, g2, spacing, crop=False)), atol=1e-12)
+    np.testing.assert_allclose(np.sort(evaluate.surface_distances(p2, g2, spacing, crop=True)),
+                               np.sort(evaluate.surface_distances(p2, g2, spacing, crop=False)), atol=1e-12)
     ref = brute_region(p, g, spacing)
     got = evaluate.case_metrics(p.astype(np.uint8), g.astype(np.uint8), spacing)
     assert_metrics(got, {f"{k}_liver": float(v) for k, v in ref.items()}, tol=1e-6)
@@ -316,17 +581,19 @@ def test_cli_perfect_predictions(folders, tmp_path):
     res = subprocess.run([sys.executable, "evaluate.py", "--pred", str(pred_dir), "--gt", str(gt_dir),
                           "--output", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert "precision 1.0000, recall 1.0000" in res.stdout
+    assert "precision 1.0000, recall 1.0000, F1 1.0000" in res.stdout
     assert "Dice global" in res.stdout
     with open(out, newline="") as fh:
         rows = list(csv.reader(fh))
     assert rows[0] == ["case", "dice_liver", "voe_liver", "rvd_liver", "assd_liver", "mssd_liver", "rmsd_liver",
-                       "dice_tumor", "voe_tumor", "rvd_tumor", "assd_tumor", "mssd_tumor", "rmsd_tumor"]
+                       "dice_tumor", "voe_tumor", "rvd_tumor", "assd_tumor", "mssd_tumor", "rmsd_tumor",
+                       "lesions_tp", "lesions_fp", "lesions_fn"]
     assert [r[0] for r in rows[1:]] == ["0", "1", "2"]
     for r in rows[1:]:
         values = dict(zip(rows[0][1:], map(float, r[1:])))
         assert values["dice_liver"] == values["dice_tumor"] == 1.0
-        assert all(v == 0.0 for k, v in values.items() if not k.startswith("dice"))
+        assert all(v == 0.0 for k, v in values.items() if not k.startswith("dice") and not k.startswith("lesions"))
+        assert values["lesions_tp"] >= 1 and values["lesions_fp"] == values["lesions_fn"] == 0
     assert sorted(p.name for p in out.parent.iterdir()) == ["metrics.csv"]  # no temporary left over
 
 
@@ -338,7 +605,7 @@ def test_degraded_prediction(folders, capsys):
     bad[bad == 2] = 1                                                  # every lesion missed
     bad[ndimage.binary_erosion(bad >= 1) ^ (bad >= 1)] = 0             # liver one voxel too thin
     save_labels(pred_dir / PRED_NAMES[1].format(1), bad, img.affine)
-    lesions_1 = evaluate.lesion_detection(gt, gt)[0]
+    lesions_1 = evaluate.label_lesions(gt)[1]
     counts = []
     for i in range(3):
         g = read_labels(gt_dir / f"segmentation-{i}.nii")[0]
@@ -352,19 +619,53 @@ def test_degraded_prediction(folders, capsys):
     assert_metrics(r1, {"dice_tumor": 0.0, "voe_tumor": 1.0, "rvd_tumor": -1.0, "assd_tumor": NAN})
     assert rows[0]["dice_tumor"] == rows[2]["dice_tumor"] == 1.0
     assert summary["cases"] == 3
+    assert (r1["lesions_tp"], r1["lesions_fp"], r1["lesions_fn"]) == (0, 0, lesions_1)
     assert summary["nan_assd_tumor"] == 1 and summary["mean_assd_tumor"] == 0.0  # the NaN left out
     assert summary["mean_dice_tumor"] == pytest.approx(2 / 3)
     assert summary["dice_global_liver"] == pytest.approx(evaluate.dice_global(counts, "liver"))
     assert summary["dice_global_liver"] < 1.0
-    assert summary["fn"] == lesions_1 and summary["fp"] == 0
+    assert summary["lesions_fn"] == lesions_1 and summary["lesions_fp"] == 0
     assert summary["detection_precision"] == 1.0
-    assert summary["detection_recall"] == pytest.approx(summary["tp"] / (summary["tp"] + lesions_1))
+    assert summary["detection_recall"] == pytest.approx(summary["lesions_tp"] / (summary["lesions_tp"] + lesions_1))
+    assert summary["lesion_dice_detected"] == 1.0  # the lesions of cases 0 and 2, found exactly
+    assert summary["tumor_burden_max_error"] == pytest.approx(evaluate.tumor_burden(gt))  # case 1: burden 0
 
     rc = evaluate.run_cli(evaluate.main, evaluate.get_args_parser(),
                           ["--pred", str(pred_dir), "--gt", str(gt_dir)])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "left out: liver 0, tumor 1" in printed and f"FN {lesions_1}" in printed
+
+
+def test_summary_json_holds_every_aggregate(folders, tmp_path):
+    pred_dir, gt_dir = folders
+    out = tmp_path / "out" / "summary.json"
+    rc = evaluate.run_cli(evaluate.main, evaluate.get_args_parser(),
+                          ["--pred", str(pred_dir), "--gt", str(gt_dir), "--summary", str(out)])
+    assert rc == 0
+    saved = json.loads(out.read_text())
+    _, summary = evaluate.evaluate_folders(pred_dir, gt_dir)
+    assert saved == evaluate.json_safe(summary)
+    for key in ("dice_global_tumor", "mean_assd_liver", "lesions_tp_iou0", "detection_f1", "lesion_dice_detected",
+                "recall_lt10mm", "tumor_burden_rmse", "tumor_burden_max_error"):
+        assert key in saved, key
+    assert sorted(p.name for p in out.parent.iterdir()) == ["summary.json"]
+
+
+def test_liver_only_data_has_no_tumor_dice(tmp_path, capsys):
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    pred_dir.mkdir()
+    for i in range(2):
+        _, seg = dataset.write_phantom_case(gt_dir, i, size=32, seed=1, num_tumors=0)
+        shutil.copy(seg, pred_dir / f"prediction-{i}.nii")
+    rc = evaluate.run_cli(evaluate.main, evaluate.get_args_parser(),
+                          ["--pred", str(pred_dir), "--gt", str(gt_dir), "--summary", str(tmp_path / "s.json")])
+    assert rc == 0
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert saved["dice_global_liver"] == saved["mean_dice_liver"] == 1.0
+    for key in ("dice_global_tumor", "mean_dice_tumor", "detection_recall", "lesion_dice_detected"):
+        assert saved[key] is None, key  # NaN, written as null: not applicable
+    assert "no reference tumor in any case" in capsys.readouterr().out
 
 
 def test_pairs_msd_layout_and_ignores_volumes(tmp_path):
@@ -386,6 +687,11 @@ def test_pairs_msd_layout_and_ignores_volumes(tmp_path):
     assert [p.name for p in extra] == ["prediction-99.nii.gz"]
     rows, summary = evaluate.evaluate_folders(pred_dir, root)
     assert [r["dice_liver"] for r in rows] == [1.0, 1.0] and summary["extra_predictions"] == 1
+    # The slices are axial across the array axis that runs head to foot, wherever the affine puts it.
+    assert evaluate.load_pair(pred_dir / "liver_3.nii.gz", root / "labelsTr" / "liver_3.nii.gz")[3] == 2
+    tilted = np.array([[0, 0, 2.5, 0], [0, 0.8, 0, 0], [0.8, 0, 0, 0], [0, 0, 0, 1]])
+    save_labels(tmp_path / "a.nii.gz", lab, tilted)
+    assert evaluate.load_pair(tmp_path / "a.nii.gz", tmp_path / "a.nii.gz")[3] == 0
 
 
 def _missing(pred_dir, gt_dir):
@@ -460,3 +766,13 @@ def test_cli_error_in_a_real_process(folders, tmp_path):
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "prediction-0.nii" in errors[0] and "Traceback" not in res.stderr
     assert not out.exists()
+
+
+def test_summary_path_that_is_a_folder_exits_2(folders, tmp_path, capsys):
+    pred_dir, gt_dir = folders
+    rc = evaluate.run_cli(evaluate.main, evaluate.get_args_parser(),
+                          ["--pred", str(pred_dir), "--gt", str(gt_dir), "--output", str(tmp_path / "m.csv"),
+                           "--summary", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--summary is a folder" in err and "Traceback" not in err
+    assert not (tmp_path / "m.csv").exists()
