@@ -11,7 +11,11 @@ Metric rules, stated once:
 - Regions follow the LiTS scorer: liver = label >= 1 (liver and tumor together), tumor = label 2.
 - Dice is accumulated over every pixel of the epoch (sum of intersections over sum of sizes),
   not averaged over batches or slices, so empty tumor slices neither inflate nor deflate it.
-- Empty masks: when prediction and reference are both empty, Dice is 1; when only one is, Dice is 0.
+- Empty masks, the rules of `evaluate.py` (one definition for training and evaluation): a split whose
+  reference has none of a region (e.g. liver-only data: no tumor in any validation patient) gets NaN
+  for that region's Dice, "not applicable", never 1.0 (`evaluate.pooled_dice`); per test case, both
+  empty is 1 and one empty is 0 (`evaluate.dice_from_counts`), and the mean over cases is NaN when no
+  case has the region (`evaluate.mean_case_dice`).
 - Background is never part of a reported Dice.
 """
 from __future__ import annotations
@@ -28,6 +32,7 @@ from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryConf
                                          BinaryRecall, BinaryROC, BinarySpecificity, MulticlassAccuracy)
 
 from dataset import CLS_CLASSES, SEG_CLASSES, WINDOW_HU
+from evaluate import dice_from_counts, mean_case_dice, pooled_dice
 from unet import UNet
 from vgg16 import VGG16, load_imagenet_weights
 
@@ -37,13 +42,6 @@ REGIONS = ("liver", "tumor")
 def region_masks(labels: torch.Tensor) -> torch.Tensor:
     """Labels (N, H, W) in {0, 1, 2} -> boolean regions (N, 2, H, W): [liver (>= 1), tumor (== 2)]."""
     return torch.stack([labels >= 1, labels == 2], dim=1)
-
-
-def dice_from_counts(inter: torch.Tensor, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Dice = 2|P∩T| / (|P| + |T|); 1 where both are empty (nothing to find, nothing found)."""
-    total = pred + target
-    return torch.where(total > 0, 2 * inter.double() / total.clamp(min=1).double(),
-                       torch.ones_like(total, dtype=torch.float64))
 
 
 class RegionDice(Metric):
@@ -70,9 +68,23 @@ class RegionDice(Metric):
                              (self.target_sum, t.sum((2, 3)))):
             state.index_add_(0, groups, value.to(torch.int64))
 
+    def _counts(self):
+        return (t.detach().cpu().numpy() for t in (self.inter, self.pred_sum, self.target_sum))
+
     def compute(self) -> torch.Tensor:
-        dice = dice_from_counts(self.inter, self.pred_sum, self.target_sum).float()
+        """Per group: each group's Dice by the per-case rule. Without groups: the split's pooled Dice,
+        NaN for a region absent from the whole reference."""
+        rule = dice_from_counts if self.per_group else pooled_dice
+        dice = torch.as_tensor(rule(*self._counts()), dtype=torch.float32, device=self.inter.device)
         return dice if self.per_group else dice[0]
+
+    def mean_over_groups(self) -> torch.Tensor:
+        """(2,) [liver, tumor]: the mean over groups of the per-group Dice, NaN for a region no group's
+        reference has."""
+        with self.sync_context():  # compute() syncs across processes by itself; this needs it said
+            inter, pred, target = self._counts()
+        return torch.tensor([mean_case_dice(inter[:, r], pred[:, r], target[:, r]) for r in range(2)],
+                            dtype=torch.float32, device=self.inter.device)
 
 
 def soft_region_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
@@ -285,8 +297,8 @@ class LitSegmenter(_Base):
         if self.case_dice is not None and self._test_case_ids:
             per_case = self.case_dice.compute().cpu()  # (cases, 2)
             self.per_case_dice = {cid: (float(d[0]), float(d[1])) for cid, d in zip(self._test_case_ids, per_case)}
-            self.log_dict({"test/dice_liver_per_case": per_case[:, 0].mean(),
-                           "test/dice_tumor_per_case": per_case[:, 1].mean()})
+            mean = self.case_dice.mean_over_groups()
+            self.log_dict({"test/dice_liver_per_case": mean[0], "test/dice_tumor_per_case": mean[1]})
         self.case_dice = None
 
     def _log_overlays(self) -> None:

@@ -39,24 +39,34 @@ def test_region_dice_pools_over_batches_not_mean_of_batches():
     assert m.compute()[1].item() == pytest.approx(4 / 6)
 
 
-def test_empty_mask_rules():
-    assert dice_from_counts(torch.tensor(0), torch.tensor(0), torch.tensor(0)).item() == 1.0  # both empty
-    assert dice_from_counts(torch.tensor(0), torch.tensor(5), torch.tensor(0)).item() == 0.0  # false positive
-    assert dice_from_counts(torch.tensor(0), torch.tensor(0), torch.tensor(5)).item() == 0.0  # missed
+def test_empty_mask_rules_are_evaluate_py_rules():
+    import evaluate
+    assert dice_from_counts is evaluate.dice_from_counts  # one definition, not a copy
     m = RegionDice()
     m.update(labels([[[0, 1]]]), labels([[[0, 1]]]))  # no tumor anywhere, none predicted
-    assert m.compute().tolist() == [1.0, 1.0]
+    liver, tumor = m.compute().tolist()
+    assert liver == 1.0 and np.isnan(tumor)  # no tumor in the split's reference: not applicable, not 1.0
+    m.update(labels([[[2, 0]]]), labels([[[1, 0]]]))  # a tumor predicted, still none in the reference
+    assert np.isnan(m.compute()[1].item())
+    m.update(labels([[[0, 0]]]), labels([[[2, 0]]]))  # now one is missed: Dice 0
+    assert m.compute()[1].item() == 0.0
 
 
 def test_region_dice_per_group():
-    m = RegionDice(num_groups=2)
-    pred = labels([[[1, 1]], [[2, 0]]])
-    true = labels([[[1, 0]], [[2, 0]]])
-    m.update(pred, true, torch.tensor([0, 1]))
+    m = RegionDice(num_groups=3)
+    pred = labels([[[1, 1]], [[2, 0]], [[1, 0]]])
+    true = labels([[[1, 0]], [[2, 0]], [[1, 0]]])
+    m.update(pred, true, torch.tensor([0, 1, 2]))
     d = m.compute()
-    assert d.shape == (2, 2)
-    assert d[0].tolist() == pytest.approx([2 / 3, 1.0])  # case 0: liver 2*1/(2+1); tumor both empty
+    assert d.shape == (3, 2)
+    assert d[0].tolist() == pytest.approx([2 / 3, 1.0])  # case 0: liver 2*1/(2+1); tumor both empty: 1
     assert d[1].tolist() == pytest.approx([1.0, 1.0])
+    # The mean over cases: liver (2/3 + 1 + 1) / 3; tumor (1 + 1 + 1) / 3, as the scorer's per-case mean.
+    assert m.mean_over_groups().tolist() == pytest.approx([8 / 9, 1.0])
+    none = RegionDice(num_groups=2)
+    none.update(labels([[[1, 2]], [[1, 0]]]), labels([[[1, 1]], [[1, 0]]]), torch.tensor([0, 1]))
+    liver, tumor = none.mean_over_groups().tolist()
+    assert liver == pytest.approx(1.0) and np.isnan(tumor)  # no case has tumor: no tumor Dice
 
 
 def test_region_dice_matches_independent_numpy_on_random_labels():
