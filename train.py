@@ -4,7 +4,8 @@
     python train.py --task classification --data-dir /data/LiTS    # the real thing
     tensorboard --logdir runs
 
-A run writes, under --output-dir (default runs/<task>): checkpoints/best.ckpt and last.ckpt,
+A run writes, under --output-dir (default runs/<task>): checkpoints/best.ckpt and last.ckpt (see
+`checkpoint_callbacks`),
 TensorBoard logs in tensorboard/version_N/ (one per run), splits.json (the patient-level split), test_metrics.json; and the
 curves as PNG into --graphs-dir (default Graphs_Classification/ or Graphs_Segmentation/).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -22,9 +24,11 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_info
 
 import dataset
 from dataset import CLS_CLASSES, SEG_CLASSES, WINDOW_HU, DataError, atomic_write_text, run_cli, write_synthetic_lits
+from evaluate import json_safe
 from lit_model import LitClassifier, LitSegmenter, overlay
 
 matplotlib.use("Agg")  # files only, never a window
@@ -177,6 +181,66 @@ def check_resume(path: Path, task: str) -> None:
                         f"expected a .ckpt written by train.py") from None
     if found != task:
         raise DataError(f"{path}: a {found} checkpoint; expected a {task} checkpoint for --task {task}")
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """best.ckpt: the epoch with the highest `monitor` (save_top_k=1, mode max).
+
+    A tie with the best so far goes to the epoch with the lower `tiebreak` (validation loss); on equal
+    loss the earlier epoch stays. Epochs where the monitor is NaN tie with each other: with no tumor in
+    the validation reference, val/dice_tumor is NaN ("not applicable") in every epoch, and best.ckpt
+    falls back to the lowest validation loss. A number always beats NaN."""
+
+    def __init__(self, *args, tiebreak: str = "val/loss", **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.save_top_k != 1 or self.mode != "max":
+            raise ValueError(f"BestCheckpoint keeps one best (save_top_k=1, mode max); got "
+                             f"save_top_k={self.save_top_k}, mode {self.mode}")
+        self.tiebreak = tiebreak
+        self.best_tiebreak = math.inf
+        self._nan_noted = False
+
+    def check_monitor_top_k(self, trainer: pl.Trainer, current: torch.Tensor | None = None) -> bool:
+        if current is not None and torch.isnan(current) and not self._nan_noted:
+            self._nan_noted = True
+            rank_zero_info(f"note: {self.monitor} is nan (not applicable: the validation reference has none of "
+                           f"that region); best.ckpt goes by the lowest {self.tiebreak} among such epochs")
+        if current is None or not self.best_k_models:
+            return super().check_monitor_top_k(trainer, current)
+        best = self.best_k_models[self.kth_best_model_path]
+        # Lightning stores a NaN best as -inf (mode max), which no Dice can be.
+        tie = bool(current == best) or bool(torch.isnan(current) and torch.isneginf(best))
+        if not tie:
+            return super().check_monitor_top_k(trainer, current)
+        loss = trainer.callback_metrics.get(self.tiebreak)
+        better = loss is not None and float(loss) < self.best_tiebreak
+        return trainer.strategy.reduce_boolean_decision(bool(better))
+
+    def _update_best_and_save(self, current, trainer, monitor_candidates) -> None:
+        loss = monitor_candidates.get(self.tiebreak)
+        self.best_tiebreak = float(loss) if loss is not None else math.inf
+        super()._update_best_and_save(current, trainer, monitor_candidates)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "best_tiebreak": self.best_tiebreak}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self.best_tiebreak = float(state_dict.get("best_tiebreak", math.inf))
+
+
+def checkpoint_callbacks(task: str, dirpath: Path) -> tuple[BestCheckpoint, ModelCheckpoint]:
+    """(best, last). best.ckpt: see `BestCheckpoint`; it monitors val/dice_tumor (segmentation) or
+    val/auroc (classification). last.ckpt: rewritten at the end of every training epoch (after its
+    validation), whatever best.ckpt does, so after a run it holds the end of training, and a killed run
+    resumes from its last finished epoch. (Lightning's own `save_last` writes only when a monitored
+    checkpoint is written, which left last.ckpt at the best epoch.)"""
+    monitor = "val/auroc" if task == "classification" else "val/dice_tumor"
+    best = BestCheckpoint(dirpath=dirpath, filename="best", monitor=monitor, mode="max", save_top_k=1,
+                          auto_insert_metric_name=False, enable_version_counter=False)
+    last = ModelCheckpoint(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
+                           enable_version_counter=False)
+    return best, last
 
 
 class Throughput(pl.Callback):
@@ -343,16 +407,14 @@ def main(args: argparse.Namespace) -> dict:
         output_dir=out, oversample_tumor=args.oversample_tumor, min_tumor_pixels=args.min_tumor_pixels)
     model = build_model(args)
     model.set_speed(channels_last=args.channels_last, compile=args.compile)
-    monitor = "val/auroc" if args.task == "classification" else "val/dice_tumor"
-    checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=monitor, mode="max",
-                                 save_top_k=1, save_last=True, auto_insert_metric_name=False,
-                                 enable_version_counter=False)
+    # Listed best first: Lightning runs checkpoint callbacks in order, so last.ckpt holds best's updated state.
+    checkpoint, last_checkpoint = checkpoint_callbacks(args.task, out / "checkpoints")
     logger = TensorBoardLogger(save_dir=str(out), name="tensorboard", version=log_version(out / "tensorboard", args.resume),
                                default_hp_metric=False)
     trainer = pl.Trainer(
         accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy,
         precision=args.precision, max_epochs=args.max_epochs, max_time=args.max_time, logger=logger,
-        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), Throughput()],
+        callbacks=[checkpoint, last_checkpoint, LearningRateMonitor(logging_interval="step"), Throughput()],
         fast_dev_run=args.fast_dev_run, log_every_n_steps=5, deterministic="warn" if args.accelerator != "cpu" else True,
         default_root_dir=str(out))
     started = time.perf_counter()
@@ -369,7 +431,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.task == "segmentation":
         summary["test_per_case_dice"] = {cid: {"liver": d[0], "tumor": d[1]} for cid, d in model.per_case_dice.items()}
     if trainer.is_global_zero:
-        atomic_write_text(out / "test_metrics.json", json.dumps(summary, indent=2))
+        atomic_write_text(out / "test_metrics.json", json.dumps(json_safe(summary), indent=2, allow_nan=False))
         if not args.fast_dev_run:
             draw_graphs(args.task, Path(logger.log_dir), args.graphs_dir, model, dm, synthetic)
         print_summary(summary)
@@ -382,6 +444,10 @@ def print_summary(summary: dict) -> None:
              f"  best checkpoint: {summary['checkpoint']}", f"  TensorBoard:     tensorboard --logdir {summary['tensorboard']}",
              f"  graphs:          {summary['graphs']}/", "  test metrics (held-out patients):"]
     lines += [f"    {k:28s} {v:.4f}" for k, v in sorted(summary["test"].items())]
+    absent = [k for k, v in sorted(summary["test"].items()) if "dice" in k and math.isnan(v)]
+    if absent:
+        lines.append(f"  note: {', '.join(absent)} not applicable (nan): the test patients' reference has none "
+                     f"of that region, and a Dice of nothing against nothing is no score")
     sys.stdout.write("\n".join(lines) + "\n")
 
 

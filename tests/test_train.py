@@ -1,15 +1,18 @@
 """train.py end to end on tiny phantoms written as real NIfTI files: fast_dev_run, learning, resume,
 reproducibility, DDP on two CPU processes, the PNG graphs and bad input."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import dataset
 import train
+from lit_model import LitSegmenter, RegionDice
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,6 +101,7 @@ def test_resume_ends_where_an_uninterrupted_run_would(tiny_data, tmp_path):
     resumed = train.main(run_args(tiny_data, out, "segmentation", "--max-epochs", "2",
                                   "--resume", str(out / "checkpoints" / "last.ckpt")))
     assert resumed["epochs"] == full["epochs"] == 2
+    assert ckpt_epoch(out / "checkpoints" / "last.ckpt") == 1  # a finished run, continued to its new end
     assert resumed["split"] == full["split"]
     assert len(_epoch_losses(resumed)) == 2  # one set of curves across the interruption
     assert Path(resumed["tensorboard"]).name == "version_0"
@@ -132,29 +136,112 @@ def test_ddp_on_two_cpu_processes(tiny_data, tmp_path):
     assert (out / "graphs" / "val_dice.png").is_file()
 
 
-def test_killed_run_resumes_to_the_same_end(tiny_data, tmp_path):
-    """SIGKILL mid-run (no chance to clean up), then --resume from last.ckpt: the run ends after the
-    requested epochs with the same split, and its curves cover every epoch once."""
-    import os
+class ScriptedDice(RegionDice):
+    """Validation Dice whose tumor value follows a script, one value per epoch, so a test knows which
+    epochs are best; the liver value is the real one."""
+
+    def __init__(self, script: list[float], epoch):
+        super().__init__()
+        self.script, self.epoch = script, epoch
+
+    def compute(self) -> torch.Tensor:
+        real = super().compute()
+        return torch.stack([real[0], torch.tensor(self.script[self.epoch()], dtype=real.dtype)])
+
+
+class ScriptedSegmenter(LitSegmenter):
+    """LitSegmenter with val/dice_tumor read from $SCRIPTED_VAL_DICE ("0.2,0.6,...") and the epochs it
+    trains recorded in `trained_epochs`."""
+
+    trained_epochs: list[int] = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        script = [float(v) for v in os.environ["SCRIPTED_VAL_DICE"].split(",")]
+        self.val_dice = ScriptedDice(script, lambda: self.current_epoch)
+
+    def on_train_epoch_start(self):
+        ScriptedSegmenter.trained_epochs.append(self.current_epoch)
+
+
+def scripted(monkeypatch, script: str) -> list[int]:
+    monkeypatch.setenv("SCRIPTED_VAL_DICE", script)
+    monkeypatch.setattr(train, "LitSegmenter", ScriptedSegmenter)
+    ScriptedSegmenter.trained_epochs.clear()
+    return ScriptedSegmenter.trained_epochs
+
+
+def ckpt_epoch(path: Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=True)["epoch"]
+
+
+# train.py with the scripted segmenter, in a process of its own (so it can be killed).
+SCRIPTED_TRAIN = ("import sys, train, tests.test_train as t; train.LitSegmenter = t.ScriptedSegmenter; "
+                  "sys.exit(train.run_cli(train.main, train.get_args_parser()))")
+
+
+def test_killed_after_its_best_epoch_resumes_from_its_last(tiny_data, tmp_path, monkeypatch):
+    """SIGKILL (no chance to clean up) after the best epoch (1) and at least one worse one, then --resume
+    from last.ckpt: training goes on from the last finished epoch, not from the best, ends after the
+    requested epochs with the same split, best.ckpt stays the best, and the curves cover every epoch once."""
     import signal
     import time
     out = tmp_path / "killed"
     args = ["--task", "segmentation", "--data-dir", str(tiny_data), "--output-dir", str(out),
             "--cache-dir", str(tmp_path / "cache"), "--graphs-dir", str(out / "graphs"), "--image-size", "32",
-            "--base-width", "4", "--batch-size", "4", "--num-workers", "0", "--max-epochs", "3",
+            "--base-width", "4", "--batch-size", "8", "--num-workers", "0", "--max-epochs", "5",
             "--accelerator", "cpu"]
-    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    last = out / "checkpoints" / "last.ckpt"
+    script = "0.2,0.6,0.1,0.1,0.1"
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPTED_TRAIN, *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "SCRIPTED_VAL_DICE": script})
+    last, best = out / "checkpoints" / "last.ckpt", out / "checkpoints" / "best.ckpt"
     deadline = time.time() + 300
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGKILL)
+    while proc.poll() is None and time.time() < deadline:
+        if last.exists() and ckpt_epoch(last) >= 2:  # Lightning writes checkpoints atomically
+            break
+        time.sleep(0.05)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert last.exists(), "the run never wrote last.ckpt"
+    killed_at = ckpt_epoch(last)
+    assert 2 <= killed_at < 4, "the run was not killed between its third epoch and its end"
+    assert ckpt_epoch(best) == 1
     split_before = json.loads((out / "splits.json").read_text())
+
+    trained = scripted(monkeypatch, script)
     resumed = train.main(train.get_args_parser().parse_args([*args, "--resume", str(last)]))
-    assert resumed["epochs"] == 3
+    assert trained == list(range(killed_at + 1, 5))
+    assert resumed["epochs"] == 5 and ckpt_epoch(last) == 4
+    assert ckpt_epoch(best) == 1 and Path(resumed["checkpoint"]) == best
     assert resumed["split"] == {k: split_before[k] for k in ("train", "val", "test")}
     scalars = train.read_scalars(Path(resumed["tensorboard"]))
-    assert len(scalars["val/loss"]) == 3 and len(scalars["train/loss_epoch"]) == 3
+    assert len(scalars["val/loss"]) == 5 and len(scalars["train/loss_epoch"]) == 5
+    assert [round(v, 6) for _, v in scalars["val/dice_tumor"]] == [float(v) for v in script.split(",")]
+
+
+def test_last_is_the_last_epoch_and_ties_go_to_the_lower_val_loss(tiny_data, tmp_path, monkeypatch):
+    """Validation tumor Dice stays 0: last.ckpt still follows every epoch, and best.ckpt is the epoch
+    of lowest validation loss among the tied ones."""
+    scripted(monkeypatch, "0,0,0")
+    out = tmp_path / "run"
+    summary = train.main(run_args(tiny_data, out, "segmentation", "--max-epochs", "3"))
+    assert ckpt_epoch(out / "checkpoints" / "last.ckpt") == 2
+    val_loss = [v for _, v in train.read_scalars(Path(summary["tensorboard"]))["val/loss"]]
+    assert len(val_loss) == 3
+    assert ckpt_epoch(out / "checkpoints" / "best.ckpt") == int(np.argmin(val_loss))
+
+
+def test_liver_only_data_has_no_tumor_dice_and_best_follows_val_loss(tmp_path):
+    data = tmp_path / "liver_only"
+    for i in range(5):
+        dataset.write_phantom_case(data, i, size=48, seed=4, num_slices=10, num_tumors=0)
+    out = tmp_path / "run"
+    summary = train.main(run_args(data, out, "segmentation", "--max-epochs", "2", "--oversample-tumor", "0"))
+    scalars = train.read_scalars(Path(summary["tensorboard"]))
+    assert all(np.isnan(v) for _, v in scalars["val/dice_tumor"])
+    val_loss = [v for _, v in scalars["val/loss"]]
+    assert ckpt_epoch(out / "checkpoints" / "best.ckpt") == int(np.argmin(val_loss))
+    assert np.isnan(summary["test"]["test/dice_tumor"]) and np.isnan(summary["test"]["test/dice_tumor_per_case"])
+    assert 0.0 <= summary["test"]["test/dice_liver"] <= 1.0
+    saved = json.loads((out / "test_metrics.json").read_text())  # strict JSON: NaN written as null
+    assert saved["test"]["test/dice_tumor"] is None and saved["test"]["test/dice_liver"] is not None
