@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from dataset import DataError, check_labels, read_nifti, visible_files, atomic_write_text, run_cli
+from volumes import DataError, check_labels, read_nifti, visible_files, atomic_write_text, run_cli
 
 REGIONS: tuple[str, ...] = ("liver", "tumor")
 METRICS: tuple[str, ...] = ("dice", "voe", "rvd", "assd", "mssd", "rmsd")

@@ -11,9 +11,9 @@ JSON (by extension). Slices are numbered in the file's own order (its third axis
 is slice 0. The prediction is tumor when the probability reaches the threshold recorded in the
 checkpoint, or --threshold.
 
-The model and its preprocessing come from the checkpoint alone, through the helpers shared with
-predict_segmentation.py. A lone 2D slice (PNG/JPG 8-bit, already windowed; .npy in HU) has no
-neighbours, so it stands in for them in the 2.5D stack.
+The model and its preprocessing come from the checkpoint alone, through `inference.py`. A lone 2D
+slice (PNG/JPG 8-bit, already windowed; .npy in HU) has no neighbours, so it stands in for them in
+the 2.5D stack.
 """
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dataset import CLS_CLASSES, DataError, atomic_write_text, load_slice_image, load_volume, run_cli
-from predict_segmentation import (ensure_folder, find_inputs, infer_batched, load_checkpoint,
-                                  pick_device, preprocess_volume, slice_of_file, strip_nifti_suffix)
+from inference import infer_batched, load_checkpoint, pick_device, preprocess_volume
+from volumes import (CLS_CLASSES, DataError, atomic_write_text, ensure_folder, find_inputs, input_name,
+                     load_slice_image, one_volume, read_volume, run_cli, slice_of_file)
 
 COLUMNS = ("case", "slice", "probability", "prediction")
 
@@ -66,18 +66,19 @@ def _rows(case: str, slices, probs, threshold: float, names) -> list[dict]:
             for k, p in zip(slices, probs)]
 
 
-def classify_volume(get_net, path: Path, hp: dict, device: torch.device, args: argparse.Namespace, threshold: float,
-                    names) -> list[dict]:
+def classify_volume(get_net, source: Path, hp: dict, device: torch.device, args: argparse.Namespace,
+                    threshold: float, names) -> list[dict]:
     """Rows of one volume (all slices, or --slice), in the file's own slice order. The network comes
     from `get_net()` once the volume has been read, so a bad file is reported without waiting for it."""
-    hu, geom = load_volume(path)  # (Z, H, W) HU in slices order
-    zs = np.arange(hu.shape[0]) if args.slice is None else np.array([slice_of_file(geom, args.slice, path)])
+    case, _ = input_name(source)
+    hu, geom = read_volume(source)  # (Z, H, W) HU in slices order
+    zs = np.arange(hu.shape[0]) if args.slice is None else np.array([slice_of_file(geom, args.slice, source)])
     volume = preprocess_volume(hu, hp, device)  # (Z, S, S)
     probs = infer_batched(get_net(), volume, hp["context_slices"], tumor_probability, args.batch_size, zs,
-                          desc=path.name).numpy()
-    numbers = [geom.file_slice_index(int(z)) for z in zs]
+                          desc=case).numpy()
+    numbers = np.array([geom.file_slice_index(int(z)) for z in zs])
     order = np.argsort(numbers)
-    return _rows(strip_nifti_suffix(path.name), np.take(numbers, order), probs[order], threshold, names)
+    return _rows(case, numbers[order], probs[order], threshold, names)
 
 
 def verdict(rows: list[dict], threshold: float, tumor_name: str) -> str:
@@ -91,8 +92,8 @@ def verdict(rows: list[dict], threshold: float, tumor_name: str) -> str:
 def format_table(rows: list[dict]) -> str:
     cells = [COLUMNS] + [(r["case"], str(r["slice"]), f"{r['probability']:.4f}", r["prediction"]) for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(c.ljust(w) if i in (0, 3) else c.rjust(w) for i, (c, w) in enumerate(zip(cell, widths)))
-                     .rstrip() for cell in cells)
+    return "\n".join("  ".join(c.rjust(w) if i in (1, 2) else c.ljust(w)
+                               for i, (c, w) in enumerate(zip(cell, widths))).rstrip() for cell in cells)
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -106,7 +107,7 @@ def main(args: argparse.Namespace) -> dict:
         raise DataError(f"found threshold {threshold}; expected a probability in [0, 1]")
     names = tuple(hp.get("class_names", CLS_CLASSES))
     inputs = find_inputs(args.input)
-    if args.slice is not None and not (args.input.is_file() and inputs[0][1] == "volume"):
+    if args.slice is not None and not one_volume(args.input, inputs):
         raise DataError(f"{args.input}: --slice needs one volume as --input; found "
                         f"{'a folder' if args.input.is_dir() else 'a 2D slice'}")
     if args.output is not None:
@@ -120,8 +121,8 @@ def main(args: argparse.Namespace) -> dict:
     # Closed on the way out, error or not (leave=False clears its line), so an error stays one clean line.
     with tqdm(total=len(volumes), desc="volumes", unit="file", file=sys.stderr, disable=len(volumes) < 2,
               delay=1.0, leave=False) as bar:
-        for path in volumes:
-            case_rows = classify_volume(get_net, path, hp, device, args, threshold, names)
+        for source in volumes:
+            case_rows = classify_volume(get_net, source, hp, device, args, threshold, names)
             rows += case_rows
             verdicts.append(verdict(case_rows, threshold, names[1]))
             bar.update()
@@ -132,7 +133,7 @@ def main(args: argparse.Namespace) -> dict:
         probs = infer_batched(get_net(), volume, hp["context_slices"], tumor_probability, args.batch_size,
                               lone=True, desc=f"{len(images)} slice(s)").numpy()
         for path, p in zip(images, probs):
-            rows += _rows(path.stem, [0], [p], threshold, names)
+            rows += _rows(input_name(path)[0], [0], [p], threshold, names)
 
     sys.stdout.write(format_table(rows) + "\n" + "".join(v + "\n" for v in verdicts))
     if args.output is not None:

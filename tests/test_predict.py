@@ -24,12 +24,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-import dataset
+import inference
+import phantom
 import predict_classification as pc
 import predict_segmentation as ps
+import volumes
 
 ROOT = Path(__file__).resolve().parents[1]
-WINDOW = dataset.WINDOW_HU
+WINDOW = volumes.WINDOW_HU
 
 
 def save_checkpoint(model, path: Path) -> Path:
@@ -60,9 +62,9 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
 def phantoms(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """(volume, segmentation) pairs: axes flipped, stored in RAS order, and with an identity affine."""
     root = tmp_path_factory.mktemp("phantoms")
-    out = {"flipped": dataset.write_phantom_case(root / "flipped", 0, size=48, seed=1, num_slices=8,
+    out = {"flipped": phantom.write_phantom_case(root / "flipped", 0, size=48, seed=1, num_slices=8,
                                                  flips=(True, False, True), num_tumors=2),
-           "ras": dataset.write_phantom_case(root / "ras", 1, size=48, seed=1, num_slices=8,
+           "ras": phantom.write_phantom_case(root / "ras", 1, size=48, seed=1, num_slices=8,
                                              flips=(False, False, False), num_tumors=2)}
     (root / "identity").mkdir()
     pair = []
@@ -94,7 +96,7 @@ class Oracle(nn.Module):
         z = dist.argmin(dim=1)
         assert float(dist.min(dim=1).values.max()) < 1e-5, "a stack's centre is none of the volume's slices"
         for b, zb in enumerate(z.tolist()):
-            near = [zb] * x.shape[1] if self.lone else dataset.context_indices(zb, len(self.unit), self.context)
+            near = [zb] * x.shape[1] if self.lone else volumes.context_indices(zb, len(self.unit), self.context)
             torch.testing.assert_close(x[b], self.unit[near], atol=1e-5, rtol=0)
         self.seen += z.tolist()
         ans = self.answers[z]
@@ -104,13 +106,13 @@ class Oracle(nn.Module):
 
 
 def unit_slices(volume: Path, size: int) -> torch.Tensor:
-    """The model input the oracle expects, made with dataset.py directly (not the predict scripts)."""
-    hu, _ = dataset.load_volume(volume)
-    return dataset.resize_slices(torch.from_numpy(dataset.window_hu(hu, WINDOW)), size)
+    """The model input the oracle expects, made with volumes.py directly (not the predict scripts)."""
+    hu, _ = volumes.load_volume(volume)
+    return volumes.resize_slices(torch.from_numpy(volumes.window_hu(hu, WINDOW)), size)
 
 
 def use_oracle(monkeypatch, oracle: nn.Module) -> None:
-    monkeypatch.setattr(ps.Checkpoint, "network", lambda self, device: oracle)
+    monkeypatch.setattr(inference.Checkpoint, "network", lambda self, device: oracle)
 
 
 def seg_args(*argv) -> object:
@@ -132,7 +134,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.mark.parametrize("kind", ["flipped", "ras", "identity"])
 def test_oracle_labels_line_up_with_the_input(kind, phantoms, ckpts, tmp_path, monkeypatch):
     volume, segmentation = phantoms[kind]
-    truth_slices, _ = dataset.load_label_volume(segmentation)  # (Z, H, W) in slices order
+    truth_slices, _ = volumes.load_label_volume(segmentation)  # (Z, H, W) in slices order
     use_oracle(monkeypatch, Oracle(unit_slices(volume, 48), torch.from_numpy(truth_slices)))
     out = tmp_path / "out" / "pred.nii.gz"
     ps.main(seg_args("--checkpoint", ckpts["seg48"], "--input", volume, "--output", out, "--no-postprocess",
@@ -153,7 +155,7 @@ def test_oracle_labels_line_up_with_the_input(kind, phantoms, ckpts, tmp_path, m
 
 def test_default_output_beside_the_input_and_postprocess_keeps_a_clean_answer(phantoms, ckpts, tmp_path, monkeypatch):
     volume = Path(shutil.copy(phantoms["flipped"][0], tmp_path / "volume-0.nii"))
-    truth_slices, _ = dataset.load_label_volume(phantoms["flipped"][1])
+    truth_slices, _ = volumes.load_label_volume(phantoms["flipped"][1])
     use_oracle(monkeypatch, Oracle(unit_slices(volume, 48), torch.from_numpy(truth_slices)))
     result = ps.main(seg_args("--checkpoint", ckpts["seg48"], "--input", volume, "--device", "cpu",
                               "--report", tmp_path / "report.json"))
@@ -174,7 +176,7 @@ def test_slice_option_predicts_the_files_own_slice(phantoms, ckpts, tmp_path, mo
     truth = np.asarray(nib.load(segmentation).dataobj)
     k = int(np.argmax((truth == 2).sum(axis=(0, 1))))
     assert k != truth.shape[2] - 1 - k
-    truth_slices, _ = dataset.load_label_volume(segmentation)
+    truth_slices, _ = volumes.load_label_volume(segmentation)
     oracle = Oracle(unit_slices(volume, 48), torch.from_numpy(truth_slices))
     use_oracle(monkeypatch, oracle)
     out = tmp_path / "one.nii.gz"
@@ -268,18 +270,18 @@ def test_postprocess_removes_a_detached_island_and_a_far_tumor_voxel():
 # --------------------------------------------------------------------------------------------
 
 def test_batched_inference_matches_one_stack_at_a_time(ckpts, phantoms):
-    ckpt = ps.load_checkpoint(ckpts["seg"], "segmentation")
+    ckpt = inference.load_checkpoint(ckpts["seg"], "segmentation")
     net = ckpt.network(torch.device("cpu"))  # BN folded, channels-last
-    hu, _ = dataset.load_volume(phantoms["flipped"][0])
-    volume = ps.preprocess_volume(hu, ckpt.hparams)  # (Z, 32, 32)
+    hu, _ = volumes.load_volume(phantoms["flipped"][0])
+    volume = inference.preprocess_volume(hu, ckpt.hparams)  # (Z, 32, 32)
     torch.testing.assert_close(volume, unit_slices(phantoms["flipped"][0], 32), atol=1e-6, rtol=0)
-    batched = ps.infer_batched(net, volume, 1, lambda y: y, batch_size=3)  # (Z, 3, 32, 32)
+    batched = inference.infer_batched(net, volume, 1, lambda y: y, batch_size=3)  # (Z, 3, 32, 32)
     from lit_model import build_network
     plain = build_network(ckpt.hparams)
     plain.load_state_dict(ckpt.state_dict)
     plain.eval()
     with torch.no_grad():
-        one = torch.cat([plain(volume[dataset.context_indices(z, len(volume), 1)][None]) for z in range(len(volume))])
+        one = torch.cat([plain(volume[volumes.context_indices(z, len(volume), 1)][None]) for z in range(len(volume))])
     torch.testing.assert_close(batched, one, atol=1e-4, rtol=1e-4)
 
 
@@ -287,7 +289,7 @@ def test_checkpoint_written_by_train_py_loads_and_predicts(tmp_path):
     import train
     data = tmp_path / "lits"
     for i in range(4):  # few slices: the point is the checkpoint file, not the training
-        dataset.write_phantom_case(data, i, size=48, seed=0, num_slices=8, num_tumors=1)
+        phantom.write_phantom_case(data, i, size=48, seed=0, num_slices=8, num_tumors=1)
     argv = ["--task", "segmentation", "--data-dir", str(data), "--output-dir", str(tmp_path / "run"),
             "--cache-dir", str(tmp_path / "cache"), "--graphs-dir", str(tmp_path / "graphs"), "--max-epochs", "1",
             "--image-size", "32", "--base-width", "4", "--num-workers", "0", "--batch-size", "8",
@@ -315,23 +317,23 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
     with open(via_pickle, "wb") as fh:
         pickle.dump(Evil(), fh)
     for path in (via_torch, via_pickle):
-        with pytest.raises(dataset.DataError, match="refused|cannot load"):
-            ps.load_checkpoint(path, "segmentation")
+        with pytest.raises(volumes.DataError, match="refused|cannot load"):
+            inference.load_checkpoint(path, "segmentation")
         assert not marker.exists()
 
 
 def test_device_choice():
-    assert ps.pick_device("cpu").type == "cpu"
-    assert ps.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert inference.pick_device("cpu").type == "cpu"
+    assert inference.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(dataset.DataError, match="no CUDA"):
-            ps.pick_device("cuda")
+        with pytest.raises(volumes.DataError, match="no CUDA"):
+            inference.pick_device("cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_path_gives_the_cpu_answer_with_an_oracle(phantoms, ckpts, tmp_path, monkeypatch):
     volume, segmentation = phantoms["flipped"]
-    truth_slices, _ = dataset.load_label_volume(segmentation)
+    truth_slices, _ = volumes.load_label_volume(segmentation)
     oracle = Oracle(unit_slices(volume, 48).cuda(), torch.from_numpy(truth_slices).cuda())
     use_oracle(monkeypatch, oracle)
     out = tmp_path / "pred.nii.gz"
@@ -357,12 +359,12 @@ def test_cuda_real_network_runs_channels_last_bf16(phantoms, ckpts, tmp_path):
 @pytest.fixture(scope="module")
 def slice_files(phantoms, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("slices")
-    hu, _ = dataset.load_volume(phantoms["flipped"][0])
+    hu, _ = volumes.load_volume(phantoms["flipped"][0])
     z = hu.shape[0] // 2
     png = root / "liver_0_0004.png"
-    Image.fromarray((dataset.window_hu(hu[z]) * 255).round().astype(np.uint8)).save(png)
+    Image.fromarray((volumes.window_hu(hu[z]) * 255).round().astype(np.uint8)).save(png)
     small = root / "small.png"
-    Image.fromarray((dataset.window_hu(hu[z, :40, :36]) * 255).round().astype(np.uint8)).save(small)
+    Image.fromarray((volumes.window_hu(hu[z, :40, :36]) * 255).round().astype(np.uint8)).save(small)
     npy = root / "liver_0_0005.npy"
     np.save(npy, hu[z + 1].astype(np.float32))
     return {"png": png, "small": small, "npy": npy, "folder": root}
@@ -415,8 +417,8 @@ def test_folders_of_volumes_and_of_slices(phantoms, slice_files, ckpts, tmp_path
             with Image.open(tmp_path / "m" / f"{stem}_{suffix}.png") as im:
                 assert im.size == size
     # Our own outputs in a folder are not taken as input on a second run.
-    with pytest.raises(dataset.DataError, match="found no volumes or slices"):
-        ps.find_inputs(tmp_path / "m")
+    with pytest.raises(volumes.DataError, match="found no volumes or slices"):
+        volumes.find_inputs(tmp_path / "m")
 
     rows = pc.main(cls_args("--checkpoint", ckpts["cls"], "--input", slice_files["folder"], "--device", "cpu"))["rows"]
     assert [(r["case"], r["slice"]) for r in rows] == [("liver_0_0004", 0), ("liver_0_0005", 0), ("small", 0)]
@@ -429,7 +431,7 @@ def test_folders_of_volumes_and_of_slices(phantoms, slice_files, ckpts, tmp_path
 def test_classification_table_csv_json_in_the_files_slice_order(phantoms, ckpts, tmp_path, monkeypatch, capsys):
     volume, segmentation = phantoms["flipped"]
     truth = np.asarray(nib.load(segmentation).dataobj)  # file order
-    truth_slices, _ = dataset.load_label_volume(segmentation)
+    truth_slices, _ = volumes.load_label_volume(segmentation)
     has_tumor = torch.from_numpy((truth_slices == 2).any(axis=(1, 2)))
     use_oracle(monkeypatch, Oracle(unit_slices(volume, 32), has_tumor))
     result = pc.main(cls_args("--checkpoint", ckpts["cls"], "--input", volume, "--output", tmp_path / "p.csv",
@@ -559,7 +561,7 @@ def test_more_bad_flags_in_process(phantoms, ckpts, slice_files, bad_files, tmp_
     if not torch.cuda.is_available():
         cases.append((pc, ["--checkpoint", str(ckpts["cls"]), "--input", str(vol), "--device", "cuda"], "no CUDA"))
     for module, argv, message in cases:
-        assert dataset.run_cli(module.main, module.get_args_parser(), argv) == 2, argv
+        assert volumes.run_cli(module.main, module.get_args_parser(), argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and "\n" not in err, (argv, err)
     assert not list(tmp_path.iterdir())
@@ -572,7 +574,7 @@ def test_more_bad_flags_in_process(phantoms, ckpts, slice_files, bad_files, tmp_
 def test_ground_truth_scoring_with_the_oracle_is_perfect(phantoms, ckpts, tmp_path, monkeypatch):
     pytest.importorskip("evaluate")
     volume, segmentation = phantoms["ras"]
-    truth_slices, _ = dataset.load_label_volume(segmentation)
+    truth_slices, _ = volumes.load_label_volume(segmentation)
     use_oracle(monkeypatch, Oracle(unit_slices(volume, 48), torch.from_numpy(truth_slices)))
     result = ps.main(seg_args("--checkpoint", ckpts["seg48"], "--input", volume, "--output", tmp_path / "p.nii.gz",
                               "--ground-truth", segmentation, "--no-postprocess", "--device", "cpu",

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import dataset
+import phantom
 import train
+import volumes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_lits")
     for i in range(6):
-        dataset.write_phantom_case(root, i, size=48, seed=3, num_slices=12, num_tumors=2 if i % 3 else 0)
+        phantom.write_phantom_case(root, i, size=48, seed=3, num_slices=12, num_tumors=2 if i % 3 else 0)
     return root
 
 
@@ -79,7 +80,7 @@ def test_checkpoint_alone_rebuilds_model_and_preprocessing(tiny_data, tmp_path):
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     hp = ckpt["hyper_parameters"]
     assert hp["context_slices"] == 2 and hp["in_channels"] == 5 and hp["image_size"] == 32
-    assert tuple(hp["window"]) == dataset.WINDOW_HU
+    assert tuple(hp["window"]) == volumes.WINDOW_HU
     model = LitSegmenter.load_from_checkpoint(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert model(torch.rand(1, 5, 32, 32)).shape == (1, 3, 32, 32)
 
