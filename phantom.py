@@ -3,12 +3,14 @@
     python dataset.py synth --out-dir data/synthetic --cases 12 --size 128 --seed 0
 
 `write_phantom_case` writes one phantom as LiTS NIfTI files (volume-N, segmentation-N), with its axes
-stored flipped as scanners and LiTS files often are; it goes through exactly the loading code real
-data goes through.
+stored flipped as scanners and LiTS files often are; `write_phantom_dicom` writes a CT volume as a
+DICOM series (one file per slice), so DICOM input is tested on real files with the orientations
+scanners produce. Both go through exactly the loading code real data goes through.
 """
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -143,3 +145,80 @@ def write_synthetic_lits(out_dir: str | Path, cases: int = 12, size: int = 128, 
     return [write_phantom_case(out_dir, i, size=size, seed=seed, compress=compress)
             for i in tqdm(range(cases), desc="writing phantoms", unit="case", disable=not progress,
                           file=sys.stderr)]
+
+_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+def write_phantom_dicom(out_dir: str | Path, hu: np.ndarray, affine: np.ndarray, *, seed: int = 0,
+                        series_number: int = 1, series_uid: str | None = None, study_uid: str | None = None,
+                        frame_of_reference: bool = True, transfer_syntax: str | None = None,
+                        suffix: str = ".dcm", patient_position: str = "HFS") -> list[Path]:
+    """Write a CT volume as a DICOM series (CT Image Storage), one file per slice of its third axis.
+
+    `hu` (X, Y, Z) holds whole HU values in the file's voxel order and `affine` is its NIfTI-style
+    voxel -> world (RAS, mm) matrix, as nibabel gives them for a phantom's volume-N.nii. Slice k
+    becomes S<series_number>_IM<k><suffix> with pixels hu[:, :, k].T (rows, columns); ImagePositionPatient is voxel
+    (0, 0, k) in LPS, ImageOrientationPatient and PixelSpacing come from the affine's first two
+    columns (a flipped axis gives -1 components), so the series lies exactly where the NIfTI volume
+    lies. An affine whose third column leaves the slice normal writes a gantry-tilted series.
+    Pixels are stored unsigned with RescaleIntercept -1024 (as many scanners store them), so a reader
+    must apply the rescale. `transfer_syntax` compresses the pixel data (e.g.
+    pydicom.uid.JPEG2000Lossless or RLELossless); `frame_of_reference=False` leaves
+    FrameOfReferenceUID out, as some public series (3D-IRCADb) do; `series_uid=""` writes an empty
+    SeriesInstanceUID, as some anonymisers do. UIDs not given are derived from `seed` and
+    `series_number`, so a rerun writes the same files. Returns the paths in k order."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from pydicom.valuerep import format_number_as_ds
+
+    def ds_values(values: Sequence[float]) -> list[str]:
+        return [format_number_as_ds(float(v)) for v in values]
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hu = np.asarray(hu)
+    affine = np.asarray(affine, dtype=np.float64)
+    if hu.ndim != 3:
+        raise ValueError(f"expected a volume (X, Y, Z), got shape {hu.shape}")
+    study_uid = study_uid or generate_uid(entropy_srcs=["phantom study", str(seed)])
+    if series_uid is None:
+        series_uid = generate_uid(entropy_srcs=["phantom series", str(seed), str(series_number)])
+    frame_uid = generate_uid(entropy_srcs=["phantom frame", study_uid])
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    row_dir, col_dir = _LPS @ affine[:3, 0] / zooms[0], _LPS @ affine[:3, 1] / zooms[1]
+    signed = float(hu.min()) < -1024  # only then is a signed store needed
+    intercept = 0.0 if signed else -1024.0
+    stored = np.round(hu - intercept).astype(np.int16 if signed else np.uint16)
+    paths = []
+    for k in range(hu.shape[2]):
+        sop_uid = generate_uid(entropy_srcs=[series_uid, str(seed), str(series_number), str(k)])
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        path = out_dir / f"S{series_number}_IM{k:04d}{suffix}"
+        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop_uid
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        if frame_of_reference:
+            ds.FrameOfReferenceUID = frame_uid
+        ds.Modality, ds.Manufacturer, ds.ImageType = "CT", "phantom.py", ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Phantom^Liver", f"PHANTOM-{seed}", "", "O"
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20260101", "120000", "1", ""
+        ds.ReferringPhysicianName, ds.PatientPosition = "", patient_position
+        ds.SeriesNumber, ds.InstanceNumber = series_number, k + 1
+        ds.SeriesDescription = "synthetic liver phantom"
+        ds.ImagePositionPatient = ds_values(_LPS @ (affine @ [0.0, 0.0, k, 1.0])[:3])
+        ds.ImageOrientationPatient = ds_values([*row_dir, *col_dir])
+        ds.PixelSpacing = ds_values([zooms[1], zooms[0]])  # between rows, between columns
+        ds.SliceThickness = format_number_as_ds(float(zooms[2]))
+        ds.Rows, ds.Columns = int(hu.shape[1]), int(hu.shape[0])
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, int(signed)
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = format_number_as_ds(intercept), "1", "HU"
+        ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
+        if transfer_syntax is not None:
+            ds.compress(transfer_syntax)
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths

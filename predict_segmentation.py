@@ -6,12 +6,16 @@
     python predict_segmentation.py --checkpoint best.ckpt --input volume-7.nii --slice 60   # one slice
     python predict_segmentation.py --checkpoint best.ckpt --input slice.png               # mask + overlay PNG
     python predict_segmentation.py --checkpoint best.ckpt --input scans/ --output predictions/
+    python predict_segmentation.py --checkpoint best.ckpt --input CT/patient-7/            # a DICOM series
 
 A volume gives a label NIfTI (uint8: 0 background, 1 liver, 2 tumor) with exactly the input's shape,
 affine and orientation, so it opens on top of the CT in 3D Slicer or ITK-SNAP; default name
-`<name>_seg.nii.gz` beside the input. A 2D slice (PNG/JPG taken as already windowed, `.npy` in HU)
-gives `<stem>_mask.png` (label values 0/1/2) and `<stem>_overlay.png` (liver green, tumor red).
-A short report (liver volume, lesions, tumor burden) is printed and, with --report, saved as JSON.
+`<name>_seg.nii.gz` beside the input. A DICOM series (a folder of its files, any depth, with or
+without extensions) gives the same on the series' own grid, `<series folder>_seg.nii.gz` beside
+the folder. A 2D slice
+(PNG/JPG taken as already windowed, `.npy` or one `.dcm` file in HU) gives `<stem>_mask.png`
+(label values 0/1/2) and `<stem>_overlay.png` (liver green, tumor red). A short report (liver
+volume, lesions, tumor burden) is printed and, with --report, saved as JSON.
 
 The model and its preprocessing (HU window, image size, 2.5D context) are rebuilt from the checkpoint
 alone (`inference.py`); the preprocessing is `volumes.py`'s, the very functions training uses. A
@@ -36,7 +40,8 @@ from torch import nn
 from tqdm import tqdm
 
 from inference import infer_batched, load_checkpoint, pick_device, preprocess_volume
-from volumes import (VOLUME_SUFFIXES, DataError, atomic_write_text, ensure_folder, find_inputs, input_name, load_label_volume, load_slice_image, one_volume, read_volume,
+from volumes import (VOLUME_SUFFIXES, DataError, DicomSeries, atomic_write_text, ensure_folder,
+                     find_inputs, input_name, load_label_volume, load_slice_image, one_volume, read_volume,
                      run_cli, slice_of_file, write_labels, write_png)
 
 
@@ -191,24 +196,30 @@ def write_mask_and_overlay(image: np.ndarray, labels: np.ndarray, mask_path: Pat
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="Liver and tumor segmentation of CT volumes or slices with a U-Net checkpoint. "
+        description="Liver and tumor segmentation of CT volumes, DICOM series or slices with a U-Net checkpoint. "
                     "A lone 2D slice has no neighbours, so it stands in for them in the 2.5D stack.")
     p.add_argument("--checkpoint", required=True, type=Path, help="segmentation .ckpt written by train.py")
     p.add_argument("--input", required=True, type=Path,
-                   help="a NIfTI volume (.nii, .nii.gz), a 2D slice (PNG/JPG: 8-bit, already windowed; .npy: HU) "
-                        "or a folder of them (not recursive; *_seg.nii.gz, *_mask.png, *_overlay.png and "
-                        "segmentation-N.nii are skipped)")
+                   help="a NIfTI volume (.nii, .nii.gz), a folder holding a DICOM CT series (any depth, files with "
+                        "or without extension), a 2D slice (PNG/JPG: 8-bit, already windowed; .npy or one .dcm: HU) "
+                        "or a folder of them (NIfTI and slices at its top level, every CT series at any depth; "
+                        "*_seg.nii.gz, *_mask.png, *_overlay.png and segmentation-N.nii are skipped)")
+    p.add_argument("--series", default=None, metavar="UID",
+                   help="with a folder as --input: only the DICOM series with this SeriesInstanceUID "
+                        "(default: every CT series in the folder)")
     p.add_argument("--output", type=Path, default=None,
-                   help="label volume path (.nii or .nii.gz) for one volume, mask path (.png) for one slice "
-                        "(the overlay goes beside it as <stem>_overlay.png), a folder for a folder input "
-                        "(default: beside each input, <name>_seg.nii.gz or <stem>_mask.png + <stem>_overlay.png)")
+                   help="label volume path (.nii or .nii.gz) for one "
+                        "volume, mask path (.png) for one slice (the overlay goes beside it as <stem>_overlay.png), "
+                        "a folder for a folder input (default: beside each input, <name>_seg.nii.gz, for a DICOM "
+                        "series <series folder>_seg.nii.gz beside its folder, or <stem>_mask.png + <stem>_overlay.png)")
     p.add_argument("--slice", type=int, default=None, metavar="K",
-                   help="segment only slice K of a volume, K in the file's own order (its third axis); writes "
-                        "a one-slice NIfTI placed at that slice, <name>_slice<K>_seg.nii.gz (default: all slices)")
+                   help="segment only slice K of a volume, K in the file's own order (its third axis; for a DICOM "
+                        "series, by position along the slice normal); writes a one-slice NIfTI placed at that slice, "
+                        "<name>_slice<K>_seg.nii.gz (default: all slices)")
     p.add_argument("--postprocess", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the largest 3D liver component and only tumor next to liver (default: on)")
     p.add_argument("--ground-truth", type=Path, default=None,
-                   help="segmentation NIfTI of the input volume: score the prediction (Dice, VOE, RVD, "
+                   help="segmentation NIfTI of the input volume, on its grid: score the prediction (Dice, VOE, RVD, "
                         "surface distances, lesion detection) (default: none)")
     p.add_argument("--report", type=Path, default=None,
                    help="also write the report as JSON to this file; volumes in mL and mm, 2D slices in "
@@ -223,17 +234,17 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 @dataclass
 class _Job:
-    source: Path
+    source: Path | DicomSeries
     kind: str
     outputs: tuple[Path, ...]
 
 
-def _plan(args: argparse.Namespace, inputs: list[tuple[Path, str]]) -> list[_Job]:
+def _plan(args: argparse.Namespace, inputs: list[tuple[Path | DicomSeries, str]]) -> list[_Job]:
     """Output paths of every input, checked (and folders created) before any work is done."""
     if one_volume(args.input, inputs) or args.input.is_file():
         source, kind = inputs[0]
         stem, home = input_name(source)
-        if args.output is not None and args.output.resolve() == source.resolve():
+        if args.output is not None and isinstance(source, Path) and args.output.resolve() == source.resolve():
             raise DataError(f"{args.output}: found the input itself as --output; expected another path "
                             f"(inputs are never overwritten)")
         if kind == "volume":
@@ -272,20 +283,25 @@ def _plan(args: argparse.Namespace, inputs: list[tuple[Path, str]]) -> list[_Job
 def _predict_volume(job: _Job, args: argparse.Namespace, hp: dict, device: torch.device, get_net) -> dict:
     source = job.source
     stem, _ = input_name(source)
+    where = source.label if isinstance(source, DicomSeries) else source
     hu, geom = read_volume(source)  # (Z, H, W) HU in slices order
     which = None
     if args.slice is not None:
-        which = [slice_of_file(geom, args.slice, source)]
+        which = [slice_of_file(geom, args.slice, where)]
     truth = None
     if args.ground_truth is not None:
-        truth, _ = load_label_volume(args.ground_truth, expected_shape=geom.shape, image_path=source)
+        image_path = source.folder if isinstance(source, DicomSeries) else source
+        truth, _ = load_label_volume(args.ground_truth, expected_shape=geom.shape, image_path=image_path)
     labels = segment_slices(get_net(), hu, hp, device, args.batch_size, which, desc=stem)
     if args.postprocess:
         labels = postprocess(labels)
     write_labels(labels, geom if which is None else geom.one_slice(args.slice), job.outputs[0])
-    report = {"input": str(source), "output": str(job.outputs[0]), "kind": "volume",
+    report = {"input": str(source.folder if isinstance(source, DicomSeries) else source),
+              "output": str(job.outputs[0]), "kind": "volume",
               "shape": list(geom.shape), "spacing_mm": [float(s) for s in geom.spacing],
               "slice": args.slice, "postprocess": bool(args.postprocess)}
+    if isinstance(source, DicomSeries):
+        report["series_instance_uid"] = source.uid
     to_file = geom.file_slice_index if which is None else (lambda z: args.slice)
     report.update(measure(labels, geom.spacing, to_file))
     if truth is not None:
@@ -346,7 +362,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.batch_size is None:
         args.batch_size = 32 if device.type == "cuda" else 8
     ckpt = load_checkpoint(args.checkpoint, "segmentation")
-    inputs = find_inputs(args.input)
+    inputs = find_inputs(args.input, args.series)
     for flag, value in (("--slice", args.slice), ("--ground-truth", args.ground_truth)):
         if value is not None and not one_volume(args.input, inputs):
             raise DataError(f"{args.input}: {flag} needs one volume as --input; found "

@@ -1,6 +1,7 @@
-"""CT and label volumes in and out: NIfTI and 2D slices, in one place.
+"""CT and label volumes in and out: NIfTI, DICOM series and 2D slices, in one place.
 
     hu, geom = read_volume("volume-7.nii")             # (Z, H, W) HU in (S, P, L) order, and its Geometry
+    hu, geom = read_volume("CT/patient-7/")            # a folder holding one CT series as DICOM files
     write_labels(labels, geom, "volume-7_seg.nii.gz")  # back on the input's own grid
 
 Training (`dataset.py`) and both predict scripts read files through this module only, and the HU
@@ -10,7 +11,9 @@ cannot drift apart.
 Orientation: every volume is brought to nibabel's closest canonical orientation and handed out as
 axial slices in radiological display order, axis codes (S, P, L): axis 0 runs inferior -> superior,
 rows run anterior -> posterior (anterior at the top), columns run patient right -> left (patient
-right on the image left). `Geometry` keeps the way back to the file's own voxel order, and everything a writer needs.
+right on the image left). A DICOM series is first given the NIfTI-style affine its tags describe
+(LPS turned into RAS), so it goes through exactly the orientation code a NIfTI file goes through.
+`Geometry` keeps the way back to the file's own voxel order, and everything a writer needs.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import os
 import re
 import sys
 import tempfile
+import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,8 +39,10 @@ CLS_CLASSES: tuple[str, ...] = ("healthy", "tumor")  # slice classes 0, 1
 SLICE_AXCODES: tuple[str, str, str] = ("S", "P", "L")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy")
 VOLUME_SUFFIXES = (".nii", ".nii.gz")
+DICOM_SUFFIX = ".dcm"
 # Files a folder run skips: the predict scripts' own outputs and LiTS label volumes (they are not CT).
 _SKIPPED = re.compile(r"(_seg\.nii(\.gz)?|_mask\.png|_overlay\.png)$|^segmentation-\d+\.nii(\.gz)?$")
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 class DataError(ValueError):
@@ -163,7 +169,10 @@ def context_indices(z: int, num_slices: int, context_slices: int) -> np.ndarray:
 @dataclass(frozen=True, eq=False)
 class Geometry:
     """Where a volume came from and how to go back: everything a writer needs, so it never re-opens
-    the input. Immutable; `spacing` is derived from the affine."""
+    the input. Immutable; `spacing` is derived from the affine.
+
+    `dicom` holds, for a DICOM series, the source datasets (headers, no pixel data) in the file's
+    slice order (its third axis); it is empty for NIfTI files."""
 
     affine: np.ndarray                   # (4, 4) the file's voxel -> world (RAS, mm) matrix
     shape: tuple[int, int, int]          # the file's own array shape
@@ -173,6 +182,7 @@ class Geometry:
     sform_code: int = 1
     xyzt_units: tuple[str, str] = ("mm", "sec")
     source: str = ""                     # the input, as messages name it
+    dicom: tuple = ()
     spacing: tuple[float, float, float] = field(init=False)  # mm along (slice, row, column) of the slices
     _to_slices: np.ndarray = field(init=False, repr=False)
     _to_file: np.ndarray = field(init=False, repr=False)
@@ -189,6 +199,7 @@ class Geometry:
         set_(self, "qform", frozen(self.qform))
         set_(self, "sform", frozen(self.sform))
         set_(self, "shape", tuple(int(s) for s in self.shape))
+        set_(self, "dicom", tuple(self.dicom))
         file_ornt, slice_ornt = io_orientation(self.affine), axcodes2ornt(SLICE_AXCODES)
         to_slices = ornt_transform(file_ornt, slice_ornt)
         set_(self, "_to_slices", to_slices)
@@ -238,14 +249,14 @@ class Geometry:
 
     def one_slice(self, k: int) -> Geometry:
         """The geometry of the file's slice k alone: shape (X, Y, 1), placed where slice k lies in the
-        world (affine, qform and sform shifted by k slices)."""
+        world (affine, qform and sform shifted by k slices), with only slice k's DICOM source."""
         if not 0 <= k < self.shape[2]:
             raise ValueError(f"slice {k} is outside 0..{self.shape[2] - 1}")
         shift = np.eye(4)
         shift[2, 3] = k
         moved = [None if m is None else m @ shift for m in (self.affine, self.qform, self.sform)]
         return Geometry(moved[0], (*self.shape[:2], 1), moved[1], self.qform_code, moved[2], self.sform_code,
-                        self.xyzt_units, self.source)
+                        self.xyzt_units, self.source, self.dicom[k:k + 1])
 
 
 def slice_of_file(geom: Geometry, k: int, path) -> int:
@@ -315,8 +326,11 @@ def load_slice_image(path: str | Path) -> np.ndarray:
     """Read one 2D slice as float32 (H, W) in [0, 1].
 
     PNG/JPG must be 8-bit and are taken as already windowed (value / 255); `.npy` holds HU and is
-    windowed with the default window."""
+    windowed with the default window; a DICOM file is one CT slice, turned to HU and to the display
+    orientation of the slices (see `read_dicom_slice`), then windowed like `.npy`."""
     path = Path(path)
+    if _is_dicom_file(path):
+        return window_hu(read_dicom_slice(path))
     try:
         if path.suffix.lower() == ".npy":
             arr = np.load(path, allow_pickle=False)
@@ -365,6 +379,282 @@ def write_png(array: np.ndarray, path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# DICOM: finding CT series in a folder, reading one into a volume
+# --------------------------------------------------------------------------------------------
+
+# Tolerances for a stack of slices to count as one regular volume.
+_ORIENTATION_TOL = 1e-3   # direction cosines
+_SPACING_TOL = 0.05       # relative deviation of a slice step from the series' median step
+_DRIFT_TOL = 0.1          # in-plane drift of slice positions, in pixels (more means gantry tilt)
+_SKIP_MODALITIES = {"SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTIMAGE", "SR", "KO", "PR", "REG", "DOC"}
+_CT_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1"}  # CT, Enhanced CT
+
+
+@dataclass(frozen=True, eq=False)
+class DicomSeries:
+    """One CT series found in a folder: its files (in no particular order) and what names it."""
+
+    folder: Path                  # the deepest folder holding all its files
+    files: tuple[Path, ...]
+    uid: str                      # SeriesInstanceUID, "" when the files carry none
+    name: str                     # stem of its outputs: the folder's name (+ series number when shared)
+    description: str = ""
+
+    @property
+    def label(self) -> str:
+        """How messages name the series."""
+        return f"{self.folder} (series {self.uid or 'without SeriesInstanceUID'}, {len(self.files)} file(s))"
+
+
+def _has_preamble(path: Path) -> bool:
+    """Whether the file starts as DICOM Part 10 files do: "DICM" at byte 128."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def _is_dicom_file(path: Path) -> bool:
+    """A `.dcm` file, or any file with the DICOM preamble, whatever its name."""
+    if path.suffix.lower() == DICOM_SUFFIX:
+        return True
+    if path.name.lower().endswith(VOLUME_SUFFIXES) or path.suffix.lower() in IMAGE_SUFFIXES:
+        return False
+    return _has_preamble(path)
+
+
+def _read_dicom(path: Path, header_only: bool = False):
+    """One DICOM file as a pydicom Dataset; unreadable -> one-line DataError naming the file. It must
+    hold an object (SOPClassUID or Modality), except that sorting files into series (`header_only`)
+    passes over Part 10 files without one, such as a DICOMDIR: a `.dcm` name alone does not make
+    random bytes DICOM.
+
+    pydicom's warnings about odd but readable values are silenced: the rules below decide what is
+    acceptable, and a command's stderr stays one line."""
+    import pydicom
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, stop_before_pixels=header_only, force=True)
+    except Exception as exc:  # pydicom raises many kinds for truncated or foreign files
+        raise DataError(f"{path}: cannot read DICOM ({type(exc).__name__}: {one_line(exc)[:160]}); "
+                        f"expected a DICOM file") from None
+    if "SOPClassUID" not in ds and "Modality" not in ds and not (header_only and _has_preamble(path)):
+        raise DataError(f"{path}: found no DICOM header (neither SOPClassUID nor Modality); expected a DICOM file")
+    return ds
+
+
+def _floats(ds, keyword: str, count: int, path: Path) -> np.ndarray:
+    value = ds.get(keyword)
+    try:
+        out = np.array([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError):
+        out = np.zeros(0)
+    if out.shape != (count,) or not np.all(np.isfinite(out)):
+        raise DataError(f"{path}: found {keyword} {value!r}; expected {count} numbers")
+    return out
+
+
+def _is_ct_image(ds) -> bool:
+    modality = str(ds.get("Modality", "")).upper()
+    if modality in _SKIP_MODALITIES:
+        return False
+    if modality != "CT" and str(ds.get("SOPClassUID", "")) not in _CT_SOP_CLASSES:
+        return False
+    return "LOCALIZER" not in [str(v).upper() for v in (ds.get("ImageType") or [])]
+
+
+def find_dicom_series(root: str | Path, series_uid: str | None = None) -> list[DicomSeries]:
+    """The CT series among the DICOM files under `root` (any depth; `.dcm` files and files that carry
+    the DICOM preamble, whatever their names), sorted by folder and series number.
+
+    Files group by SeriesInstanceUID, frame of reference and orientation (anonymised files may carry
+    an empty SeriesInstanceUID); SEG, RTSTRUCT, SR and other non-image objects, non-CT images and
+    localiser images are skipped. `series_uid` keeps that series only. A series whose files disagree
+    on orientation or frame of reference is a DataError; so is a `series_uid` found nowhere.
+    Returns [] when there is no CT series (the caller says what it expected)."""
+    root = Path(root)
+    groups: list[dict] = []
+    for path in (p for p in visible_files(root) if _is_dicom_file(p)):
+        ds = _read_dicom(path, header_only=True)
+        if not _is_ct_image(ds):
+            continue
+        uid = str(ds.get("SeriesInstanceUID", "") or "")
+        frame = str(ds.get("FrameOfReferenceUID", "") or "")
+        iop = ds.get("ImageOrientationPatient")
+        iop = _floats(ds, "ImageOrientationPatient", 6, path) if iop is not None else None
+        for g in groups:
+            same_iop = (iop is None and g["iop"] is None) or (
+                iop is not None and g["iop"] is not None and np.abs(iop - g["iop"]).max() <= _ORIENTATION_TOL)
+            if g["uid"] == uid and g["frame"] == frame and same_iop:
+                g["files"].append(path)
+                break
+        else:
+            groups.append({"uid": uid, "frame": frame, "iop": iop, "files": [path], "ds": ds})
+    for uid in {g["uid"] for g in groups if g["uid"]}:
+        members = [g for g in groups if g["uid"] == uid]
+        if len(members) > 1 and (series_uid is None or series_uid == uid):
+            what = ("orientations (ImageOrientationPatient)" if len({g["frame"] for g in members}) == 1
+                    else "frames of reference (FrameOfReferenceUID)")
+            files = ", ".join(str(g["files"][0]) for g in members[:2])
+            raise DataError(f"series {uid}: found {len(members)} different {what} among its files (e.g. {files}); "
+                            f"expected one per series")
+    series = []
+    for g in groups:
+        files = tuple(sorted(g["files"]))
+        folder = Path(os.path.commonpath([str(p.parent) for p in files]))
+        number = g["ds"].get("SeriesNumber")
+        series.append((folder, str(number) if number not in (None, "") else "", g, files))
+    series.sort(key=lambda s: (str(s[0]), int(s[1]) if s[1].isdigit() else 1 << 30, s[2]["uid"]))
+    out, folders = [], [s[0] for s in series]
+    for i, (folder, number, g, files) in enumerate(series):
+        name = folder.name or "series"
+        if folders.count(folder) > 1:  # several series in one folder: keep their outputs apart
+            same = [s[1] for s in series if s[0] == folder]
+            name += f"_{number}" if number and same.count(number) == 1 else f"_{i + 1}"
+        description = str(g["ds"].get("SeriesDescription", "") or "")
+        out.append(DicomSeries(folder, files, g["uid"], name, description))
+    if series_uid is None:
+        return out
+    # Named among all the folder's series above, so a series keeps its output name with --series.
+    chosen = [s for s in out if s.uid == series_uid]
+    if not chosen:
+        known = ", ".join(f"{s.uid or '(no UID)'} ({len(s.files)} files)" for s in out[:6]) or "none"
+        raise DataError(f"{root}: found no CT series {series_uid}; expected one of: {known}")
+    return chosen
+
+
+def _hu_of(ds, path: Path) -> np.ndarray:
+    """The pixel data of a one-frame CT dataset in HU: pixel * RescaleSlope + RescaleIntercept, (Rows, Columns)."""
+    if "PixelData" not in ds:
+        raise DataError(f"{path}: found a DICOM {ds.get('Modality', '')} object without pixel data; "
+                        f"expected a CT image".replace("  ", " "))
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames != 1:
+        raise DataError(f"{path}: found a multi-frame image ({frames} frames); expected one slice per file "
+                        f"(CT Image Storage)")
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        raise DataError(f"{path}: found {ds.SamplesPerPixel} samples per pixel; expected a grey-scale CT image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pixels = ds.pixel_array
+    except Exception as exc:  # a missing decoder, a truncated file, a corrupt stream
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", str(syntax))
+        raise DataError(f"{path}: cannot decode its pixel data ({name}; {type(exc).__name__}: "
+                        f"{one_line(exc)[:160]}); expected a complete, decodable CT image") from None
+    if pixels.shape != (int(ds.Rows), int(ds.Columns)):
+        raise DataError(f"{path}: found pixel data of shape {pixels.shape}; expected ({ds.Rows}, {ds.Columns})")
+    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    return pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+
+
+def _dicom_affine(iop: np.ndarray, position: np.ndarray, pixel_spacing: np.ndarray,
+                  slice_step: np.ndarray) -> np.ndarray:
+    """The NIfTI-style affine (RAS) of a file array indexed (column, row, slice), as DICOM's tags give
+    it in LPS: column i moves along the row direction (IOP[:3]) by PixelSpacing[1], row j along the
+    column direction (IOP[3:]) by PixelSpacing[0], slice k by `slice_step` (a vector, mm)."""
+    lps = np.eye(4)
+    lps[:3, 0] = iop[:3] * pixel_spacing[1]
+    lps[:3, 1] = iop[3:] * pixel_spacing[0]
+    lps[:3, 2] = slice_step
+    lps[:3, 3] = position
+    return _LPS_TO_RAS @ lps
+
+
+def read_dicom_series(series: DicomSeries) -> tuple[np.ndarray, Geometry]:
+    """Read a CT series: HU as float32 slices (Z, H, W) in (S, P, L) order and its Geometry.
+
+    Slices are ordered by their position along the slice normal (ImagePositionPatient . the cross
+    product of ImageOrientationPatient's row and column directions), never by file name or
+    InstanceNumber; HU = pixel * RescaleSlope + RescaleIntercept, slice by slice. The file array is
+    (column, row, position) with the affine the tags describe (`_dicom_affine`), so the series takes
+    the path a NIfTI volume takes. A stack that is not one regular volume (a single slice, slices of
+    different size or spacing, two at one position, uneven steps such as a missing slice, gantry tilt)
+    is a DataError naming the series and the file."""
+    label = series.label
+    datasets = [(p, _read_dicom(p)) for p in series.files]
+    if len(datasets) < 2:
+        raise DataError(f"{label}: found a single slice; expected at least 2 slices to form a volume "
+                        f"(give the file itself as --input for one slice)")
+    first_path, first = datasets[0]
+    iop = _floats(first, "ImageOrientationPatient", 6, first_path)
+    spacing = _floats(first, "PixelSpacing", 2, first_path)
+    size = (int(first.get("Rows") or 0), int(first.get("Columns") or 0))
+    normal = np.cross(iop[:3], iop[3:])
+    if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-2):
+        raise DataError(f"{first_path}: found ImageOrientationPatient {list(iop)}; expected two orthogonal "
+                        f"unit vectors")
+    positions, slices = [], []
+    for path, ds in datasets:
+        if np.abs(_floats(ds, "ImageOrientationPatient", 6, path) - iop).max() > _ORIENTATION_TOL:
+            raise DataError(f"{label}: {path} has another orientation than {first_path}; expected one orientation")
+        if (int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)) != size:
+            raise DataError(f"{label}: {path} has {ds.get('Rows')}x{ds.get('Columns')} pixels where "
+                            f"{first_path} has {size[0]}x{size[1]}; expected one slice size")
+        if np.abs(_floats(ds, "PixelSpacing", 2, path) - spacing).max() > 1e-3 * spacing.max():
+            raise DataError(f"{label}: {path} has PixelSpacing {list(ds.PixelSpacing)} where {first_path} has "
+                            f"{list(spacing)}; expected one pixel spacing")
+        positions.append(_floats(ds, "ImagePositionPatient", 3, path))
+        slices.append(_hu_of(ds, path))
+        del ds.PixelData  # the Geometry keeps headers only
+    positions = np.array(positions)  # (N, 3) LPS mm
+    along = positions @ normal
+    order = np.argsort(along, kind="stable")
+    along, positions = along[order], positions[order]
+    files = [datasets[i][0] for i in order]
+    steps = np.diff(along)
+    step = float(np.median(steps))
+    if steps.min() <= 1e-3 * max(step, 1e-3):
+        i = int(np.argmin(steps))
+        raise DataError(f"{label}: {files[i]} and {files[i + 1]} lie at the same position ({along[i]:.3f} mm "
+                        f"along the slice normal); expected one slice per position")
+    uneven = np.abs(steps - step) > max(_SPACING_TOL * step, 1e-2)
+    if uneven.any():
+        i = int(np.flatnonzero(uneven)[0])
+        hint = " (a missing slice?)" if steps[i] > 1.5 * step else ""
+        raise DataError(f"{label}: found a step of {steps[i]:.3f} mm between {files[i].name} and "
+                        f"{files[i + 1].name} where the series steps {step:.3f} mm{hint}; expected evenly "
+                        f"spaced slices")
+    offsets = positions - positions[0]
+    drift = np.linalg.norm(offsets - np.outer(offsets @ normal, normal), axis=1)  # in-plane part, mm
+    if drift.max() > _DRIFT_TOL * spacing.min():
+        length = float(along[-1] - along[0])
+        angle = float(np.degrees(np.arctan2(drift.max(), length)))
+        raise DataError(f"{label}: slice positions drift {drift.max():.2f} mm across the slice plane over "
+                        f"{length:.1f} mm (gantry tilt about {angle:.1f} degrees); expected positions along "
+                        f"the slice normal (resample the series first)")
+    volume = np.stack([slices[i].T for i in order], axis=2)  # (columns, rows, slices)
+    affine = _dicom_affine(iop, positions[0], spacing, normal * (along[-1] - along[0]) / (len(along) - 1))
+    headers = tuple(datasets[i][1] for i in order)
+    geom = Geometry(affine, volume.shape, affine, 1, affine, 1, ("mm", "sec"), label, headers)
+    return geom.to_slices(volume), geom
+
+
+def read_dicom_slice(path: str | Path) -> np.ndarray:
+    """One DICOM CT file as a slice: HU float32 (H, W), rows anterior -> posterior and columns patient
+    right -> left as the slices of a volume are (from its orientation tags; a file without them is
+    taken as displayed). A slice whose plane is not axial is a DataError."""
+    path = Path(path)
+    ds = _read_dicom(path)
+    hu = _hu_of(ds, path)
+    if "ImageOrientationPatient" not in ds or "PixelSpacing" not in ds:
+        return hu
+    iop = _floats(ds, "ImageOrientationPatient", 6, path)
+    position = _floats(ds, "ImagePositionPatient", 3, path) if "ImagePositionPatient" in ds else np.zeros(3)
+    thickness = float(ds.get("SliceThickness") or 1.0) or 1.0
+    affine = _dicom_affine(iop, position, _floats(ds, "PixelSpacing", 2, path),
+                           np.cross(iop[:3], iop[3:]) * thickness)
+    geom = Geometry(affine, (hu.shape[1], hu.shape[0], 1), source=str(path))
+    geom.slice_index(0)  # raises unless the file's slice is axial
+    return geom.to_slices(hu.T[:, :, None])[0]
+
+
+# --------------------------------------------------------------------------------------------
 # Inputs of the predict scripts
 # --------------------------------------------------------------------------------------------
 
@@ -377,49 +667,101 @@ def visible_files(root: Path):
 
 
 def input_kind(path: Path) -> str | None:
-    """The kind of an input file: volume (NIfTI), image (a 2D slice file) or None."""
+    """The kind of an input file: volume (NIfTI), image (a 2D slice file, a lone DICOM file among
+    them) or None."""
     name = path.name.lower()
     if name.endswith(VOLUME_SUFFIXES):
         return "volume"
-    return "image" if path.suffix.lower() in IMAGE_SUFFIXES else None
+    if path.suffix.lower() in IMAGE_SUFFIXES or _is_dicom_file(path):
+        return "image"
+    return None
 
 
-def find_inputs(path: str | Path) -> list[tuple[Path, str]]:
-    """A file, or the volumes and slices of a folder (not recursive), as (path, kind) sorted by name.
+def find_inputs(path: str | Path, series: str | None = None) -> list[tuple[Path | DicomSeries, str]]:
+    """What --input names, as (item, kind) pairs: kind "volume" for a NIfTI file (item a Path) or a
+    DICOM CT series (item a DicomSeries), "image" for a 2D slice file (PNG, JPG, NPY, one DICOM file).
 
-    A folder run skips hidden files, the predict scripts' own outputs (`*_seg.nii.gz`, `*_mask.png`,
-    `*_overlay.png`) and LiTS label volumes (`segmentation-N.nii[.gz]`)."""
+    A file is one item. A folder gives its NIfTI volumes and slices (top level, sorted by name;
+    hidden files, the predict scripts' own outputs and LiTS `segmentation-N.nii[.gz]` skipped) and
+    every CT series among its DICOM files (any depth; see `find_dicom_series`). `series` picks one
+    DICOM series by SeriesInstanceUID and nothing else."""
     path = Path(path)
-    expected = "a NIfTI volume (.nii, .nii.gz), a 2D slice (.png, .jpg, .npy) or a folder of them"
+    expected = ("a NIfTI volume (.nii, .nii.gz), a 2D slice (.png, .jpg, .npy, .dcm), a folder holding a "
+                "DICOM CT series, or a folder of them")
     if path.is_file():
+        if series is not None:
+            raise DataError(f"{path}: found --series with a file; expected a folder of DICOM files")
         kind = input_kind(path)
         if kind is None:
             raise DataError(f"{path}: found a {''.join(path.suffixes) or 'file without extension'}; expected {expected}")
         return [(path, kind)]
-    if path.is_dir():
-        found = [(p, input_kind(p)) for p in sorted(path.iterdir())
-                 if p.is_file() and not p.name.startswith(".") and not _SKIPPED.search(p.name)]
-        found = [(p, k) for p, k in found if k is not None]
-        if not found:
-            raise DataError(f"{path}: found no volumes or slices in this folder; expected {expected}")
-        return found
-    raise DataError(f"{path}: input not found; expected {expected}")
+    if not path.is_dir():
+        raise DataError(f"{path}: input not found; expected {expected}")
+    found: list[tuple[Path | DicomSeries, str]] = []
+    if series is None:
+        for p in sorted(path.iterdir()):
+            if p.is_file() and not p.name.startswith(".") and not _SKIPPED.search(p.name) and not _is_dicom_file(p):
+                kind = input_kind(p)
+                if kind is not None:
+                    found.append((p, kind))
+    found += [(s, "volume") for s in find_dicom_series(path, series)]
+    if not found:
+        raise DataError(f"{path}: found no volumes or slices in this folder, nor a DICOM CT series at any depth "
+                        f"({_folder_summary(path)}); expected {expected}")
+    return found
 
 
-def input_name(item: Path) -> tuple[str, Path]:
+def _folder_summary(root: Path) -> str:
+    """What a folder without inputs holds, for the error message: DICOM objects by modality, other files."""
+    modalities: dict[str, int] = {}
+    others = 0
+    for p in visible_files(root):
+        if _is_dicom_file(p):
+            try:
+                modality = str(_read_dicom(p, header_only=True).get("Modality", "") or "no modality")
+            except DataError:
+                modality = "unreadable"
+            modalities[modality] = modalities.get(modality, 0) + 1
+        else:
+            others += 1
+    found = [f"DICOM {m}: {n}" for m, n in sorted(modalities.items())]
+    return ", ".join(found + [f"{others} other file(s)"])
+
+
+def input_name(item: Path | DicomSeries) -> tuple[str, Path]:
     """(stem, folder) of an input from `find_inputs`: the stem its outputs and table rows are named by
-    (a NIfTI file's name without suffix, a slice's stem) and the folder its outputs go to by default."""
+    (a NIfTI file's name without suffix, a slice's stem, a series' folder name) and the folder its
+    outputs go to by default (beside the file; beside the series' folder, never inside it)."""
+    if isinstance(item, DicomSeries):
+        return item.name, item.folder.parent
     return (strip_nifti_suffix(item.name) if item.name.lower().endswith(VOLUME_SUFFIXES) else item.stem), item.parent
 
 
-def one_volume(path: Path, inputs: list[tuple[Path, str]]) -> bool:
-    """Whether `find_inputs(path)` gave one volume alone (a NIfTI file). Flags such as --slice need that."""
-    return len(inputs) == 1 and inputs[0][1] == "volume" and Path(path).is_file()
+def one_volume(path: Path, inputs: list[tuple[Path | DicomSeries, str]]) -> bool:
+    """Whether `find_inputs(path)` gave one volume alone: a NIfTI file, or a folder that holds exactly
+    one DICOM series (or one picked by --series). Flags such as --slice need that."""
+    return (len(inputs) == 1 and inputs[0][1] == "volume"
+            and (Path(path).is_file() or isinstance(inputs[0][0], DicomSeries)))
 
 
-def read_volume(source: str | Path) -> tuple[np.ndarray, Geometry]:
-    """Any CT volume: HU as float32 slices (Z, H, W) in (S, P, L) order and its Geometry."""
-    return load_volume(source)
+def read_volume(source: str | Path | DicomSeries) -> tuple[np.ndarray, Geometry]:
+    """Any CT volume: HU as float32 slices (Z, H, W) in (S, P, L) order and its Geometry.
+
+    `source` is a NIfTI file, a DicomSeries (from `find_inputs` or `find_dicom_series`), or a folder
+    holding exactly one DICOM CT series."""
+    if isinstance(source, DicomSeries):
+        return read_dicom_series(source)
+    path = Path(source)
+    if path.is_dir():
+        found = find_dicom_series(path)
+        if len(found) != 1:
+            raise DataError(f"{path}: found {len(found)} DICOM CT series; expected exactly one (pick one with "
+                            f"--series UID)")
+        return read_dicom_series(found[0])
+    if _is_dicom_file(path):
+        raise DataError(f"{path}: found a single DICOM file; expected a folder holding the whole series "
+                        f"for a volume")
+    return load_volume(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,7 +772,7 @@ def write_labels(labels: np.ndarray, geometry: Geometry, path: str | Path) -> No
     """Write labels (Z, H, W) uint8 in {0, 1, 2}, in slices order, back on the input's own grid.
 
     `.nii` / `.nii.gz`: the file's voxel order, affine, qform and sform (codes included), so it overlays
-    the CT voxel for voxel."""
+    the CT voxel for voxel (for a DICOM input, the series' grid in RAS)."""
     path = Path(path)
     file_labels = geometry.to_file(np.asarray(labels, dtype=np.uint8))
     name = path.name.lower()

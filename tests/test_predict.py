@@ -28,7 +28,9 @@ import inference
 import phantom
 import predict_classification as pc
 import predict_segmentation as ps
+import pydicom
 import volumes
+from tests.dicom_helpers import canonical_slices, dicom_twin, read_series_by_tags
 
 ROOT = Path(__file__).resolve().parents[1]
 WINDOW = volumes.WINDOW_HU
@@ -425,6 +427,92 @@ def test_folders_of_volumes_and_of_slices(phantoms, slice_files, ckpts, tmp_path
 
 
 # --------------------------------------------------------------------------------------------
+# DICOM series in, NIfTI or DICOM SEG out
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def series(phantoms, tmp_path_factory) -> dict[str, Path]:
+    """The "flipped" phantom again as a DICOM series in CT/patient-0/ (its NIfTI twin), with the files
+    named by nothing in particular and without extensions."""
+    root = tmp_path_factory.mktemp("dicom")
+    files = dicom_twin(root / "scratch", phantoms["flipped"][0])
+    folder = root / "CT" / "patient-0"
+    folder.mkdir(parents=True)
+    for i, path in enumerate(files):
+        path.rename(folder / f"{(i * 7919) % 1000:03d}")
+    return {"folder": folder, "files": sorted(folder.iterdir())}
+
+
+def truth_of_source(segmentation: Path, ds) -> np.ndarray:
+    """The twin's labels of one DICOM slice (rows, columns): the NIfTI slice at its position."""
+    img = nib.load(str(segmentation))
+    ras = np.diag([-1.0, -1.0, 1.0]) @ np.array(ds.ImagePositionPatient, dtype=float)
+    ijk = np.linalg.solve(img.affine[:3, :3], ras - img.affine[:3, 3])
+    np.testing.assert_allclose(ijk[:2], 0, atol=1e-3)
+    return np.asanyarray(img.dataobj)[:, :, int(round(ijk[2]))].T
+
+
+def test_dicom_series_labels_lie_on_the_series_grid(series, phantoms, ckpts, monkeypatch):
+    volume, segmentation = phantoms["flipped"]
+    truth_slices, _ = volumes.load_label_volume(segmentation)
+    use_oracle(monkeypatch, Oracle(unit_slices(volume, 48), torch.from_numpy(truth_slices)))
+    result = ps.main(seg_args("--checkpoint", ckpts["seg48"], "--input", series["folder"], "--no-postprocess",
+                              "--device", "cpu"))
+    out = series["folder"].parent / "patient-0_seg.nii.gz"  # beside the series folder, named after it
+    report = result["cases"][0]
+    assert report["output"] == str(out) and report["input"] == str(series["folder"])
+    assert report["series_instance_uid"] == pydicom.dcmread(series["files"][0]).SeriesInstanceUID
+    pred = nib.load(str(out))
+    _, tags_affine, datasets = read_series_by_tags(series["files"])
+    np.testing.assert_allclose(pred.affine, tags_affine, atol=1e-4)  # the series' own grid in world space
+    assert pred.shape == (48, 48, 8)
+    got, world = canonical_slices(np.asanyarray(pred.dataobj), pred.affine)
+    expected, world_twin = canonical_slices(np.asanyarray(nib.load(str(segmentation)).dataobj),
+                                            nib.load(str(segmentation)).affine)
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_allclose(world, world_twin, atol=1e-3)
+    out.unlink()
+
+
+def test_classification_of_a_series_numbers_slices_in_series_order(series, phantoms, ckpts, tmp_path, monkeypatch):
+    volume, segmentation = phantoms["flipped"]
+    truth_slices, _ = volumes.load_label_volume(segmentation)
+    use_oracle(monkeypatch, Oracle(unit_slices(volume, 32), torch.from_numpy((truth_slices == 2).any(axis=(1, 2)))))
+    pc.main(cls_args("--checkpoint", ckpts["cls"], "--input", series["folder"], "--output", tmp_path / "p.csv",
+                     "--device", "cpu"))
+    with open(tmp_path / "p.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    _, _, by_position = read_series_by_tags(series["files"])
+    assert list(rows[0]) == ["case", "slice", "probability", "prediction", "sop_instance_uid"]
+    assert [int(r["slice"]) for r in rows] == list(range(8))
+    assert [r["sop_instance_uid"] for r in rows] == [d.SOPInstanceUID for d in by_position]
+    expected = ["tumor" if (truth_of_source(segmentation, d) == 2).any() else "healthy" for d in by_position]
+    assert [r["prediction"] for r in rows] == expected and "tumor" in expected and "healthy" in expected
+    assert {r["case"] for r in rows} == {"patient-0"}
+
+
+def test_folder_with_two_series_and_the_series_flag(series, phantoms, ckpts, tmp_path):
+    study = tmp_path / "study"
+    dicom_twin(study, phantoms["flipped"][0], series_number=2)
+    dicom_twin(study, phantoms["ras"][0], series_number=7)
+    uids = [s.uid for s in volumes.find_dicom_series(study)]
+    result = ps.main(seg_args("--checkpoint", ckpts["seg"], "--input", study, "--device", "cpu"))
+    outs = [tmp_path / "study_2_seg.nii.gz", tmp_path / "study_7_seg.nii.gz"]
+    assert [c["output"] for c in result["cases"]] == [str(o) for o in outs]
+    assert [c["series_instance_uid"] for c in result["cases"]] == uids
+    for out in outs:
+        assert nib.load(str(out)).shape == (48, 48, 8)
+        out.unlink()
+    picked = ps.main(seg_args("--checkpoint", ckpts["seg"], "--input", study, "--series", uids[1],
+                              "--output", tmp_path / "picked.nii.gz", "--device", "cpu"))
+    assert [c["series_instance_uid"] for c in picked["cases"]] == [uids[1]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["picked.nii.gz", "study"]
+    rows = pc.main(cls_args("--checkpoint", ckpts["cls"], "--input", study, "--series", uids[0],
+                            "--device", "cpu"))["rows"]
+    assert {r["case"] for r in rows} == {"study_2"} and len(rows) == 8
+
+
+# --------------------------------------------------------------------------------------------
 # Classification
 # --------------------------------------------------------------------------------------------
 
@@ -484,6 +572,20 @@ def bad_files(phantoms, ckpts, tmp_path_factory) -> dict[str, Path]:
             return (open, (str(root / "pwned"), "w"))
     torch.save({"hyper_parameters": {"task": "segmentation"}, "state_dict": {}, "evil": Evil()}, root / "evil.ckpt")
     (root / "a_file").write_text("not a folder")
+    # DICOM folders that cannot give a volume
+    (root / "not_dicom").mkdir()
+    for i in range(3):
+        (root / "not_dicom" / f"file{i}").write_bytes(rng.bytes(600))
+    for name in ("no_pixels", "single", "truncated_dcm", "missing_slice"):
+        dicom_twin(root / name, phantoms["flipped"][0])
+    no_pixels = pydicom.dcmread(root / "no_pixels" / "S1_IM0003.dcm")
+    del no_pixels.PixelData
+    no_pixels.save_as(root / "no_pixels" / "S1_IM0003.dcm", enforce_file_format=True)
+    for extra in sorted((root / "single").iterdir())[1:]:
+        extra.unlink()
+    cut = root / "truncated_dcm" / "S1_IM0005.dcm"
+    cut.write_bytes(cut.read_bytes()[:-2000])
+    (root / "missing_slice" / "S1_IM0004.dcm").unlink()
     return {"root": root, **{p.name: p for p in root.iterdir()}}
 
 
@@ -504,6 +606,11 @@ def _bad_cases(phantoms, ckpts, bad):
         "malicious pickle": ("predict_segmentation.py", bad["evil.ckpt"], ["--input", vol]),
         "slice out of range": (*seg, ["--input", vol, "--slice", "8"]),
         "output under a file": (*seg, ["--input", vol, "--output", blocked / "x.nii.gz"]),
+        "folder of non-DICOM files": (*seg, ["--input", bad["not_dicom"]]),
+        "DICOM without pixel data": (*seg, ["--input", bad["no_pixels"]]),
+        "single-slice series": (*cls, ["--input", bad["single"]]),
+        "truncated DICOM": (*seg, ["--input", bad["truncated_dcm"]]),
+        "series with a missing slice": (*cls, ["--input", bad["missing_slice"]]),
     }
 
 
@@ -525,10 +632,20 @@ def bad_runs(phantoms, ckpts, bad_files):
     return results, after - before
 
 
+NAMED = {  # what the one line must name, beyond "expected"
+    "folder of non-DICOM files": "3 other file(s)",
+    "DICOM without pixel data": "S1_IM0003.dcm",
+    "single-slice series": "single slice",
+    "truncated DICOM": "S1_IM0005.dcm",
+    "series with a missing slice": "missing slice",
+}
+
+
 @pytest.mark.parametrize("case", ["missing input", "corrupt nifti", "truncated nifti", "4D nifti", "2D nifti",
                                   "classification ckpt to segmentation", "segmentation ckpt to classification",
                                   "random bytes ckpt", "bare state dict", "malicious pickle", "slice out of range",
-                                  "output under a file"])
+                                  "output under a file", "folder of non-DICOM files", "DICOM without pixel data",
+                                  "single-slice series", "truncated DICOM", "series with a missing slice"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, bad_runs, bad_files):
     results, created = bad_runs
     proc = results[case]
@@ -536,6 +653,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, bad_runs, bad_fil
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "expected" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+    assert NAMED.get(case, "") in lines[0], proc.stderr
     assert not created, f"files left behind: {sorted(map(str, created))}"
     assert not (bad_files["root"] / "pwned").exists()
 

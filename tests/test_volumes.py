@@ -12,7 +12,11 @@ import pytest
 import torch
 
 import phantom
+import pydicom
 import volumes
+from pydicom.data import get_testdata_file
+from pydicom.uid import JPEG2000Lossless, RLELossless
+from tests.dicom_helpers import canonical_slices, dicom_twin, read_series_by_tags
 from volumes import DataError
 
 FLIPS = [(True, True, False), (False, False, True), (True, False, True), (False, True, False), (True, True, True)]
@@ -226,3 +230,247 @@ def test_4d_volume_is_a_data_error(tmp_path):
     assert_one_line_naming(exc, "volume-0.nii", "4D")
     single = save_nifti(tmp_path / "volume-1.nii", np.zeros((8, 8, 4, 1), np.int16))
     assert volumes.load_volume(single)[0].shape == (4, 8, 8)  # a trailing axis of 1 is fine
+
+
+def test_geometry_is_immutable_and_one_slice_sits_at_its_slice(tmp_path):
+    vol, _ = phantom.write_phantom_case(tmp_path, 1, size=48, seed=2, flips=(True, False, True))
+    _, geom = volumes.load_volume(vol)
+    with pytest.raises(AttributeError):
+        geom.shape = (1, 2, 3)
+    with pytest.raises(ValueError):
+        geom.affine[0, 0] = 5.0  # the matrix itself is read-only too
+    affine = nib.load(str(vol)).affine
+    one = geom.one_slice(3)
+    assert one.shape == (*geom.shape[:2], 1) and one.spacing == geom.spacing
+    np.testing.assert_allclose(one.affine @ [0, 0, 0, 1], affine @ [0, 0, 3, 1], atol=1e-5)
+    np.testing.assert_allclose(one.sform @ [5, 7, 0, 1], nib.load(str(vol)).get_sform() @ [5, 7, 3, 1], atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# DICOM series in: the same canonical array and world positions as the NIfTI twin
+# ------------------------------------------------------------------------------------------------
+
+# (flips of the phantom's NIfTI axes) -> the orientation scanners write: ImageOrientationPatient and
+# the order in which the files run along the body.
+ORIENTATIONS = {
+    "head-first, standard IOP, slices head to feet": ((True, True, True), [1, 0, 0, 0, 1, 0]),
+    "head-first, standard IOP, slices feet to head": ((True, True, False), [1, 0, 0, 0, 1, 0]),
+    "feet-first, columns flipped": ((False, True, False), [-1, 0, 0, 0, 1, 0]),
+    "rows and columns flipped": ((False, False, False), [-1, 0, 0, 0, -1, 0]),
+    "rows flipped, slices head to feet": ((True, False, True), [1, 0, 0, 0, -1, 0]),
+}
+
+
+def nifti_twin(folder: Path, flips, seed: int = 0, offset=(31.5, -12.25, 70.0), num_slices: int = 12):
+    """A 64x64x`num_slices` phantom as LiTS NIfTI files, moved by `offset` mm (origin far from 0)."""
+    vol, seg = phantom.write_phantom_case(folder, 0, size=64, seed=seed, num_slices=num_slices, flips=flips,
+                                          num_tumors=2)
+    for path in (vol, seg):
+        img = nib.load(str(path))
+        affine = img.affine.copy()
+        affine[:3, 3] += offset
+        save_nifti(path, np.asanyarray(img.dataobj).copy(), affine)  # a copy: the file is memory-mapped
+    return vol, seg
+
+
+@pytest.mark.parametrize("case", list(ORIENTATIONS))
+def test_dicom_series_loads_like_its_nifti_twin(tmp_path, case):
+    flips, iop = ORIENTATIONS[case]
+    vol, _ = nifti_twin(tmp_path / "nifti", flips)
+    files = dicom_twin(tmp_path / "ct", vol, patient_position="FFS" if "feet-first" in case else "HFS")
+    assert [float(v) for v in pydicom.dcmread(files[0]).ImageOrientationPatient] == iop  # the case is what it says
+
+    hu, geom = volumes.read_volume(tmp_path / "ct")
+    expected, world = canonical_slices(raw_array(vol), nib.load(str(vol)).affine)
+    assert hu.dtype == np.float32
+    np.testing.assert_array_equal(hu, expected)
+    _, world_dicom = canonical_slices(np.zeros(geom.shape), geom.affine)
+    np.testing.assert_allclose(world_dicom, world, atol=1e-3)  # every voxel at the same mm position
+    assert world[:3, 3] @ world[:3, 3] > 100  # the origin is far from the world origin
+    _, tags_affine, datasets = read_series_by_tags(files)
+    np.testing.assert_allclose(geom.affine, tags_affine, atol=1e-4)
+    np.testing.assert_allclose(geom.spacing, volumes.load_volume(vol)[1].spacing, rtol=1e-5)
+    # The file axis runs along the slice normal: k = 0 is the first file by position, not by name.
+    assert [d.SOPInstanceUID for d in geom.dicom] == [d.SOPInstanceUID for d in datasets]
+    written = [pydicom.dcmread(f) for f in files]
+    step = np.subtract(written[1].ImagePositionPatient, written[0].ImagePositionPatient)
+    against_normal = float(step @ np.cross(iop[:3], iop[3:])) < 0
+    assert against_normal == (case in ("head-first, standard IOP, slices head to feet", "feet-first, columns flipped"))
+    by_name = [d.SOPInstanceUID for d in written]
+    assert [d.SOPInstanceUID for d in geom.dicom] == (by_name[::-1] if against_normal else by_name)
+
+
+def test_dicom_file_names_instance_numbers_and_depth_do_not_matter(tmp_path):
+    vol, _ = nifti_twin(tmp_path / "nifti", (True, True, False))
+    files = dicom_twin(tmp_path / "plain", vol)
+    rng = np.random.default_rng(0)
+    messy = tmp_path / "messy"
+    for i, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        ds.InstanceNumber = int(rng.integers(1, 1000))  # says nothing about the order
+        folder = messy / ("a/b" if i % 2 else "c")
+        folder.mkdir(parents=True, exist_ok=True)
+        ds.save_as(folder / f"{rng.integers(1 << 40):x}", enforce_file_format=True)  # no extension
+    assert not list(messy.rglob("*.dcm"))
+    hu, geom = volumes.read_volume(messy)
+    hu_plain, geom_plain = volumes.read_volume(tmp_path / "plain")
+    np.testing.assert_array_equal(hu, hu_plain)
+    np.testing.assert_allclose(geom.affine, geom_plain.affine)
+    ((item, kind),) = volumes.find_inputs(messy)
+    assert kind == "volume" and item.folder == messy and item.name == "messy"
+
+
+@pytest.mark.parametrize("syntax", [JPEG2000Lossless, RLELossless])
+def test_compressed_series_decodes_to_the_same_volume(tmp_path, syntax):
+    vol, _ = nifti_twin(tmp_path / "nifti", (True, True, True))
+    files = dicom_twin(tmp_path / "compressed", vol, transfer_syntax=syntax)
+    assert pydicom.dcmread(files[0]).file_meta.TransferSyntaxUID == syntax
+    hu, _ = volumes.read_volume(tmp_path / "compressed")
+    np.testing.assert_array_equal(hu, canonical_slices(raw_array(vol), nib.load(str(vol)).affine)[0])
+
+
+def test_two_series_in_one_folder_and_objects_that_are_not_ct(tmp_path):
+    vol_a, _ = nifti_twin(tmp_path / "a", (True, True, False), seed=1)
+    vol_b, _ = nifti_twin(tmp_path / "b", (False, True, True), seed=2, num_slices=10)
+    folder = tmp_path / "study"
+    dicom_twin(folder, vol_a, series_number=3)
+    files_b = dicom_twin(folder, vol_b, series_number=4)
+    for name in ("rtstruct.dcm", "test-SR.dcm"):  # real non-image objects from pydicom's test files
+        (folder / name).write_bytes(Path(get_testdata_file(name)).read_bytes())
+    scout = pydicom.dcmread(files_b[0])  # a localiser in series b: another orientation, skipped
+    scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    scout.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    scout.SOPInstanceUID = scout.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    scout.save_as(folder / "scout", enforce_file_format=True)
+
+    found = volumes.find_dicom_series(folder)
+    assert [s.name for s in found] == ["study_3", "study_4"]
+    assert [len(s.files) for s in found] == [12, 10]
+    for series, vol in zip(found, (vol_a, vol_b)):
+        hu, _ = volumes.read_volume(series)
+        np.testing.assert_array_equal(hu, canonical_slices(raw_array(vol), nib.load(str(vol)).affine)[0])
+    with pytest.raises(DataError) as exc:
+        volumes.read_volume(folder)  # a folder alone does not say which
+    assert_one_line_naming(exc, "2 DICOM CT series", "--series")
+    picked = volumes.find_inputs(folder, series=found[1].uid)
+    assert [(item.uid, kind) for item, kind in picked] == [(found[1].uid, "volume")]
+    with pytest.raises(DataError) as exc:
+        volumes.find_inputs(folder, series="1.2.3.4")
+    assert_one_line_naming(exc, "1.2.3.4", found[0].uid)
+
+
+def test_series_without_uid_split_by_frame_of_reference(tmp_path):
+    """Anonymised files may carry an empty SeriesInstanceUID: the frame of reference still tells
+    two series apart."""
+    folder = tmp_path / "anon"
+    for seed, number in ((1, 1), (2, 2)):
+        vol, _ = nifti_twin(tmp_path / f"n{seed}", (True, True, False), seed=seed)
+        dicom_twin(folder, vol, series_uid="", series_number=number, study_uid=f"1.2.3.{seed}")
+    found = volumes.find_dicom_series(folder)
+    assert len(found) == 2 and {s.uid for s in found} == {""} and len({s.name for s in found}) == 2
+
+
+def test_pydicom_ct_small_is_a_one_slice_input(tmp_path):
+    path = Path(get_testdata_file("CT_small.dcm"))
+    ds = pydicom.dcmread(path)
+    assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]  # rows A -> P, columns R -> L
+    expected = volumes.window_hu(ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept))
+    assert volumes.input_kind(path) == "image"
+    np.testing.assert_allclose(volumes.load_slice_image(path), expected, atol=1e-6)
+    hu = volumes.read_dicom_slice(path)
+    assert hu.shape == (128, 128) and hu.min() < -100 and hu.max() > 500  # air and bone, in HU
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "CT_small").write_bytes(path.read_bytes())
+    with pytest.raises(DataError) as exc:
+        volumes.read_volume(one)
+    assert_one_line_naming(exc, "single slice", "expected at least 2")
+    with pytest.raises(DataError) as exc:
+        volumes.read_volume(path)
+    assert_one_line_naming(exc, "CT_small.dcm", "whole series")
+
+
+# ------------------------------------------------------------------------------------------------
+# DICOM series that cannot form a volume: one line naming the series or file
+# ------------------------------------------------------------------------------------------------
+
+def _series(tmp_path, **kwargs) -> list[Path]:
+    vol, _ = nifti_twin(tmp_path / "nifti", (True, True, False), **kwargs)
+    return dicom_twin(tmp_path / "ct", vol)
+
+
+def test_missing_slice_is_a_data_error(tmp_path):
+    files = _series(tmp_path)
+    files[5].unlink()
+    with pytest.raises(DataError) as exc:
+        volumes.read_volume(tmp_path / "ct")
+    assert_one_line_naming(exc, str(tmp_path / "ct"), "missing slice", files[4].name, files[6].name, "evenly spaced")
+
+
+def test_gantry_tilt_is_a_data_error(tmp_path):
+    vol, _ = nifti_twin(tmp_path / "nifti", (True, True, False))
+    img = nib.load(str(vol))
+    tilted = img.affine.copy()
+    tilted[1, 2] = tilted[2, 2] * np.tan(np.radians(15))  # each slice moves along y as well: a 15 degree tilt
+    phantom.write_phantom_dicom(tmp_path / "ct", np.asanyarray(img.dataobj), tilted)
+    with pytest.raises(DataError) as exc:
+        volumes.read_volume(tmp_path / "ct")
+    msg = assert_one_line_naming(exc, "gantry tilt", "expected")
+    assert "15.0 degrees" in msg
+
+
+def test_mixed_orientations_in_one_series_are_a_data_error(tmp_path):
+    files = _series(tmp_path)
+    ds = pydicom.dcmread(files[3])
+    ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+    ds.save_as(files[3], enforce_file_format=True)
+    with pytest.raises(DataError) as exc:
+        volumes.find_inputs(tmp_path / "ct")
+    assert_one_line_naming(exc, ds.SeriesInstanceUID, "orientations", "expected one per series")
+
+
+@pytest.mark.parametrize("problem", ["no pixel data", "truncated", "not dicom"])
+def test_broken_files_are_a_data_error(tmp_path, problem):
+    files = _series(tmp_path)
+    bad = files[4]
+    if problem == "no pixel data":
+        ds = pydicom.dcmread(bad)
+        del ds.PixelData
+        ds.save_as(bad, enforce_file_format=True)
+    elif problem == "truncated":
+        bad.write_bytes(bad.read_bytes()[:-3000])
+    else:
+        bad.write_bytes(np.random.default_rng(0).bytes(4000))  # named .dcm, but random bytes
+    with pytest.raises(DataError) as exc:
+        volumes.read_volume(tmp_path / "ct")
+    assert_one_line_naming(exc, str(bad), "expected")
+
+
+def test_folder_without_inputs_says_what_it_found(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a scan")
+    (tmp_path / "blob").write_bytes(np.random.default_rng(0).bytes(300))
+    (tmp_path / "report.dcm").write_bytes(Path(get_testdata_file("test-SR.dcm")).read_bytes())
+    with pytest.raises(DataError) as exc:
+        volumes.find_inputs(tmp_path)
+    assert_one_line_naming(exc, "found no volumes or slices", "DICOM SR: 1", "2 other file(s)", "expected")
+
+
+# ------------------------------------------------------------------------------------------------
+# Labels out: NIfTI on the series' grid
+# ------------------------------------------------------------------------------------------------
+
+def test_labels_of_a_series_as_nifti_lie_on_the_series_grid(tmp_path):
+    vol, seg = nifti_twin(tmp_path / "nifti", (True, False, True))
+    files = dicom_twin(tmp_path / "ct", vol)
+    _, geom = volumes.read_volume(tmp_path / "ct")
+    labels, _ = volumes.load_label_volume(seg)  # the twin's truth, (Z, H, W) in slices order
+    volumes.write_labels(labels, geom, tmp_path / "out.nii.gz")
+    out = nib.load(str(tmp_path / "out.nii.gz"))
+    _, tags_affine, _ = read_series_by_tags(files)
+    np.testing.assert_allclose(out.affine, tags_affine, atol=1e-4)  # the series' own grid, in RAS
+    assert out.shape == (64, 64, 12) and out.get_data_dtype() == np.uint8
+    assert int(out.header["qform_code"]) == int(out.header["sform_code"]) == 1  # scanner coordinates
+    got, world = canonical_slices(np.asanyarray(out.dataobj), out.affine)
+    expected, world_twin = canonical_slices(raw_array(seg), nib.load(str(seg)).affine)
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_allclose(world, world_twin, atol=1e-3)
