@@ -7,12 +7,13 @@
     python predict_segmentation.py --checkpoint best.ckpt --input slice.png               # mask + overlay PNG
     python predict_segmentation.py --checkpoint best.ckpt --input scans/ --output predictions/
     python predict_segmentation.py --checkpoint best.ckpt --input CT/patient-7/            # a DICOM series
+    python predict_segmentation.py --checkpoint best.ckpt --input CT/patient-7/ --output patient-7_seg.dcm
 
 A volume gives a label NIfTI (uint8: 0 background, 1 liver, 2 tumor) with exactly the input's shape,
 affine and orientation, so it opens on top of the CT in 3D Slicer or ITK-SNAP; default name
 `<name>_seg.nii.gz` beside the input. A DICOM series (a folder of its files, any depth, with or
 without extensions) gives the same on the series' own grid, `<series folder>_seg.nii.gz` beside
-the folder. A 2D slice
+the folder, or with `--output x.dcm` a DICOM Segmentation that references the series. A 2D slice
 (PNG/JPG taken as already windowed, `.npy` or one `.dcm` file in HU) gives `<stem>_mask.png`
 (label values 0/1/2) and `<stem>_overlay.png` (liver green, tumor red). A short report (liver
 volume, lesions, tumor burden) is printed and, with --report, saved as JSON.
@@ -40,7 +41,7 @@ from torch import nn
 from tqdm import tqdm
 
 from inference import infer_batched, load_checkpoint, pick_device, preprocess_volume
-from volumes import (VOLUME_SUFFIXES, DataError, DicomSeries, atomic_write_text, ensure_folder,
+from volumes import (DICOM_SUFFIX, VOLUME_SUFFIXES, DataError, DicomSeries, atomic_write_text, ensure_folder,
                      find_inputs, input_name, load_label_volume, load_slice_image, one_volume, read_volume,
                      run_cli, slice_of_file, write_labels, write_png)
 
@@ -208,7 +209,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="with a folder as --input: only the DICOM series with this SeriesInstanceUID "
                         "(default: every CT series in the folder)")
     p.add_argument("--output", type=Path, default=None,
-                   help="label volume path (.nii or .nii.gz) for one "
+                   help="label volume path (.nii or .nii.gz; for a DICOM series also .dcm, a DICOM SEG) for one "
                         "volume, mask path (.png) for one slice (the overlay goes beside it as <stem>_overlay.png), "
                         "a folder for a folder input (default: beside each input, <name>_seg.nii.gz, for a DICOM "
                         "series <series folder>_seg.nii.gz beside its folder, or <stem>_mask.png + <stem>_overlay.png)")
@@ -250,9 +251,11 @@ def _plan(args: argparse.Namespace, inputs: list[tuple[Path | DicomSeries, str]]
         if kind == "volume":
             name = stem + (f"_slice{args.slice}" if args.slice is not None else "")
             out = args.output or home / f"{name}_seg.nii.gz"
-            if not out.name.lower().endswith(VOLUME_SUFFIXES):
+            dicom = isinstance(source, DicomSeries)
+            if not out.name.lower().endswith(VOLUME_SUFFIXES + ((DICOM_SUFFIX,) if dicom else ())):
                 raise DataError(f"{out}: found output suffix {''.join(out.suffixes) or 'none'}; expected .nii or "
-                                f".nii.gz for a volume input")
+                                f".nii.gz for a volume input" + (" (or .dcm for a DICOM SEG)" if dicom else
+                                                                 " (a DICOM SEG needs a DICOM series as input)"))
             ensure_folder(out.parent)
             return [_Job(source, kind, (out,))]
         mask = args.output or home / f"{stem}_mask.png"

@@ -1,8 +1,9 @@
-"""CT and label volumes in and out: NIfTI, DICOM series and 2D slices, in one place.
+"""CT and label volumes in and out: NIfTI, DICOM series, DICOM SEG and 2D slices, in one place.
 
     hu, geom = read_volume("volume-7.nii")             # (Z, H, W) HU in (S, P, L) order, and its Geometry
     hu, geom = read_volume("CT/patient-7/")            # a folder holding one CT series as DICOM files
     write_labels(labels, geom, "volume-7_seg.nii.gz")  # back on the input's own grid
+    write_labels(labels, geom, "volume-7_seg.dcm")     # a DICOM Segmentation of a DICOM input
 
 Training (`dataset.py`) and both predict scripts read files through this module only, and the HU
 window and the resizing that turn a slice into model input live here too, so training and prediction
@@ -17,6 +18,7 @@ right on the image left). A DICOM series is first given the NIfTI-style affine i
 """
 from __future__ import annotations
 
+import copy
 import os
 import re
 import sys
@@ -172,7 +174,7 @@ class Geometry:
     the input. Immutable; `spacing` is derived from the affine.
 
     `dicom` holds, for a DICOM series, the source datasets (headers, no pixel data) in the file's
-    slice order (its third axis); it is empty for NIfTI files."""
+    slice order (its third axis), which a DICOM SEG references; it is empty for NIfTI files."""
 
     affine: np.ndarray                   # (4, 4) the file's voxel -> world (RAS, mm) matrix
     shape: tuple[int, int, int]          # the file's own array shape
@@ -765,21 +767,28 @@ def read_volume(source: str | Path | DicomSeries) -> tuple[np.ndarray, Geometry]
 
 
 # --------------------------------------------------------------------------------------------
-# Writing label volumes: NIfTI on the input's grid
+# Writing label volumes: NIfTI on the input's grid, or a DICOM Segmentation of a DICOM input
 # --------------------------------------------------------------------------------------------
 
 def write_labels(labels: np.ndarray, geometry: Geometry, path: str | Path) -> None:
     """Write labels (Z, H, W) uint8 in {0, 1, 2}, in slices order, back on the input's own grid.
 
     `.nii` / `.nii.gz`: the file's voxel order, affine, qform and sform (codes included), so it overlays
-    the CT voxel for voxel (for a DICOM input, the series' grid in RAS)."""
+    the CT voxel for voxel (for a DICOM input, the series' grid in RAS). `.dcm`: a DICOM Segmentation
+    of the source series (`write_dicom_seg`); the geometry must come from a DICOM series."""
     path = Path(path)
     file_labels = geometry.to_file(np.asarray(labels, dtype=np.uint8))
     name = path.name.lower()
     if name.endswith(VOLUME_SUFFIXES):
         _write_nifti_labels(file_labels, geometry, path)
+    elif name.endswith(DICOM_SUFFIX):
+        if not geometry.dicom:
+            raise DataError(f"{path}: found a DICOM SEG output for a non-DICOM input ({geometry.source}); "
+                            f"expected .nii or .nii.gz (a SEG must reference a DICOM series)")
+        write_dicom_seg(file_labels, geometry, path)
     else:
-        raise DataError(f"{path}: found output suffix {''.join(path.suffixes) or 'none'}; expected .nii or .nii.gz")
+        raise DataError(f"{path}: found output suffix {''.join(path.suffixes) or 'none'}; expected .nii, .nii.gz "
+                        f"or (for a DICOM input) .dcm")
 
 
 def _write_nifti_labels(file_labels: np.ndarray, geometry: Geometry, path: Path) -> None:
@@ -791,3 +800,91 @@ def _write_nifti_labels(file_labels: np.ndarray, geometry: Geometry, path: Path)
     img.header.set_slope_inter(None, None)  # labels are stored as they are, never scaled
     with _writing(path) as tmp:
         nib.save(img, tmp)
+
+
+# Attributes highdicom copies from the source images into a SEG. Identifiers missing from the source
+# (older and public series, e.g. 3D-IRCADb without FrameOfReferenceUID) are generated, the rest
+# (Type 2: present, may be empty) are left empty.
+_SEG_SERIES_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")
+_SEG_EMPTY_OK = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                 "StudyDate", "StudyTime", "ReferringPhysicianName")
+
+
+def _seg_sources(geometry: Geometry) -> tuple[list, list[str]]:
+    """In-memory copies of the source headers with what a SEG needs of them filled in, and the names
+    of the attributes that had to be generated or left empty."""
+    from pydicom.uid import generate_uid
+    sources = [copy.deepcopy(ds) for ds in geometry.dicom]
+    filled: list[str] = []
+    for keyword in _SEG_SERIES_UIDS:  # one value for the whole series
+        if any(not str(ds.get(keyword, "") or "") for ds in sources):
+            uid = next((str(ds.get(keyword)) for ds in sources if str(ds.get(keyword, "") or "")), None) or generate_uid()
+            for ds in sources:
+                setattr(ds, keyword, uid)
+            filled.append(keyword)
+    if any(not str(ds.get("SOPInstanceUID", "") or "") for ds in sources):
+        for ds in sources:
+            if not str(ds.get("SOPInstanceUID", "") or ""):
+                ds.SOPInstanceUID = generate_uid()
+        filled.append("SOPInstanceUID")
+    for ds in sources:
+        if not str(ds.get("SOPClassUID", "") or ""):
+            ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        if not str(ds.get("Modality", "") or ""):
+            ds.Modality = "CT"
+    for keyword in _SEG_EMPTY_OK:
+        if any(keyword not in ds for ds in sources):
+            for ds in sources:
+                if keyword not in ds:
+                    setattr(ds, keyword, "")
+            filled.append(keyword)
+    return sources, filled
+
+
+def write_dicom_seg(file_labels: np.ndarray, geometry: Geometry, path: str | Path) -> None:
+    """A DICOM Segmentation (BINARY) of labels in the file order of a DICOM geometry (columns, rows,
+    slices): one frame per source slice that holds a label, at that slice's position, referencing it;
+    segment 1 "Liver" (label 1: liver parenchyma, SCT 10200004) and segment 2 "Liver tumor" (label 2,
+    SCT 108369006 Neoplasm in the liver). Liver as LiTS counts it is both segments together.
+
+    Source series that lack identifiers the SEG requires still get one: they are generated on
+    in-memory copies (the input files are never touched) and one warning line says so."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+    path = Path(path)
+    if file_labels.shape != tuple(geometry.shape) or len(geometry.dicom) != geometry.shape[2]:
+        raise ValueError(f"labels {file_labels.shape} do not fit the geometry {geometry.shape} with "
+                         f"{len(geometry.dicom)} source slices")
+    sources, filled = _seg_sources(geometry)
+    if filled:
+        sys.stderr.write(f"warning: {geometry.source}: the source files lack {', '.join(filled)}; the SEG "
+                         f"carries generated identifiers or empty values for them (input files unchanged)\n")
+    algorithm = hd.AlgorithmIdentificationSequence(name="LiTS liver and tumor U-Net", version="1",
+                                                   family=codes.cid7162.ArtificialIntelligence)
+    automatic = hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC
+    segments = [
+        hd.seg.SegmentDescription(1, "Liver", codes.SCT.AnatomicalStructure, codes.SCT.Liver, automatic,
+                                  algorithm, tracking_uid=hd.UID(), tracking_id="liver"),
+        hd.seg.SegmentDescription(2, "Liver tumor", codes.SCT.MorphologicallyAbnormalStructure,
+                                  codes.SCT.Neoplasm, automatic, algorithm, tracking_uid=hd.UID(),
+                                  tracking_id="liver tumor", anatomic_regions=[codes.SCT.Liver]),
+    ]
+    frames = np.ascontiguousarray(np.transpose(file_labels, (2, 1, 0)))  # (slices, rows, columns) uint8 0/1/2
+    src = sources[0]
+    number = str(src.get("SeriesNumber", "") or "")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            seg = hd.seg.Segmentation(
+                source_images=sources, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+                segment_descriptions=segments, series_instance_uid=hd.UID(),
+                series_number=int(number) + 1000 if number.isdigit() else 1000, sop_instance_uid=hd.UID(),
+                instance_number=1, manufacturer="liver-tumor-lits (open source)", manufacturer_model_name="U-Net",
+                software_versions="1", device_serial_number="none", series_description="Liver and tumor segmentation",
+                omit_empty_frames=bool(frames.any()))
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise DataError(f"{geometry.source}: cannot build a DICOM SEG from this series ({type(exc).__name__}: "
+                        f"{one_line(exc)[:160]}); expected a CT series with the usual patient and study "
+                        f"attributes") from None
+    with _writing(path) as tmp:
+        seg.save_as(tmp)

@@ -44,3 +44,18 @@ def canonical_slices(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray,
     canon = nib.as_closest_canonical(nib.Nifti1Image(array, affine))
     ras = np.asanyarray(canon.dataobj)
     return np.ascontiguousarray(ras.transpose(2, 1, 0)[:, ::-1, ::-1]), canon.affine
+
+
+def seg_label_frames(seg_path: Path) -> tuple[dict[str, np.ndarray], pydicom.Dataset]:
+    """A DICOM SEG read back with pydicom alone: {referenced SOPInstanceUID: labels (rows, columns)}
+    with label = the segment number of the frame's segment (0 where no segment), and the dataset."""
+    seg = pydicom.dcmread(seg_path)
+    pixels = seg.pixel_array.reshape(int(seg.NumberOfFrames), int(seg.Rows), int(seg.Columns))
+    out: dict[str, np.ndarray] = {}
+    for frame, item in zip(pixels, seg.PerFrameFunctionalGroupsSequence):
+        uid = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        labels = out.setdefault(uid, np.zeros(frame.shape, np.uint8))
+        assert not (labels[frame > 0]).any(), "segments overlap"
+        labels[frame > 0] = number
+    return out, seg

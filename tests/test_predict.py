@@ -30,7 +30,7 @@ import predict_classification as pc
 import predict_segmentation as ps
 import pydicom
 import volumes
-from tests.dicom_helpers import canonical_slices, dicom_twin, read_series_by_tags
+from tests.dicom_helpers import canonical_slices, dicom_twin, read_series_by_tags, seg_label_frames
 
 ROOT = Path(__file__).resolve().parents[1]
 WINDOW = volumes.WINDOW_HU
@@ -474,6 +474,32 @@ def test_dicom_series_labels_lie_on_the_series_grid(series, phantoms, ckpts, mon
     out.unlink()
 
 
+def test_dicom_seg_output_holds_the_answer_slice_by_slice(series, phantoms, ckpts, tmp_path, monkeypatch):
+    volume, segmentation = phantoms["flipped"]
+    truth_slices, _ = volumes.load_label_volume(segmentation)
+    use_oracle(monkeypatch, Oracle(unit_slices(volume, 48), torch.from_numpy(truth_slices)))
+    out = tmp_path / "pred.dcm"
+    ps.main(seg_args("--checkpoint", ckpts["seg48"], "--input", series["folder"], "--output", out,
+                     "--no-postprocess", "--device", "cpu"))
+    frames, seg = seg_label_frames(out)
+    datasets = [pydicom.dcmread(p) for p in series["files"]]
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == datasets[0].SeriesInstanceUID
+    for ds in datasets:
+        expected = truth_of_source(segmentation, ds)
+        np.testing.assert_array_equal(frames.get(ds.SOPInstanceUID, np.zeros_like(expected)), expected)
+    assert any((f == 2).any() for f in frames.values())
+
+    k = 5  # --slice K of a series: K in the series' order, by position along the normal
+    _, _, by_position = read_series_by_tags(series["files"])
+    one = tmp_path / "one.dcm"
+    ps.main(seg_args("--checkpoint", ckpts["seg48"], "--input", series["folder"], "--slice", k, "--output", one,
+                     "--no-postprocess", "--device", "cpu"))
+    frames, _ = seg_label_frames(one)
+    assert set(frames) <= {by_position[k].SOPInstanceUID}
+    expected = truth_of_source(segmentation, by_position[k])
+    np.testing.assert_array_equal(frames.get(by_position[k].SOPInstanceUID, np.zeros_like(expected)), expected)
+
+
 def test_classification_of_a_series_numbers_slices_in_series_order(series, phantoms, ckpts, tmp_path, monkeypatch):
     volume, segmentation = phantoms["flipped"]
     truth_slices, _ = volumes.load_label_volume(segmentation)
@@ -611,6 +637,7 @@ def _bad_cases(phantoms, ckpts, bad):
         "single-slice series": (*cls, ["--input", bad["single"]]),
         "truncated DICOM": (*seg, ["--input", bad["truncated_dcm"]]),
         "series with a missing slice": (*cls, ["--input", bad["missing_slice"]]),
+        "SEG of a NIfTI input": (*seg, ["--input", vol, "--output", bad["root"] / "x.dcm"]),
     }
 
 
@@ -638,6 +665,7 @@ NAMED = {  # what the one line must name, beyond "expected"
     "single-slice series": "single slice",
     "truncated DICOM": "S1_IM0005.dcm",
     "series with a missing slice": "missing slice",
+    "SEG of a NIfTI input": "DICOM SEG needs a DICOM series",
 }
 
 
@@ -645,7 +673,8 @@ NAMED = {  # what the one line must name, beyond "expected"
                                   "classification ckpt to segmentation", "segmentation ckpt to classification",
                                   "random bytes ckpt", "bare state dict", "malicious pickle", "slice out of range",
                                   "output under a file", "folder of non-DICOM files", "DICOM without pixel data",
-                                  "single-slice series", "truncated DICOM", "series with a missing slice"])
+                                  "single-slice series", "truncated DICOM", "series with a missing slice",
+                                  "SEG of a NIfTI input"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, bad_runs, bad_files):
     results, created = bad_runs
     proc = results[case]

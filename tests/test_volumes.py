@@ -16,7 +16,7 @@ import pydicom
 import volumes
 from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000Lossless, RLELossless
-from tests.dicom_helpers import canonical_slices, dicom_twin, read_series_by_tags
+from tests.dicom_helpers import canonical_slices, dicom_twin, read_series_by_tags, seg_label_frames
 from volumes import DataError
 
 FLIPS = [(True, True, False), (False, False, True), (True, False, True), (False, True, False), (True, True, True)]
@@ -456,7 +456,7 @@ def test_folder_without_inputs_says_what_it_found(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# Labels out: NIfTI on the series' grid
+# Labels out: NIfTI on the series' grid, DICOM SEG referencing the series
 # ------------------------------------------------------------------------------------------------
 
 def test_labels_of_a_series_as_nifti_lie_on_the_series_grid(tmp_path):
@@ -474,3 +474,68 @@ def test_labels_of_a_series_as_nifti_lie_on_the_series_grid(tmp_path):
     expected, world_twin = canonical_slices(raw_array(seg), nib.load(str(seg)).affine)
     np.testing.assert_array_equal(got, expected)
     np.testing.assert_allclose(world, world_twin, atol=1e-3)
+
+
+@pytest.mark.parametrize("frame_of_reference", [True, False])
+def test_seg_round_trip_matches_the_nifti_output(tmp_path, capsys, frame_of_reference):
+    vol, seg = nifti_twin(tmp_path / "nifti", (False, True, True))
+    files = dicom_twin(tmp_path / "ct", vol, frame_of_reference=frame_of_reference)
+    before = {p: p.read_bytes() for p in files}
+    _, geom = volumes.read_volume(tmp_path / "ct")
+    labels, _ = volumes.load_label_volume(seg)
+    assert set(np.unique(labels)) == {0, 1, 2}
+    volumes.write_labels(labels, geom, tmp_path / "out.nii.gz")
+    volumes.write_labels(labels, geom, tmp_path / "out.dcm")
+    err = capsys.readouterr().err
+    if frame_of_reference:
+        assert err == ""
+    else:  # as 3D-IRCADb: the SEG still comes, with one warning line
+        assert err.count("\n") == 1 and err.startswith("warning: ") and "FrameOfReferenceUID" in err
+    assert {p: p.read_bytes() for p in files} == before  # the input is never touched
+
+    frames, seg_ds = seg_label_frames(tmp_path / "out.dcm")
+    sources = {d.SOPInstanceUID: d for d in (pydicom.dcmread(p) for p in files)}
+    assert seg_ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4" and seg_ds.Modality == "SEG"
+    assert seg_ds.SegmentationType == "BINARY"
+    first = next(iter(sources.values()))
+    assert seg_ds.StudyInstanceUID == first.StudyInstanceUID and seg_ds.PatientID == first.PatientID
+    assert seg_ds.ReferencedSeriesSequence[0].SeriesInstanceUID == first.SeriesInstanceUID
+    assert {i.ReferencedSOPInstanceUID for i in seg_ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence} \
+        == set(sources)
+    if frame_of_reference:
+        assert seg_ds.FrameOfReferenceUID == first.FrameOfReferenceUID
+    else:
+        assert seg_ds.FrameOfReferenceUID and "FrameOfReferenceUID" not in first
+    segments = {int(s.SegmentNumber): s for s in seg_ds.SegmentSequence}
+    assert segments[1].SegmentedPropertyTypeCodeSequence[0].CodeValue == "10200004"  # SCT Liver
+    assert segments[2].SegmentedPropertyTypeCodeSequence[0].CodeValue == "108369006"  # SCT Neoplasm
+    assert segments[2].AnatomicRegionSequence[0].CodeValue == "10200004"  # ... of the liver
+    for item in seg_ds.PerFrameFunctionalGroupsSequence:  # each frame where its source slice lies
+        source = sources[item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID]
+        np.testing.assert_allclose([float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient],
+                                   [float(v) for v in source.ImagePositionPatient], atol=1e-3)
+
+    # The SEG and the NIfTI output say the same, voxel for voxel: pair each source slice with the
+    # NIfTI slice at its world position.
+    nifti = nib.load(str(tmp_path / "out.nii.gz"))
+    data = np.asanyarray(nifti.dataobj)
+    for uid, source in sources.items():
+        ras = np.diag([-1.0, -1.0, 1.0]) @ np.array(source.ImagePositionPatient, dtype=float)
+        k = np.linalg.solve(nifti.affine[:3, :3], ras - nifti.affine[:3, 3])
+        np.testing.assert_allclose(k[:2], 0, atol=1e-3)
+        expected = data[:, :, int(round(k[2]))].T  # (rows, columns) as DICOM stores them
+        got = frames.get(uid, np.zeros_like(expected))  # frames without labels are left out
+        np.testing.assert_array_equal(got, expected)
+    assert sum(int((f > 0).sum()) for f in frames.values()) == int((labels > 0).sum())
+
+    import highdicom  # a second reader: highdicom parses what it wrote as a valid SEG
+    assert highdicom.seg.segread(tmp_path / "out.dcm").number_of_segments == 2
+
+
+def test_seg_of_a_nifti_input_is_a_data_error(tmp_path):
+    vol, seg = nifti_twin(tmp_path / "nifti", (False, False, False))
+    labels, geom = volumes.load_label_volume(seg)
+    with pytest.raises(DataError) as exc:
+        volumes.write_labels(labels, geom, tmp_path / "out.dcm")
+    assert_one_line_naming(exc, "out.dcm", "expected .nii or .nii.gz")
+    assert not list(tmp_path.glob("*out*"))
