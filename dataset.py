@@ -1,16 +1,11 @@
-"""LiTS data pipeline: cases on disk -> prepared slice cache -> patient-level split -> slice dataset.
+"""LiTS training data: cases on disk -> prepared slice cache -> patient-level split -> slice dataset.
 
     python dataset.py synth --out-dir data/synthetic --cases 12 --size 128 --seed 0
     python dataset.py prepare --data-dir data/synthetic --cache-dir data/cache
 
-Everything that turns a file into model input lives here and nowhere else: the predict scripts
-import `load_volume`, `window_hu` and `resize_slices` from this module, so training and prediction
-cannot drift apart.
-
-Orientation: every volume is brought to nibabel's closest canonical orientation and stored as axial
-slices in radiological display order, axis codes (S, P, L): axis 0 runs inferior -> superior, rows
-run anterior -> posterior (anterior at the top), columns run patient right -> left (patient right
-on the image left). `Geometry` keeps the way back to the file's own voxel order.
+Files are read through `volumes.py` (the same functions the predict scripts use, so training and
+prediction cannot drift apart): volumes arrive as axial slices in (S, P, L) order, see there.
+The synthetic phantom that `synth` writes lives in `phantom.py`.
 """
 from __future__ import annotations
 
@@ -22,222 +17,22 @@ import os
 import random
 import re
 import sys
-import tempfile
 from collections.abc import Sequence
-from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-WINDOW_HU: tuple[float, float] = (-200.0, 250.0)
-SEG_CLASSES: tuple[str, ...] = ("background", "liver", "tumor")
-CLS_CLASSES: tuple[str, ...] = ("healthy", "tumor")
-SLICE_AXCODES: tuple[str, str, str] = ("S", "P", "L")
+from volumes import (IMAGE_SUFFIXES, WINDOW_HU, DataError, atomic_output, atomic_write_text, context_indices,
+                     load_label_volume, load_slice_image, load_slice_mask, load_volume, one_line, resize_slices,
+                     run_cli, visible_files, window_hu)
+
 CACHE_VERSION = 1  # bump when the cache format or the preprocessing changes
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy")
-
-
-class DataError(ValueError):
-    """A problem with the user's data: the message is one line naming the file, what was found
-    and what was expected. Command-line entry points print it and exit with status 2."""
-
-
-def one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
-# --------------------------------------------------------------------------------------------
-# Intensity and geometry: the one place these happen, for training and prediction alike
-# --------------------------------------------------------------------------------------------
-
-def window_hu(hu, window: Sequence[float] = WINDOW_HU):
-    """Map Hounsfield units to [0, 1]: `window[0]` and below -> 0, `window[1]` and above -> 1.
-
-    Accepts a numpy array or a torch tensor and returns float32 of the same kind."""
-    lo, hi = float(window[0]), float(window[1])
-    if not hi > lo:
-        raise ValueError(f"window must satisfy low < high, got {window}")
-    if isinstance(hu, torch.Tensor):
-        return ((hu.float() - lo) / (hi - lo)).clamp_(0.0, 1.0)
-    out = (np.asarray(hu, dtype=np.float32) - np.float32(lo)) / np.float32(hi - lo)
-    return np.clip(out, 0.0, 1.0, out=out)
-
-
-def resize_slices(slices, size: int, kind: str = "image") -> torch.Tensor:
-    """Resize a stack of slices (Z, H, W) to (Z, size, size).
-
-    kind="image": bilinear with antialiasing (area-like when shrinking); kind="label": nearest,
-    so label values stay in {0, 1, 2}. Returns float32 for images, uint8 for labels."""
-    t = torch.as_tensor(slices)
-    if t.ndim != 3:
-        raise ValueError(f"expected slices of shape (Z, H, W), got {tuple(t.shape)}")
-    if t.shape[1] == size and t.shape[2] == size:
-        return t.float() if kind == "image" else t.to(torch.uint8)
-    if kind == "image":
-        out = F.interpolate(t.float()[:, None], size=(size, size), mode="bilinear",
-                            align_corners=False, antialias=True)[:, 0]
-        return out
-    out = F.interpolate(t.to(torch.float32)[:, None], size=(size, size), mode="nearest-exact")[:, 0]
-    return out.to(torch.uint8)
-
-
-@dataclass
-class Geometry:
-    """Where a volume came from and how to go back: the file's affine, shape and orientation."""
-
-    affine: np.ndarray          # the file's own voxel -> world (mm) matrix
-    shape: tuple[int, int, int]  # the file's own array shape
-    spacing: tuple[float, float, float]  # mm per voxel along (slice, row, column) of the slices array
-
-    @property
-    def _file_ornt(self) -> np.ndarray:
-        return io_orientation(self.affine)
-
-    def to_slices(self, volume: np.ndarray) -> np.ndarray:
-        """File voxel order -> slices (Z, H, W) in (S, P, L) order."""
-        t = ornt_transform(self._file_ornt, axcodes2ornt(SLICE_AXCODES))
-        return np.ascontiguousarray(apply_orientation(volume, t))
-
-    def to_file(self, slices: np.ndarray) -> np.ndarray:
-        """Slices (Z, H, W) -> the file's own voxel order; the inverse of `to_slices`."""
-        t = ornt_transform(axcodes2ornt(SLICE_AXCODES), self._file_ornt)
-        out = np.ascontiguousarray(apply_orientation(slices, t))
-        if out.shape != tuple(self.shape):
-            raise ValueError(f"slices of shape {slices.shape} do not map back to {self.shape}")
-        return out
-
-    def slice_index(self, k: int) -> int:
-        """Index along the slices array of the file's own axial slice k (its third axis)."""
-        t = ornt_transform(self._file_ornt, axcodes2ornt(SLICE_AXCODES))
-        new_axis, flip = int(t[2, 0]), t[2, 1] < 0
-        if new_axis != 0:
-            raise DataError(f"the file's third axis is not axial (orientation "
-                            f"{''.join(nib.aff2axcodes(self.affine))}); expected axial slices")
-        n = self.shape[2]
-        if not 0 <= k < n:
-            raise DataError(f"found slice {k}; expected 0..{n - 1} (the volume has {n} slices)")
-        return n - 1 - k if flip else k
-
-    def file_slice_index(self, z: int) -> int:
-        """The file's own index, along its axial axis, of slice z of the slices array; the inverse of
-        `slice_index` (reports name slices as the file numbers them)."""
-        t = ornt_transform(axcodes2ornt(SLICE_AXCODES), self._file_ornt)
-        axis, flip = int(t[0, 0]), t[0, 1] < 0
-        return int(self.shape[axis] - 1 - z) if flip else int(z)
-
-
-def read_nifti(path: Path):
-    """Open a NIfTI file: (nibabel image, array with the header's scaling applied, 3D). Any failure to
-    read it becomes a one-line DataError naming the file."""
-    try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)  # applies scl_slope/scl_inter where the header sets them
-    except DataError:
-        raise
-    except Exception as exc:  # nibabel raises many kinds for truncated or corrupt files
-        raise DataError(f"{path}: cannot read NIfTI ({one_line(type(exc).__name__)}: "
-                        f"{one_line(exc)[:200]}); expected a valid .nii or .nii.gz file") from None
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise DataError(f"{path}: found a {data.ndim}D array of shape {data.shape}; "
-                        f"expected a 3D volume")
-    return img, data
-
-
-def load_volume(path: str | Path) -> tuple[np.ndarray, Geometry]:
-    """Read a CT volume: returns HU as float32 slices (Z, H, W) in (S, P, L) order and its Geometry."""
-    path = Path(path)
-    img, data = read_nifti(path)
-    zooms = [float(z) for z in img.header.get_zooms()[:3]]
-    geom = Geometry(affine=np.asarray(img.affine, dtype=np.float64), shape=tuple(int(s) for s in data.shape),
-                    spacing=(0.0, 0.0, 0.0))
-    t = ornt_transform(geom._file_ornt, axcodes2ornt(SLICE_AXCODES))
-    spacing = [0.0, 0.0, 0.0]
-    for i in range(3):
-        spacing[int(t[i, 0])] = zooms[i]
-    geom.spacing = tuple(spacing)
-    hu = geom.to_slices(data.astype(np.float32, copy=False))
-    return hu, geom
-
-
-def load_label_volume(path: str | Path, expected_shape: tuple[int, ...] | None = None,
-                      image_path: str | Path | None = None) -> tuple[np.ndarray, Geometry]:
-    """Read a label volume: uint8 slices (Z, H, W) in (S, P, L) order with values in {0, 1, 2}."""
-    path = Path(path)
-    img, data = read_nifti(path)
-    if expected_shape is not None and tuple(data.shape) != tuple(expected_shape):
-        raise DataError(f"{path}: found shape {tuple(data.shape)}; expected {tuple(expected_shape)} "
-                        f"as its volume {Path(image_path).name if image_path else ''}".rstrip())
-    labels = check_labels(data, path)
-    geom = Geometry(affine=np.asarray(img.affine, dtype=np.float64),
-                    shape=tuple(int(s) for s in data.shape), spacing=(0.0, 0.0, 0.0))
-    return geom.to_slices(labels), geom
-
-
-def check_labels(data: np.ndarray, path: Path) -> np.ndarray:
-    """Labels must be whole numbers in {0, 1, 2} (some LiTS files store them as floats)."""
-    lo, hi = data.min(), data.max()
-    if lo < 0 or hi > 2 or (data.dtype.kind == "f" and np.any(data != np.round(data))):
-        values = np.unique(data)
-        shown = ", ".join(f"{v:g}" for v in values[:8]) + (" ..." if len(values) > 8 else "")
-        raise DataError(f"{path}: found label values {{{shown}}}; expected only 0 (background), "
-                        f"1 (liver), 2 (tumor)")
-    return data.astype(np.uint8, copy=False)
-
-
-def load_slice_image(path: str | Path) -> np.ndarray:
-    """Read one 2D slice as float32 (H, W) in [0, 1].
-
-    PNG/JPG must be 8-bit and are taken as already windowed (value / 255); `.npy` holds HU and is
-    windowed with the default window."""
-    path = Path(path)
-    try:
-        if path.suffix.lower() == ".npy":
-            arr = np.load(path, allow_pickle=False)
-            kind = "npy"
-        else:
-            from PIL import Image
-            with Image.open(path) as im:
-                if im.mode not in ("L", "RGB", "RGBA", "P", "LA"):
-                    raise DataError(f"{path}: found image mode {im.mode}; expected an 8-bit "
-                                    f"grayscale or RGB image (or .npy in HU)")
-                arr = np.asarray(im.convert("L"))
-            kind = "8bit"
-    except DataError:
-        raise
-    except Exception as exc:
-        raise DataError(f"{path}: cannot read image ({one_line(exc)[:200]}); expected PNG, JPG or NPY") from None
-    if arr.ndim != 2:
-        raise DataError(f"{path}: found an array of shape {arr.shape}; expected a 2D slice (H, W)")
-    if kind == "npy":
-        return window_hu(arr)
-    return arr.astype(np.float32) / 255.0
-
-
-def load_slice_mask(path: str | Path) -> np.ndarray:
-    """Read one 2D mask as uint8 (H, W) with label values in {0, 1, 2}."""
-    path = Path(path)
-    try:
-        if path.suffix.lower() == ".npy":
-            arr = np.load(path, allow_pickle=False)
-        else:
-            from PIL import Image
-            with Image.open(path) as im:
-                arr = np.asarray(im if im.mode in ("L", "P", "I", "I;16") else im.convert("L"))
-    except Exception as exc:
-        raise DataError(f"{path}: cannot read mask ({one_line(exc)[:200]}); expected PNG or NPY") from None
-    if arr.ndim != 2:
-        raise DataError(f"{path}: found an array of shape {arr.shape}; expected a 2D mask (H, W)")
-    return check_labels(arr, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,14 +52,6 @@ class Case:
 _LITS_VOL = re.compile(r"^volume-(\d+)\.nii(\.gz)?$")
 _LITS_SEG = re.compile(r"^segmentation-(\d+)\.nii(\.gz)?$")
 _MSD = re.compile(r"^(liver_\d+)\.nii(\.gz)?$")
-
-
-def visible_files(root: Path):
-    """Files under `root`, sorted, at any depth. Hidden files are skipped: the MSD archive ships
-    macOS "._liver_N.nii.gz" companions."""
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts):
-            yield p
 
 
 def _unique_by_key(paths, pattern, what):
@@ -384,32 +171,9 @@ def cache_folder(cache_dir: str | Path, data_dir: str | Path, image_size: int,
     return Path(cache_dir) / f"prep-{digest}"
 
 
-@contextmanager
-def atomic_output(path: str | Path):
-    """Yield a temporary path beside `path`; on success it is renamed to `path`, on any error removed,
-    so a reader never sees a half-written file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix="".join(path.suffixes[-2:]))
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
     with atomic_output(path) as tmp, open(tmp, "wb") as fh:
         np.save(fh, array)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_text(text)
 
 
 def _load_case_arrays(case: Case) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float], bool]:
@@ -576,11 +340,6 @@ def load_split(path: str | Path, known_ids: Sequence[str]) -> dict[str, list[str
 # Slice dataset and batched augmentation
 # --------------------------------------------------------------------------------------------
 
-def context_indices(z: int, num_slices: int, context_slices: int) -> np.ndarray:
-    """Slice indices z-k..z+k, clamped at the ends of the volume (the end slice repeats)."""
-    return np.clip(np.arange(z - context_slices, z + context_slices + 1), 0, num_slices - 1)
-
-
 class LiTSSliceDataset(Dataset):
     """Axial slices from prepared cases.
 
@@ -678,138 +437,6 @@ def tumor_sampler(tumor: np.ndarray, fraction: float, num_samples: int | None = 
     gen = torch.Generator().manual_seed(seed)
     return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), num_samples or len(tumor),
                                  replacement=True, generator=gen)
-
-
-# --------------------------------------------------------------------------------------------
-# Synthetic LiTS phantom
-# --------------------------------------------------------------------------------------------
-
-def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], cells: int) -> np.ndarray:
-    """Smooth random field in about [-1, 1]: coarse noise upsampled with linear interpolation."""
-    from scipy.ndimage import zoom
-    coarse = rng.standard_normal(tuple(max(2, min(cells, s)) for s in shape)).astype(np.float32)
-    field_ = zoom(coarse, [s / c for s, c in zip(shape, coarse.shape)], order=1)
-    return field_[tuple(slice(0, s) for s in shape)] / 1.5
-
-
-def make_phantom(size: int = 128, num_slices: int | None = None, seed: int = 0,
-                 num_tumors: int | None = None) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
-    """A CT-like abdominal phantom in canonical RAS voxel order (x: left -> right, y: posterior ->
-    anterior, z: inferior -> superior).
-
-    Returns (hu (X, Y, Z) int16, labels (X, Y, Z) uint8 with 0/1/2, spacing in mm). Body, fat,
-    muscle, spine, aorta, spleen, kidneys, a textured lobulated liver (95-120 HU) with vessels,
-    0-4 hypo- or hyperdense tumors (10-60 mm, 10-50 HU contrast) inside it, and 10-20 HU noise."""
-    from scipy.ndimage import distance_transform_edt
-    rng = np.random.default_rng(seed)
-    nz = num_slices or int(rng.integers(size // 3, size // 2 + 1))
-    xy_mm = 360.0 / size * rng.uniform(0.85, 1.1)
-    z_mm = float(rng.uniform(1.5, 5.0))
-    u = np.linspace(-1, 1, size, dtype=np.float32)[:, None, None]   # x, patient right is +
-    v = np.linspace(-1, 1, size, dtype=np.float32)[None, :, None]   # y, anterior is +
-    w = np.linspace(0, 1, nz, dtype=np.float32)[None, None, :]      # z, superior is +
-
-    hu = np.full((size, size, nz), -1000.0, dtype=np.float32)
-    bx, by = rng.uniform(0.78, 0.9), rng.uniform(0.58, 0.7)
-    body = (u / bx) ** 2 + (v / by) ** 2 <= 1.0
-    muscle = (u / (bx - 0.07)) ** 2 + (v / (by - 0.07)) ** 2 <= 1.0
-    hu = np.where(body, -100.0, hu)          # subcutaneous fat
-    hu = np.where(muscle, rng.uniform(40, 55), hu)  # muscle and bowel soft tissue
-    hu = np.where(muscle & (_smooth_noise(rng, (size, size, nz), 6) > 0.6), -80.0, hu)  # visceral fat
-    spine = (u ** 2 + (v + by * 0.7) ** 2) <= 0.11 ** 2
-    hu = np.where(np.broadcast_to(spine, hu.shape), 500.0, hu)
-    aorta = ((u + 0.08) ** 2 + (v + by * 0.42) ** 2) <= 0.05 ** 2
-    hu = np.where(np.broadcast_to(aorta, hu.shape), 170.0, hu)
-
-    # Enhanced organs as in a portal-venous scan: a spleen on the patient's left about as bright as
-    # the liver (so position and shape matter, not brightness alone) and two bright kidneys.
-    liver_hu = rng.uniform(95, 120)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        sp = np.clip(np.sin(np.pi * (w - 0.45) / 0.5), 0, None) ** 0.6
-        spleen = (((u + 0.45) / (0.12 * sp)) ** 2 + ((v + 0.18) / (0.2 * sp)) ** 2) <= 1
-        kp = np.clip(np.sin(np.pi * (w - 0.05) / 0.45), 0, None) ** 0.6
-        kidneys = (((np.abs(u) - 0.3) / (0.08 * kp)) ** 2 + ((v + by * 0.55) / (0.12 * kp)) ** 2) <= 1
-    hu = np.where(spleen & muscle, liver_hu + rng.uniform(-5, 15), hu)
-    hu = np.where(kidneys & muscle, rng.uniform(150, 190), hu)
-
-    # Liver on the patient's right, largest in mid-upper slices, with a lobulated outline.
-    z0, z1 = rng.uniform(0.1, 0.25), rng.uniform(0.75, 0.95)
-    profile = np.clip(np.sin(np.pi * (w - z0) / (z1 - z0)), 0, None) ** 0.6
-    cx, cy = rng.uniform(0.3, 0.4), rng.uniform(-0.05, 0.1)
-    rx, ry = rng.uniform(0.3, 0.38) * profile, rng.uniform(0.3, 0.4) * profile
-    lobes = 1 + 0.18 * _smooth_noise(rng, (size, size, nz), 5)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        liver = (((u - cx) / rx) ** 2 + ((v - cy) / ry) ** 2) <= lobes
-    liver &= muscle & ~np.broadcast_to(spine | aorta, hu.shape)
-    hu = np.where(liver, liver_hu + 8.0 * _smooth_noise(rng, hu.shape, max(4, size // 8)), hu)
-    vessels = np.abs(_smooth_noise(rng, hu.shape, 7)) < 0.04
-    hu = np.where(liver & vessels, liver_hu + rng.uniform(40, 80), hu)
-
-    labels = liver.astype(np.uint8)
-    if not liver.any():
-        num_tumors = 0
-    elif num_tumors is None:
-        num_tumors = int(rng.choice([0, 1, 2, 3, 4], p=[0.2, 0.3, 0.25, 0.15, 0.1]))
-    # Lesions of 10-60 mm diameter, centred at least half a radius inside the liver so that most of
-    # each lies in it (LiTS lesions range from a few mm to over 10 cm).
-    depth_mm = distance_transform_edt(liver, sampling=(xy_mm, xy_mm, z_mm)) if num_tumors else None
-    for _ in range(num_tumors):
-        r_mm = rng.uniform(5.0, 30.0)
-        pts = np.argwhere(depth_mm >= min(0.5 * r_mm, depth_mm.max()))
-        c = pts[rng.integers(len(pts))].astype(np.float32)
-        rads = np.array([r_mm / xy_mm, r_mm / xy_mm * rng.uniform(0.7, 1.3), r_mm / z_mm], dtype=np.float32)
-        gx = (np.arange(size, dtype=np.float32)[:, None, None] - c[0]) / rads[0]
-        gy = (np.arange(size, dtype=np.float32)[None, :, None] - c[1]) / rads[1]
-        gz = (np.arange(nz, dtype=np.float32)[None, None, :] - c[2]) / max(rads[2], 0.6)
-        blob = (gx ** 2 + gy ** 2 + gz ** 2) <= 1 + 0.15 * _smooth_noise(rng, hu.shape, 6)
-        blob &= liver
-        contrast = rng.uniform(10, 50) * (1 if rng.random() < 0.2 else -1)  # most lesions are hypodense
-        hu = np.where(blob, liver_hu + contrast + 5.0 * _smooth_noise(rng, hu.shape, max(4, size // 8)), hu)
-        labels[blob] = 2
-
-    hu += rng.normal(0, rng.uniform(10, 20), hu.shape).astype(np.float32)
-    return np.clip(np.round(hu), -1024, 3071).astype(np.int16), labels, (xy_mm, xy_mm, z_mm)
-
-
-def write_phantom_case(out_dir: str | Path, index: int, size: int = 128, seed: int = 0,
-                       flips: tuple[bool, bool, bool] | None = None, compress: bool = False,
-                       num_slices: int | None = None, num_tumors: int | None = None) -> tuple[Path, Path]:
-    """Write one phantom as LiTS files volume-<index>.nii[.gz] and segmentation-<index>.nii[.gz].
-
-    `flips` stores the array with those axes reversed and an affine that says so (as scanners and
-    LiTS files do), so loading must undo it; by default drawn at random from the seed."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng([seed, index])
-    hu, labels, spacing = make_phantom(size, num_slices, seed=int(rng.integers(2**31)), num_tumors=num_tumors)
-    if flips is None:
-        flips = tuple(bool(f) for f in rng.random(3) < [0.6, 0.6, 0.3])
-    affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] -= affine[:3, :3] @ (np.array(hu.shape) / 2)  # world origin near the volume centre
-    for ax, flip in enumerate(flips):
-        if flip:  # same anatomy at the same world position, stored in reverse voxel order
-            hu, labels = np.flip(hu, ax), np.flip(labels, ax)
-            affine[:3, 3] += affine[:3, ax] * (hu.shape[ax] - 1)
-            affine[:3, ax] *= -1
-    ext = ".nii.gz" if compress else ".nii"
-    paths = (out_dir / f"volume-{index}{ext}", out_dir / f"segmentation-{index}{ext}")
-    for arr, path in zip((np.ascontiguousarray(hu), np.ascontiguousarray(labels)), paths):
-        img = nib.Nifti1Image(arr, affine)
-        img.header.set_xyzt_units("mm", "sec")
-        img.set_qform(affine, code=1)
-        img.set_sform(affine, code=1)
-        with atomic_output(path) as tmp:
-            nib.save(img, tmp)
-    return paths
-
-
-def write_synthetic_lits(out_dir: str | Path, cases: int = 12, size: int = 128, seed: int = 0,
-                         compress: bool = False, progress: bool = False) -> list[tuple[Path, Path]]:
-    """Write `cases` phantoms in the LiTS layout; deterministic for a given seed."""
-    from tqdm import tqdm
-    return [write_phantom_case(out_dir, i, size=size, seed=seed, compress=compress)
-            for i in tqdm(range(cases), desc="writing phantoms", unit="case", disable=not progress,
-                          file=sys.stderr)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -940,6 +567,7 @@ def main(args: argparse.Namespace) -> int:
     if args.command == "synth":
         if args.cases < 1 or args.size < 32:
             raise DataError(f"found --cases {args.cases} --size {args.size}; expected cases >= 1 and size >= 32")
+        from phantom import write_synthetic_lits  # phantoms are demo data, not part of training
         paths = write_synthetic_lits(args.out_dir, args.cases, args.size, args.seed, args.compress, progress=True)
         sys.stderr.write(f"wrote {len(paths)} synthetic case(s) to {args.out_dir}\n")
     else:
@@ -949,17 +577,6 @@ def main(args: argparse.Namespace) -> int:
         folder = prepared[0].image_path.parent
         sys.stderr.write(f"prepared {len(prepared)} case(s), {slices} slices, in {folder}\n")
     return 0
-
-
-def run_cli(entry, parser: argparse.ArgumentParser, argv=None) -> int:
-    """Run `entry(args)`; a user-input error becomes one line on stderr and exit status 2."""
-    args = parser.parse_args(argv)
-    try:
-        rc = entry(args)
-        return rc if isinstance(rc, int) else 0
-    except DataError as exc:
-        sys.stderr.write(f"error: {one_line(exc)}\n")
-        return 2
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.distance import pdist
 
-from dataset import DataError, atomic_write_text, check_labels, read_nifti, run_cli, visible_files
+from volumes import DataError, atomic_write_text, check_labels, read_nifti, run_cli, visible_files
 
 REGIONS: tuple[str, ...] = ("liver", "tumor")
 METRICS: tuple[str, ...] = ("dice", "voe", "rvd", "assd", "mssd", "rmsd")

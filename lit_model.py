@@ -31,8 +31,8 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryConfusionMatrix, BinaryF1Score,
                                          BinaryRecall, BinaryROC, BinarySpecificity, MulticlassAccuracy)
 
-from dataset import CLS_CLASSES, SEG_CLASSES, WINDOW_HU
 from evaluate import dice_from_counts, mean_case_dice, pooled_dice
+from volumes import CLS_CLASSES, SEG_CLASSES, WINDOW_HU
 from unet import UNet
 from vgg16 import VGG16, load_imagenet_weights
 

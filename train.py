@@ -27,8 +27,9 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info
 
 import dataset
-from dataset import CLS_CLASSES, SEG_CLASSES, WINDOW_HU, DataError, atomic_write_text, run_cli, write_synthetic_lits
 from evaluate import json_safe
+from phantom import write_synthetic_lits
+from volumes import CLS_CLASSES, SEG_CLASSES, WINDOW_HU, DataError, atomic_output, atomic_write_text, run_cli
 from lit_model import LitClassifier, LitSegmenter, overlay
 
 matplotlib.use("Agg")  # files only, never a window
@@ -285,7 +286,7 @@ def _save(fig, path: Path, synthetic: bool) -> None:
         fig.text(0.99, 0.01, "synthetic phantom data (demo), not LiTS", ha="right", va="bottom", fontsize=8,
                  color="0.35")
     fig.tight_layout(rect=(0, 0.03 if synthetic else 0, 1, 1))
-    with dataset.atomic_output(path) as tmp:
+    with atomic_output(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 

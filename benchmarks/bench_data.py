@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, as a plain script
 import dataset  # noqa: E402
+import phantom  # noqa: E402
 
 
 class NaiveNiftiSlices(Dataset):
@@ -87,7 +88,7 @@ def write_phantoms(work: Path, cases: int, size: int, slices: int) -> dict[str, 
         vol, seg = data / f"volume-{i}{ext}", data / f"segmentation-{i}{ext}"
         if not (vol.exists() and seg.exists() and nib.load(str(vol)).shape == (size, size, slices)):
             start = time.perf_counter()
-            dataset.write_phantom_case(data, i, size=size, seed=0, compress=ext == ".nii.gz", num_slices=slices)
+            phantom.write_phantom_case(data, i, size=size, seed=0, compress=ext == ".nii.gz", num_slices=slices)
             sys.stderr.write(f"wrote {vol.name} in {time.perf_counter() - start:.1f} s\n")
         volumes[ext].append(vol)
     return volumes
@@ -128,7 +129,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         data, cache = work / "data", work / "cache"
         shutil.rmtree(cache, ignore_errors=True)  # prepare is measured from scratch
         # warm-up on a tiny case, so the first timed volume does not pay for one-time imports and kernels
-        dataset.write_phantom_case(work / "warmup", 0, size=48, seed=0)
+        phantom.write_phantom_case(work / "warmup", 0, size=48, seed=0)
         dataset.prepare_cases(dataset.find_cases(work / "warmup"), cache, work / "warmup", args.image_size,
                               workers=1, progress=False)
         cases = {c.images[0]: c for c in dataset.find_cases(data)}

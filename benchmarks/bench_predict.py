@@ -4,7 +4,7 @@
     python benchmarks/bench_predict.py --slices 24 --device cpu --ablation
     python benchmarks/bench_predict.py --checkpoint best.ckpt --device cuda
 
-Both paths segment the same CT phantom (written with dataset.write_phantom_case and read back with
+Both paths segment the same CT phantom (written with phantom.write_phantom_case and read back with
 load_volume; the read is timed apart) from HU slices to labels at native size, in slices/s:
 
 - batched: `predict_segmentation.segment_slices`, the script's real code path: the whole volume
@@ -35,9 +35,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataset import context_indices, load_volume, resize_slices, window_hu, write_phantom_case  # noqa: E402
-from dataset import run_cli  # noqa: E402
-from predict_segmentation import Checkpoint, load_checkpoint, pick_device, segment_slices  # noqa: E402
+from inference import Checkpoint, load_checkpoint, pick_device  # noqa: E402
+from phantom import write_phantom_case  # noqa: E402
+from predict_segmentation import segment_slices  # noqa: E402
+from volumes import context_indices, load_volume, resize_slices, run_cli, window_hu  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -121,10 +121,11 @@ def timed(step, batches, warmup: int, steps: int, device) -> float:
 def loader_batches(task: str, size: int, batch: int, device, workers: int, tmp: Path):
     """Endless batches from the real pipeline: phantoms on disk -> prepared cache -> LiTSDataModule."""
     import dataset
+    import phantom
     data = tmp / f"data{size}"
     if not data.exists():
         for i in range(6):
-            dataset.write_phantom_case(data, i, size=size, seed=1, num_slices=48, num_tumors=2)
+            phantom.write_phantom_case(data, i, size=size, seed=1, num_slices=48, num_tumors=2)
     dm = dataset.LiTSDataModule(data, task, cache_dir=tmp / "cache", image_size=size, context_slices=1,
                                 batch_size=batch, num_workers=workers, val_fraction=0.0, test_fraction=0.0,
                                 augment=False)

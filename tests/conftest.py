@@ -3,14 +3,14 @@ from pathlib import Path
 
 import pytest
 
-import dataset
+import phantom
 
 
 @pytest.fixture
 def lits_dir(tmp_path: Path) -> Path:
     """Four phantoms (48x48 in-plane, 16-24 slices) in the LiTS layout, axes flipped as the seed says."""
     out = tmp_path / "lits"
-    dataset.write_synthetic_lits(out, cases=4, size=48, seed=0)
+    phantom.write_synthetic_lits(out, cases=4, size=48, seed=0)
     return out
 
 

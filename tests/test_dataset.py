@@ -17,10 +17,11 @@ import torch
 from PIL import Image
 
 import dataset
-from dataset import DataError
+import phantom
+import volumes
+from volumes import DataError
 
 DATASET_PY = Path(dataset.__file__).resolve()
-FLIPS = [(True, True, False), (False, False, True), (True, False, True), (False, True, False), (True, True, True)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -60,7 +61,7 @@ def save_nifti(path, array, affine=None) -> Path:
     return path
 
 
-def prepare(data_dir, cache_dir, image_size=32, window=dataset.WINDOW_HU, workers=1):
+def prepare(data_dir, cache_dir, image_size=32, window=volumes.WINDOW_HU, workers=1):
     return dataset.prepare_cases(dataset.find_cases(data_dir), cache_dir, data_dir, image_size, window,
                                  workers=workers, progress=False)
 
@@ -77,12 +78,12 @@ def prepared(lits_dir, cache_dir):
 def test_find_cases_lits_nested_folders_and_mixed_extensions(tmp_path):
     root = tmp_path / "LiTS"
     b1, b2, scratch = root / "Training Batch 1", root / "Training Batch 2", tmp_path / "scratch"
-    dataset.write_phantom_case(b1, 0, size=48, seed=0)
-    dataset.write_phantom_case(b1, 2, size=48, seed=0, compress=True)
-    dataset.write_phantom_case(b2, 10, size=48, seed=0, compress=True)
+    phantom.write_phantom_case(b1, 0, size=48, seed=0)
+    phantom.write_phantom_case(b1, 2, size=48, seed=0, compress=True)
+    phantom.write_phantom_case(b2, 10, size=48, seed=0, compress=True)
     # case 11: volume as .nii, its segmentation as .nii.gz (same data, written both ways)
-    vol_nii, _ = dataset.write_phantom_case(scratch / "nii", 11, size=48, seed=0)
-    _, seg_gz = dataset.write_phantom_case(scratch / "gz", 11, size=48, seed=0, compress=True)
+    vol_nii, _ = phantom.write_phantom_case(scratch / "nii", 11, size=48, seed=0)
+    _, seg_gz = phantom.write_phantom_case(scratch / "gz", 11, size=48, seed=0, compress=True)
     shutil.move(vol_nii, b2 / vol_nii.name)
     shutil.move(seg_gz, b2 / seg_gz.name)
     shutil.rmtree(scratch)
@@ -108,7 +109,7 @@ def test_find_cases_lits_nested_folders_and_mixed_extensions(tmp_path):
 def test_find_cases_msd_ignores_macos_junk(tmp_path):
     root, scratch = tmp_path / "Task03_Liver", tmp_path / "scratch"
     for i in (10, 2):
-        vol, seg = dataset.write_phantom_case(scratch, i, size=48, seed=1, compress=True)
+        vol, seg = phantom.write_phantom_case(scratch, i, size=48, seed=1, compress=True)
         (root / "imagesTr").mkdir(parents=True, exist_ok=True)
         (root / "labelsTr").mkdir(parents=True, exist_ok=True)
         shutil.move(vol, root / "imagesTr" / f"liver_{i}.nii.gz")
@@ -176,159 +177,6 @@ def test_find_cases_slice_folders_png_and_npy(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# geometry
-# ------------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("flips", FLIPS)
-def test_flipped_phantom_loads_like_unflipped_twin(tmp_path, flips):
-    ref_vol, ref_seg = dataset.write_phantom_case(tmp_path / "ref", 5, size=48, seed=3, flips=(False, False, False))
-    vol, seg = dataset.write_phantom_case(tmp_path / "flip", 5, size=48, seed=3, flips=flips)
-    axes = tuple(i for i, f in enumerate(flips) if f)
-    np.testing.assert_array_equal(raw_array(vol), np.flip(raw_array(ref_vol), axes))  # stored flipped
-    assert not np.array_equal(raw_array(vol), raw_array(ref_vol))
-
-    hu_ref, geom_ref = dataset.load_volume(ref_vol)
-    hu, geom = dataset.load_volume(vol)
-    assert hu.dtype == np.float32
-    np.testing.assert_array_equal(hu, hu_ref)
-    assert geom.spacing == geom_ref.spacing
-    lab_ref, _ = dataset.load_label_volume(ref_seg)
-    lab, _ = dataset.load_label_volume(seg, expected_shape=geom.shape)
-    np.testing.assert_array_equal(lab, lab_ref)
-
-
-@pytest.mark.parametrize("flips", FLIPS)
-def test_flipped_phantom_keeps_world_position(tmp_path, flips):
-    """The flipped twin's affine says where each voxel is: the same tissue at the same mm position."""
-    ref_vol, _ = dataset.write_phantom_case(tmp_path / "ref", 5, size=48, seed=3, flips=(False, False, False))
-    vol, _ = dataset.write_phantom_case(tmp_path / "flip", 5, size=48, seed=3, flips=flips)
-    a_ref, a = nib.load(str(ref_vol)).affine, nib.load(str(vol)).affine
-    shape = np.array(nib.load(str(vol)).shape)
-    for ijk in ([0, 0, 0], [3, 7, 2], shape - 1):
-        ijk = np.array(ijk)
-        twin = np.where(flips, shape - 1 - ijk, ijk)
-        np.testing.assert_allclose(a @ [*twin, 1], a_ref @ [*ijk, 1], atol=1e-3)
-    centre = a_ref @ [*(shape / 2), 1]
-    np.testing.assert_allclose(centre[:3], 0, atol=1e-3)  # origin at the volume centre
-
-
-@pytest.mark.parametrize("flips", [(False, False, False)] + FLIPS)
-def test_geometry_round_trip_to_file(tmp_path, flips):
-    vol, seg = dataset.write_phantom_case(tmp_path, 1, size=48, seed=2, flips=flips)
-    raw = raw_array(vol)
-    hu, geom = dataset.load_volume(vol)
-    assert geom.shape == raw.shape
-    assert hu.shape == (raw.shape[2], raw.shape[1], raw.shape[0])
-    np.testing.assert_array_equal(geom.to_file(hu), raw)
-    np.testing.assert_array_equal(geom.to_file(geom.to_slices(raw)), raw)
-    lab, lgeom = dataset.load_label_volume(seg)
-    np.testing.assert_array_equal(lgeom.to_file(lab), raw_array(seg))
-    with pytest.raises(ValueError):
-        geom.to_file(hu[:-1])
-
-
-@pytest.mark.parametrize("flips", [(False, False, False), (False, False, True), (True, True, True)])
-def test_slice_index_maps_file_slice_to_the_same_data(tmp_path, flips):
-    vol, _ = dataset.write_phantom_case(tmp_path, 1, size=48, seed=2, flips=flips)
-    raw = raw_array(vol)
-    hu, geom = dataset.load_volume(vol)
-    n = raw.shape[2]
-    expected = [n - 1 - k for k in range(n)] if flips[2] else list(range(n))
-    assert [geom.slice_index(k) for k in range(n)] == expected
-    assert [geom.file_slice_index(geom.slice_index(k)) for k in range(n)] == list(range(n))
-    for k in range(n):  # the same voxel values (in-plane order differs)
-        np.testing.assert_array_equal(np.sort(hu[geom.slice_index(k)].ravel()), np.sort(raw[:, :, k].ravel()))
-    for bad in (-1, n):
-        with pytest.raises(DataError):
-            geom.slice_index(bad)
-
-
-@pytest.mark.parametrize("affine, expected", [
-    # RAS+ (x to the patient's right): columns run R -> L, so the file's x is reversed, and rows run
-    # A -> P, so y is reversed: slices[z, r, c] = data[X-1-c, Y-1-r, z]
-    (np.diag([2.0, 3.0, 4.0, 1.0]), lambda d, z, r, c: d[2 - c, 3 - r, z]),
-    # LPS (as DICOM-converted files): x already runs to the left, y to the back: a plain transpose
-    (np.diag([-2.0, -3.0, 4.0, 1.0]), lambda d, z, r, c: d[c, r, z]),
-])
-def test_slices_are_spl_on_a_hand_built_volume(tmp_path, affine, expected):
-    data = np.arange(3 * 4 * 5, dtype=np.int16).reshape(3, 4, 5)  # X=3, Y=4, Z=5, all values distinct
-    path = save_nifti(tmp_path / "volume-0.nii", data, affine)
-    hu, geom = dataset.load_volume(path)
-    assert hu.shape == (5, 4, 3)
-    for z in range(5):
-        for r in range(4):
-            for c in range(3):
-                assert hu[z, r, c] == expected(data, z, r, c), (z, r, c)
-    assert geom.spacing == (4.0, 3.0, 2.0)  # mm along (slice, row, column)
-
-
-def test_load_volume_applies_scl_slope_and_inter(tmp_path):
-    raw = (np.arange(3 * 4 * 5, dtype=np.int16).reshape(3, 4, 5) * 37 - 300).astype(np.int16)
-    img = nib.Nifti1Image(raw, np.eye(4))
-    img.header.set_slope_inter(2, -1000)
-    path = tmp_path / "volume-0.nii"
-    nib.save(img, str(path))
-    assert nib.load(str(path)).get_data_dtype() == np.int16
-    hu, _ = dataset.load_volume(path)
-    expected = np.transpose(raw.astype(np.float64) * 2 - 1000, (2, 1, 0))[:, ::-1, ::-1]  # RAS -> SPL by hand
-    assert hu.dtype == np.float32
-    np.testing.assert_array_equal(hu, expected)
-
-
-# ------------------------------------------------------------------------------------------------
-# intensity and resizing
-# ------------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("kind", ["numpy", "torch"])
-def test_window_hu_hand_values(kind):
-    hu = [-200.0, 250.0, 25.0, -1000.0, 3000.0, -87.5]
-    expected = [0.0, 1.0, 0.5, 0.0, 1.0, 0.25]
-    x = np.array(hu, np.float64) if kind == "numpy" else torch.tensor(hu, dtype=torch.float64)
-    before = x.copy() if kind == "numpy" else x.clone()
-    out = dataset.window_hu(x)
-    if kind == "numpy":
-        assert isinstance(out, np.ndarray) and out.dtype == np.float32
-        np.testing.assert_allclose(out, expected, atol=1e-7)
-        np.testing.assert_array_equal(x, before)
-    else:
-        assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
-        torch.testing.assert_close(out, torch.tensor(expected), atol=1e-7, rtol=0)
-        assert torch.equal(x, before)
-    int_out = dataset.window_hu(np.array([-200, 25, 250], np.int16))
-    assert int_out.dtype == np.float32 and int_out.tolist() == [0.0, 0.5, 1.0]
-
-
-def test_window_hu_custom_window():
-    np.testing.assert_allclose(dataset.window_hu(np.array([-10.0, 0.0, 50.0, 100.0, 150.0]), (0, 100)),
-                               [0.0, 0.0, 0.5, 1.0, 1.0])
-    out = dataset.window_hu(torch.tensor([-1000, 0, 500], dtype=torch.int16), window=(-1000.0, 1000.0))
-    torch.testing.assert_close(out, torch.tensor([0.0, 0.5, 0.75]))
-    with pytest.raises(ValueError):
-        dataset.window_hu(np.zeros(3), (100, 100))
-
-
-@pytest.mark.parametrize("size", [20, 64])
-def test_resize_labels_keep_only_input_values(size):
-    labels = np.random.default_rng(0).choice(np.array([0, 2], np.uint8), size=(4, 48, 48))
-    out = dataset.resize_slices(labels, size, "label")
-    assert out.shape == (4, size, size) and out.dtype == torch.uint8
-    assert set(out.unique().tolist()) <= {0, 2}
-    img = dataset.resize_slices(np.full((2, 48, 48), 0.3, np.float32), size, "image")
-    assert img.dtype == torch.float32 and img.shape == (2, size, size)
-    torch.testing.assert_close(img, torch.full((2, size, size), 0.3))  # a flat image stays flat
-
-
-def test_resize_is_identity_when_size_matches():
-    rng = np.random.default_rng(1)
-    image = rng.random((3, 32, 32), dtype=np.float32)
-    labels = rng.integers(0, 3, (3, 32, 32)).astype(np.uint8)
-    assert torch.equal(dataset.resize_slices(image, 32, "image"), torch.from_numpy(image))
-    assert torch.equal(dataset.resize_slices(labels, 32, "label"), torch.from_numpy(labels))
-    with pytest.raises(ValueError):
-        dataset.resize_slices(image[0], 32)
-
-
-# ------------------------------------------------------------------------------------------------
 # the prepared cache
 # ------------------------------------------------------------------------------------------------
 
@@ -338,7 +186,7 @@ def _stamps(folder: Path) -> dict:
 
 def test_second_prepare_rewrites_nothing(lits_dir, cache_dir, monkeypatch):
     first = prepare(lits_dir, cache_dir)
-    folder = dataset.cache_folder(cache_dir, lits_dir, 32, dataset.WINDOW_HU)
+    folder = dataset.cache_folder(cache_dir, lits_dir, 32, volumes.WINDOW_HU)
     before = _stamps(folder)
 
     def must_not_run(*args, **kwargs):
@@ -370,7 +218,7 @@ def test_changed_source_rebuilds_that_case_only(lits_dir, cache_dir, tmp_path, m
     assert done == ["volume-1"]
 
     done.clear()  # new content for case 2
-    new_vol, new_seg = dataset.write_phantom_case(tmp_path / "other", 2, size=48, seed=99)
+    new_vol, new_seg = phantom.write_phantom_case(tmp_path / "other", 2, size=48, seed=99)
     shutil.copyfile(new_vol, lits_dir / "volume-2.nii")
     shutil.copyfile(new_seg, lits_dir / "segmentation-2.nii")
     result = {p.case_id: p for p in prepare(lits_dir, cache_dir)}
@@ -384,9 +232,9 @@ def test_changed_source_rebuilds_that_case_only(lits_dir, cache_dir, tmp_path, m
 
 
 def test_cache_folder_depends_on_parameters(lits_dir, cache_dir):
-    a = dataset.cache_folder(cache_dir, lits_dir, 32, dataset.WINDOW_HU)
+    a = dataset.cache_folder(cache_dir, lits_dir, 32, volumes.WINDOW_HU)
     assert dataset.cache_folder(cache_dir, lits_dir, 32, (-200, 250)) == a
-    b = dataset.cache_folder(cache_dir, lits_dir, 40, dataset.WINDOW_HU)
+    b = dataset.cache_folder(cache_dir, lits_dir, 40, volumes.WINDOW_HU)
     c = dataset.cache_folder(cache_dir, lits_dir, 32, (-100, 200))
     assert len({a, b, c}) == 3
     prepare(lits_dir, cache_dir, 32)
@@ -402,7 +250,7 @@ def test_prepare_leaves_complete_entries_only_and_parallel_equals_serial(lits_di
     serial = prepare(lits_dir, tmp_path / "c1", workers=1)
     parallel = prepare(lits_dir, tmp_path / "c2", workers=2)
     for cache in ("c1", "c2"):
-        folder = dataset.cache_folder(tmp_path / cache, lits_dir, 32, dataset.WINDOW_HU)
+        folder = dataset.cache_folder(tmp_path / cache, lits_dir, 32, volumes.WINDOW_HU)
         expected = {"params.json"} | {f"volume-{i}{ext}" for i in range(4)
                                       for ext in (".json", ".image.npy", ".label.npy")}
         assert {p.name for p in folder.iterdir()} == expected  # no temporary or hidden files
@@ -413,15 +261,15 @@ def test_prepare_leaves_complete_entries_only_and_parallel_equals_serial(lits_di
 
 def test_cached_arrays_equal_independent_computation(prepared, lits_dir):
     for case, prep in zip(dataset.find_cases(lits_dir), prepared):
-        hu, _ = dataset.load_volume(case.images[0])
-        expected = dataset.resize_slices(dataset.window_hu(hu), 32, "image").numpy()
+        hu, _ = volumes.load_volume(case.images[0])
+        expected = volumes.resize_slices(volumes.window_hu(hu), 32, "image").numpy()
         image = np.load(prep.image_path)
         assert image.dtype == np.float16 and image.shape == (prep.num_slices, 32, 32)
         np.testing.assert_allclose(image.astype(np.float32), expected, atol=1e-3, rtol=0)
         label = np.load(prep.label_path)
-        lab, _ = dataset.load_label_volume(case.labels[0])
+        lab, _ = volumes.load_label_volume(case.labels[0])
         assert label.dtype == np.uint8
-        np.testing.assert_array_equal(label, dataset.resize_slices(lab, 32, "label").numpy())
+        np.testing.assert_array_equal(label, volumes.resize_slices(lab, 32, "label").numpy())
         # native-resolution counts, straight from the segmentation file
         np.testing.assert_array_equal(prep.liver_pixels, per_slice_counts(case.labels[0], 1))
         np.testing.assert_array_equal(prep.tumor_pixels, per_slice_counts(case.labels[0], 2))
@@ -487,12 +335,6 @@ def test_load_split_errors(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # the slice dataset, sampling and augmentation
 # ------------------------------------------------------------------------------------------------
-
-def test_context_indices_clamp_at_the_ends():
-    assert dataset.context_indices(0, 5, 2).tolist() == [0, 0, 0, 1, 2]
-    assert dataset.context_indices(4, 5, 1).tolist() == [3, 4, 4]
-    assert dataset.context_indices(2, 5, 0).tolist() == [2]
-
 
 @pytest.mark.parametrize("k", [0, 1, 2])
 def test_segmentation_items(prepared, k):
@@ -606,7 +448,7 @@ def test_augment_batch_moves_image_and_mask_together(hflip):
 
 def test_datamodule_end_to_end(tmp_path):
     data = tmp_path / "data"
-    dataset.write_synthetic_lits(data, cases=6, size=48, seed=0)
+    phantom.write_synthetic_lits(data, cases=6, size=48, seed=0)
     out = tmp_path / "run"
     dm = dataset.LiTSDataModule(data, "segmentation", cache_dir=tmp_path / "cache", image_size=32, batch_size=4,
                                 num_workers=0, output_dir=out, prepare_workers=1)
@@ -648,8 +490,8 @@ def test_datamodule_end_to_end(tmp_path):
 
 def test_shape_mismatch_is_a_data_error(tmp_path):
     data = tmp_path / "data"
-    dataset.write_phantom_case(data, 0, size=48, seed=0)
-    _, other_seg = dataset.write_phantom_case(tmp_path / "other", 0, size=56, seed=0)
+    phantom.write_phantom_case(data, 0, size=48, seed=0)
+    _, other_seg = phantom.write_phantom_case(tmp_path / "other", 0, size=56, seed=0)
     shutil.copyfile(other_seg, data / "segmentation-0.nii")
     with pytest.raises(DataError) as exc:
         prepare(data, tmp_path / "cache")
@@ -660,7 +502,7 @@ def test_shape_mismatch_is_a_data_error(tmp_path):
 @pytest.mark.parametrize("value, dtype, shown", [(3, np.uint8, "3"), (0.5, np.float32, "0.5"), (-1, np.int16, "-1")])
 def test_labels_outside_0_1_2_are_a_data_error(tmp_path, value, dtype, shown):
     data = tmp_path / "data"
-    _, seg = dataset.write_phantom_case(data, 0, size=48, seed=0)
+    _, seg = phantom.write_phantom_case(data, 0, size=48, seed=0)
     img = nib.load(str(seg))
     labels = np.asanyarray(img.dataobj).astype(dtype)
     labels[10, 10, 3] = value
@@ -672,21 +514,12 @@ def test_labels_outside_0_1_2_are_a_data_error(tmp_path, value, dtype, shown):
     assert not list((tmp_path / "cache").rglob("volume-0*"))
 
 
-def test_float_labels_with_whole_values_are_accepted(tmp_path):
-    data = tmp_path / "data"
-    _, seg = dataset.write_phantom_case(data, 0, size=48, seed=0)
-    img = nib.load(str(seg))
-    save_nifti(seg, np.asanyarray(img.dataobj).astype(np.float32), img.affine)  # as some LiTS files are
-    lab, _ = dataset.load_label_volume(seg)
-    assert lab.dtype == np.uint8 and set(np.unique(lab).tolist()) <= {0, 1, 2}
-
-
 def test_unpaired_files_are_a_data_error(lits_dir):
     (lits_dir / "segmentation-1.nii").unlink()
     with pytest.raises(DataError) as exc:
         dataset.find_cases(lits_dir)
     assert_one_line_naming(exc, "volume-1.nii", "segmentation-1.nii")
-    _, seg1 = dataset.write_phantom_case(lits_dir.parent / "x", 1, size=48)
+    _, seg1 = phantom.write_phantom_case(lits_dir.parent / "x", 1, size=48)
     shutil.copyfile(seg1, lits_dir / "segmentation-1.nii")
     (lits_dir / "volume-2.nii").unlink()
     with pytest.raises(DataError) as exc:
@@ -704,34 +537,15 @@ def test_unpaired_msd_files_are_a_data_error(tmp_path):
 
 def test_corrupt_file_is_a_data_error(tmp_path):
     data = tmp_path / "data"
-    dataset.write_phantom_case(data, 0, size=48, seed=0)
+    phantom.write_phantom_case(data, 0, size=48, seed=0)
     bad = data / "volume-0.nii"
     bad.write_bytes(np.random.default_rng(0).bytes(5000))
     with pytest.raises(DataError) as exc:
-        dataset.load_volume(bad)
+        volumes.load_volume(bad)
     assert_one_line_naming(exc, str(bad))
     with pytest.raises(DataError) as exc:
         prepare(data, tmp_path / "cache")
     assert_one_line_naming(exc, "volume-0.nii")
-
-
-@pytest.mark.parametrize("compress", [False, True])
-def test_truncated_file_is_a_data_error(tmp_path, compress):
-    vol, _ = dataset.write_phantom_case(tmp_path / "data", 0, size=48, seed=0, compress=compress)
-    content = vol.read_bytes()
-    vol.write_bytes(content[: len(content) // 2])
-    with pytest.raises(DataError) as exc:
-        dataset.load_volume(vol)
-    assert_one_line_naming(exc, vol.name)
-
-
-def test_4d_volume_is_a_data_error(tmp_path):
-    path = save_nifti(tmp_path / "volume-0.nii", np.zeros((8, 8, 4, 2), np.int16))
-    with pytest.raises(DataError) as exc:
-        dataset.load_volume(path)
-    assert_one_line_naming(exc, "volume-0.nii", "4D")
-    single = save_nifti(tmp_path / "volume-1.nii", np.zeros((8, 8, 4, 1), np.int16))
-    assert dataset.load_volume(single)[0].shape == (4, 8, 8)  # a trailing axis of 1 is fine
 
 
 def test_empty_or_missing_data_dir_is_a_data_error(tmp_path):
@@ -760,10 +574,10 @@ def test_cli_prepare_bad_data_exits_2_with_one_line(tmp_path, problem):
     data, cache = tmp_path / "data", tmp_path / "cache"
     bad_file = data
     if problem != "missing":
-        dataset.write_phantom_case(data, 0, size=48, seed=0)
-        dataset.write_phantom_case(data, 1, size=48, seed=0)  # a good case beside the bad one
+        phantom.write_phantom_case(data, 0, size=48, seed=0)
+        phantom.write_phantom_case(data, 1, size=48, seed=0)  # a good case beside the bad one
         if problem == "shape":
-            _, other = dataset.write_phantom_case(tmp_path / "other", 0, size=56, seed=0)
+            _, other = phantom.write_phantom_case(tmp_path / "other", 0, size=56, seed=0)
             bad_file = data / "segmentation-0.nii"
             shutil.copyfile(other, bad_file)
         else:
@@ -792,7 +606,7 @@ def test_cli_synth_then_prepare(tmp_path):
     assert nib.load(str(tmp_path / "synth" / "volume-0.nii")).shape[:2] == (48, 48)
     proc = run_cli("prepare", "--data-dir", "synth", "--cache-dir", "cache", "--image-size", 32, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    folder = dataset.cache_folder(tmp_path / "cache", tmp_path / "synth", 32, dataset.WINDOW_HU)
+    folder = dataset.cache_folder(tmp_path / "cache", tmp_path / "synth", 32, volumes.WINDOW_HU)
     for cid in ("volume-0", "volume-1"):
         assert np.load(folder / f"{cid}.image.npy").shape[1:] == (32, 32)
         assert json.loads((folder / f"{cid}.json").read_text())["case_id"] == cid
@@ -804,51 +618,9 @@ def test_synth_is_deterministic_per_seed(tmp_path, compress):
     parser = dataset.get_args_parser()
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         argv = ["synth", "--out-dir", str(tmp_path / name), "--cases", "2", "--size", "48", "--seed", str(seed)]
-        assert dataset.run_cli(dataset.main, parser, argv + (["--compress"] if compress else [])) == 0
+        assert volumes.run_cli(dataset.main, parser, argv + (["--compress"] if compress else [])) == 0
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert len(files) == 4 and files == sorted(p.name for p in (tmp_path / "c").iterdir())
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
         assert (tmp_path / "a" / f).read_bytes() != (tmp_path / "c" / f).read_bytes()
-
-
-# ------------------------------------------------------------------------------------------------
-# the phantom
-# ------------------------------------------------------------------------------------------------
-
-def test_phantom_files_int16_volume_and_0_1_2_labels(lits_dir):
-    for case in dataset.find_cases(lits_dir):
-        vol, seg = nib.load(str(case.images[0])), nib.load(str(case.labels[0]))
-        assert vol.get_data_dtype() == np.int16
-        assert np.asanyarray(vol.dataobj).dtype == np.int16  # stored as is, no scaling
-        assert set(np.unique(np.asanyarray(seg.dataobj)).tolist()) <= {0, 1, 2}
-        assert {1} <= set(np.unique(np.asanyarray(seg.dataobj)).tolist())
-        assert vol.shape == seg.shape and np.allclose(vol.affine, seg.affine)
-
-
-def test_phantom_some_cases_are_tumor_free():
-    has_tumor = [bool((dataset.make_phantom(48, seed=s)[1] == 2).any()) for s in range(12)]
-    assert 0 < sum(has_tumor) < 12
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_phantom_tumors_lie_inside_the_liver(seed):
-    _, no_tumor, _ = dataset.make_phantom(48, seed=seed, num_tumors=0)
-    _, labels, _ = dataset.make_phantom(48, seed=seed, num_tumors=3)
-    liver = no_tumor == 1  # the same seed draws the same liver before any tumor
-    assert (labels == 2).any()
-    assert liver[labels == 2].all()
-    np.testing.assert_array_equal(labels >= 1, liver)
-
-
-@pytest.mark.parametrize("seed", range(6))
-def test_phantom_tumor_contrast_and_noise(tmp_path, seed):
-    vol, seg = dataset.write_phantom_case(tmp_path, 0, size=64, seed=seed, num_tumors=1)
-    hu, _ = dataset.load_volume(vol)
-    labels, _ = dataset.load_label_volume(seg)
-    # medians: the liver's bright vessels would pull a mean
-    contrast = np.median(hu[labels == 2]) - np.median(hu[labels == 1])
-    assert 10 <= abs(contrast) <= 50, contrast
-    spine = hu > 350  # bone is the one flat region above 350 HU (500 HU + noise)
-    assert spine.sum() > 200
-    assert 9.5 <= hu[spine].std() <= 20.5

@@ -13,8 +13,8 @@ import pytest
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
-import dataset
 import evaluate
+import phantom
 
 REPO = Path(__file__).resolve().parents[1]
 NAN = float("nan")
@@ -561,7 +561,7 @@ def folders(tmp_path: Path):
     gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
     pred_dir.mkdir()
     for i in range(3):
-        _, seg = dataset.write_phantom_case(gt_dir, i, size=48, seed=0, num_tumors=2)
+        _, seg = phantom.write_phantom_case(gt_dir, i, size=48, seed=0, num_tumors=2)
         shutil.copy(seg, pred_dir / PRED_NAMES[i].format(i))
     return pred_dir, gt_dir
 

@@ -24,12 +24,16 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-import dataset
+import inference
+import phantom
 import predict_classification as pc
 import predict_segmentation as ps
+import pydicom
+import volumes
+from tests.dicom_helpers import canonical_slices, dicom_twin, read_series_by_tags, seg_label_frames
 
 ROOT = Path(__file__).resolve().parents[1]
-WINDOW = dataset.WINDOW_HU
+WINDOW = volumes.WINDOW_HU
 
 
 def save_checkpoint(model, path: Path) -> Path:
@@ -60,9 +64,9 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
 def phantoms(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """(volume, segmentation) pairs: axes flipped, stored in RAS order, and with an identity affine."""
     root = tmp_path_factory.mktemp("phantoms")
-    out = {"flipped": dataset.write_phantom_case(root / "flipped", 0, size=48, seed=1, num_slices=8,
+    out = {"flipped": phantom.write_phantom_case(root / "flipped", 0, size=48, seed=1, num_slices=8,
                                                  flips=(True, False, True), num_tumors=2),
-           "ras": dataset.write_phantom_case(root / "ras", 1, size=48, seed=1, num_slices=8,
+           "ras": phantom.write_phantom_case(root / "ras", 1, size=48, seed=1, num_slices=8,
                                              flips=(False, False, False), num_tumors=2)}
     (root / "identity").mkdir()
     pair = []
@@ -94,7 +98,7 @@ class Oracle(nn.Module):
         z = dist.argmin(dim=1)
         assert float(dist.min(dim=1).values.max()) < 1e-5, "a stack's centre is none of the volume's slices"
         for b, zb in enumerate(z.tolist()):
-            near = [zb] * x.shape[1] if self.lone else dataset.context_indices(zb, len(self.unit), self.context)
+            near = [zb] * x.shape[1] if self.lone else volumes.context_indices(zb, len(self.unit), self.context)
             torch.testing.assert_close(x[b], self.unit[near], atol=1e-5, rtol=0)
         self.seen += z.tolist()
         ans = self.answers[z]
@@ -104,13 +108,13 @@ class Oracle(nn.Module):
 
 
 def unit_slices(volume: Path, size: int) -> torch.Tensor:
-    """The model input the oracle expects, made with dataset.py directly (not the predict scripts)."""
-    hu, _ = dataset.load_volume(volume)
-    return dataset.resize_slices(torch.from_numpy(dataset.window_hu(hu, WINDOW)), size)
+    """The model input the oracle expects, made with volumes.py directly (not the predict scripts)."""
+    hu, _ = volumes.load_volume(volume)
+    return volumes.resize_slices(torch.from_numpy(volumes.window_hu(hu, WINDOW)), size)
 
 
 def use_oracle(monkeypatch, oracle: nn.Module) -> None:
-    monkeypatch.setattr(ps.Checkpoint, "network", lambda self, device: oracle)
+    monkeypatch.setattr(inference.Checkpoint, "network", lambda self, device: oracle)
 
 
 def seg_args(*argv) -> object:
@@ -132,7 +136,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.mark.parametrize("kind", ["flipped", "ras", "identity"])
 def test_oracle_labels_line_up_with_the_input(kind, phantoms, ckpts, tmp_path, monkeypatch):
     volume, segmentation = phantoms[kind]
-    truth_slices, _ = dataset.load_label_volume(segmentation)  # (Z, H, W) in slices order
+    truth_slices, _ = volumes.load_label_volume(segmentation)  # (Z, H, W) in slices order
     use_oracle(monkeypatch, Oracle(unit_slices(volume, 48), torch.from_numpy(truth_slices)))
     out = tmp_path / "out" / "pred.nii.gz"
     ps.main(seg_args("--checkpoint", ckpts["seg48"], "--input", volume, "--output", out, "--no-postprocess",
@@ -153,7 +157,7 @@ def test_oracle_labels_line_up_with_the_input(kind, phantoms, ckpts, tmp_path, m
 
 def test_default_output_beside_the_input_and_postprocess_keeps_a_clean_answer(phantoms, ckpts, tmp_path, monkeypatch):
     volume = Path(shutil.copy(phantoms["flipped"][0], tmp_path / "volume-0.nii"))
-    truth_slices, _ = dataset.load_label_volume(phantoms["flipped"][1])
+    truth_slices, _ = volumes.load_label_volume(phantoms["flipped"][1])
     use_oracle(monkeypatch, Oracle(unit_slices(volume, 48), torch.from_numpy(truth_slices)))
     result = ps.main(seg_args("--checkpoint", ckpts["seg48"], "--input", volume, "--device", "cpu",
                               "--report", tmp_path / "report.json"))
@@ -174,7 +178,7 @@ def test_slice_option_predicts_the_files_own_slice(phantoms, ckpts, tmp_path, mo
     truth = np.asarray(nib.load(segmentation).dataobj)
     k = int(np.argmax((truth == 2).sum(axis=(0, 1))))
     assert k != truth.shape[2] - 1 - k
-    truth_slices, _ = dataset.load_label_volume(segmentation)
+    truth_slices, _ = volumes.load_label_volume(segmentation)
     oracle = Oracle(unit_slices(volume, 48), torch.from_numpy(truth_slices))
     use_oracle(monkeypatch, oracle)
     out = tmp_path / "one.nii.gz"
@@ -268,18 +272,18 @@ def test_postprocess_removes_a_detached_island_and_a_far_tumor_voxel():
 # --------------------------------------------------------------------------------------------
 
 def test_batched_inference_matches_one_stack_at_a_time(ckpts, phantoms):
-    ckpt = ps.load_checkpoint(ckpts["seg"], "segmentation")
+    ckpt = inference.load_checkpoint(ckpts["seg"], "segmentation")
     net = ckpt.network(torch.device("cpu"))  # BN folded, channels-last
-    hu, _ = dataset.load_volume(phantoms["flipped"][0])
-    volume = ps.preprocess_volume(hu, ckpt.hparams)  # (Z, 32, 32)
+    hu, _ = volumes.load_volume(phantoms["flipped"][0])
+    volume = inference.preprocess_volume(hu, ckpt.hparams)  # (Z, 32, 32)
     torch.testing.assert_close(volume, unit_slices(phantoms["flipped"][0], 32), atol=1e-6, rtol=0)
-    batched = ps.infer_batched(net, volume, 1, lambda y: y, batch_size=3)  # (Z, 3, 32, 32)
+    batched = inference.infer_batched(net, volume, 1, lambda y: y, batch_size=3)  # (Z, 3, 32, 32)
     from lit_model import build_network
     plain = build_network(ckpt.hparams)
     plain.load_state_dict(ckpt.state_dict)
     plain.eval()
     with torch.no_grad():
-        one = torch.cat([plain(volume[dataset.context_indices(z, len(volume), 1)][None]) for z in range(len(volume))])
+        one = torch.cat([plain(volume[volumes.context_indices(z, len(volume), 1)][None]) for z in range(len(volume))])
     torch.testing.assert_close(batched, one, atol=1e-4, rtol=1e-4)
 
 
@@ -287,7 +291,7 @@ def test_checkpoint_written_by_train_py_loads_and_predicts(tmp_path):
     import train
     data = tmp_path / "lits"
     for i in range(4):  # few slices: the point is the checkpoint file, not the training
-        dataset.write_phantom_case(data, i, size=48, seed=0, num_slices=8, num_tumors=1)
+        phantom.write_phantom_case(data, i, size=48, seed=0, num_slices=8, num_tumors=1)
     argv = ["--task", "segmentation", "--data-dir", str(data), "--output-dir", str(tmp_path / "run"),
             "--cache-dir", str(tmp_path / "cache"), "--graphs-dir", str(tmp_path / "graphs"), "--max-epochs", "1",
             "--image-size", "32", "--base-width", "4", "--num-workers", "0", "--batch-size", "8",
@@ -315,23 +319,23 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
     with open(via_pickle, "wb") as fh:
         pickle.dump(Evil(), fh)
     for path in (via_torch, via_pickle):
-        with pytest.raises(dataset.DataError, match="refused|cannot load"):
-            ps.load_checkpoint(path, "segmentation")
+        with pytest.raises(volumes.DataError, match="refused|cannot load"):
+            inference.load_checkpoint(path, "segmentation")
         assert not marker.exists()
 
 
 def test_device_choice():
-    assert ps.pick_device("cpu").type == "cpu"
-    assert ps.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert inference.pick_device("cpu").type == "cpu"
+    assert inference.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(dataset.DataError, match="no CUDA"):
-            ps.pick_device("cuda")
+        with pytest.raises(volumes.DataError, match="no CUDA"):
+            inference.pick_device("cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_path_gives_the_cpu_answer_with_an_oracle(phantoms, ckpts, tmp_path, monkeypatch):
     volume, segmentation = phantoms["flipped"]
-    truth_slices, _ = dataset.load_label_volume(segmentation)
+    truth_slices, _ = volumes.load_label_volume(segmentation)
     oracle = Oracle(unit_slices(volume, 48).cuda(), torch.from_numpy(truth_slices).cuda())
     use_oracle(monkeypatch, oracle)
     out = tmp_path / "pred.nii.gz"
@@ -357,12 +361,12 @@ def test_cuda_real_network_runs_channels_last_bf16(phantoms, ckpts, tmp_path):
 @pytest.fixture(scope="module")
 def slice_files(phantoms, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("slices")
-    hu, _ = dataset.load_volume(phantoms["flipped"][0])
+    hu, _ = volumes.load_volume(phantoms["flipped"][0])
     z = hu.shape[0] // 2
     png = root / "liver_0_0004.png"
-    Image.fromarray((dataset.window_hu(hu[z]) * 255).round().astype(np.uint8)).save(png)
+    Image.fromarray((volumes.window_hu(hu[z]) * 255).round().astype(np.uint8)).save(png)
     small = root / "small.png"
-    Image.fromarray((dataset.window_hu(hu[z, :40, :36]) * 255).round().astype(np.uint8)).save(small)
+    Image.fromarray((volumes.window_hu(hu[z, :40, :36]) * 255).round().astype(np.uint8)).save(small)
     npy = root / "liver_0_0005.npy"
     np.save(npy, hu[z + 1].astype(np.float32))
     return {"png": png, "small": small, "npy": npy, "folder": root}
@@ -415,11 +419,123 @@ def test_folders_of_volumes_and_of_slices(phantoms, slice_files, ckpts, tmp_path
             with Image.open(tmp_path / "m" / f"{stem}_{suffix}.png") as im:
                 assert im.size == size
     # Our own outputs in a folder are not taken as input on a second run.
-    with pytest.raises(dataset.DataError, match="found no volumes or slices"):
-        ps.find_inputs(tmp_path / "m")
+    with pytest.raises(volumes.DataError, match="found no volumes or slices"):
+        volumes.find_inputs(tmp_path / "m")
 
     rows = pc.main(cls_args("--checkpoint", ckpts["cls"], "--input", slice_files["folder"], "--device", "cpu"))["rows"]
     assert [(r["case"], r["slice"]) for r in rows] == [("liver_0_0004", 0), ("liver_0_0005", 0), ("small", 0)]
+
+
+# --------------------------------------------------------------------------------------------
+# DICOM series in, NIfTI or DICOM SEG out
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def series(phantoms, tmp_path_factory) -> dict[str, Path]:
+    """The "flipped" phantom again as a DICOM series in CT/patient-0/ (its NIfTI twin), with the files
+    named by nothing in particular and without extensions."""
+    root = tmp_path_factory.mktemp("dicom")
+    files = dicom_twin(root / "scratch", phantoms["flipped"][0])
+    folder = root / "CT" / "patient-0"
+    folder.mkdir(parents=True)
+    for i, path in enumerate(files):
+        path.rename(folder / f"{(i * 7919) % 1000:03d}")
+    return {"folder": folder, "files": sorted(folder.iterdir())}
+
+
+def truth_of_source(segmentation: Path, ds) -> np.ndarray:
+    """The twin's labels of one DICOM slice (rows, columns): the NIfTI slice at its position."""
+    img = nib.load(str(segmentation))
+    ras = np.diag([-1.0, -1.0, 1.0]) @ np.array(ds.ImagePositionPatient, dtype=float)
+    ijk = np.linalg.solve(img.affine[:3, :3], ras - img.affine[:3, 3])
+    np.testing.assert_allclose(ijk[:2], 0, atol=1e-3)
+    return np.asanyarray(img.dataobj)[:, :, int(round(ijk[2]))].T
+
+
+def test_dicom_series_labels_lie_on_the_series_grid(series, phantoms, ckpts, monkeypatch):
+    volume, segmentation = phantoms["flipped"]
+    truth_slices, _ = volumes.load_label_volume(segmentation)
+    use_oracle(monkeypatch, Oracle(unit_slices(volume, 48), torch.from_numpy(truth_slices)))
+    result = ps.main(seg_args("--checkpoint", ckpts["seg48"], "--input", series["folder"], "--no-postprocess",
+                              "--device", "cpu"))
+    out = series["folder"].parent / "patient-0_seg.nii.gz"  # beside the series folder, named after it
+    report = result["cases"][0]
+    assert report["output"] == str(out) and report["input"] == str(series["folder"])
+    assert report["series_instance_uid"] == pydicom.dcmread(series["files"][0]).SeriesInstanceUID
+    pred = nib.load(str(out))
+    _, tags_affine, datasets = read_series_by_tags(series["files"])
+    np.testing.assert_allclose(pred.affine, tags_affine, atol=1e-4)  # the series' own grid in world space
+    assert pred.shape == (48, 48, 8)
+    got, world = canonical_slices(np.asanyarray(pred.dataobj), pred.affine)
+    expected, world_twin = canonical_slices(np.asanyarray(nib.load(str(segmentation)).dataobj),
+                                            nib.load(str(segmentation)).affine)
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_allclose(world, world_twin, atol=1e-3)
+    out.unlink()
+
+
+def test_dicom_seg_output_holds_the_answer_slice_by_slice(series, phantoms, ckpts, tmp_path, monkeypatch):
+    volume, segmentation = phantoms["flipped"]
+    truth_slices, _ = volumes.load_label_volume(segmentation)
+    use_oracle(monkeypatch, Oracle(unit_slices(volume, 48), torch.from_numpy(truth_slices)))
+    out = tmp_path / "pred.dcm"
+    ps.main(seg_args("--checkpoint", ckpts["seg48"], "--input", series["folder"], "--output", out,
+                     "--no-postprocess", "--device", "cpu"))
+    frames, seg = seg_label_frames(out)
+    datasets = [pydicom.dcmread(p) for p in series["files"]]
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == datasets[0].SeriesInstanceUID
+    for ds in datasets:
+        expected = truth_of_source(segmentation, ds)
+        np.testing.assert_array_equal(frames.get(ds.SOPInstanceUID, np.zeros_like(expected)), expected)
+    assert any((f == 2).any() for f in frames.values())
+
+    k = 5  # --slice K of a series: K in the series' order, by position along the normal
+    _, _, by_position = read_series_by_tags(series["files"])
+    one = tmp_path / "one.dcm"
+    ps.main(seg_args("--checkpoint", ckpts["seg48"], "--input", series["folder"], "--slice", k, "--output", one,
+                     "--no-postprocess", "--device", "cpu"))
+    frames, _ = seg_label_frames(one)
+    assert set(frames) <= {by_position[k].SOPInstanceUID}
+    expected = truth_of_source(segmentation, by_position[k])
+    np.testing.assert_array_equal(frames.get(by_position[k].SOPInstanceUID, np.zeros_like(expected)), expected)
+
+
+def test_classification_of_a_series_numbers_slices_in_series_order(series, phantoms, ckpts, tmp_path, monkeypatch):
+    volume, segmentation = phantoms["flipped"]
+    truth_slices, _ = volumes.load_label_volume(segmentation)
+    use_oracle(monkeypatch, Oracle(unit_slices(volume, 32), torch.from_numpy((truth_slices == 2).any(axis=(1, 2)))))
+    pc.main(cls_args("--checkpoint", ckpts["cls"], "--input", series["folder"], "--output", tmp_path / "p.csv",
+                     "--device", "cpu"))
+    with open(tmp_path / "p.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    _, _, by_position = read_series_by_tags(series["files"])
+    assert list(rows[0]) == ["case", "slice", "probability", "prediction", "sop_instance_uid"]
+    assert [int(r["slice"]) for r in rows] == list(range(8))
+    assert [r["sop_instance_uid"] for r in rows] == [d.SOPInstanceUID for d in by_position]
+    expected = ["tumor" if (truth_of_source(segmentation, d) == 2).any() else "healthy" for d in by_position]
+    assert [r["prediction"] for r in rows] == expected and "tumor" in expected and "healthy" in expected
+    assert {r["case"] for r in rows} == {"patient-0"}
+
+
+def test_folder_with_two_series_and_the_series_flag(series, phantoms, ckpts, tmp_path):
+    study = tmp_path / "study"
+    dicom_twin(study, phantoms["flipped"][0], series_number=2)
+    dicom_twin(study, phantoms["ras"][0], series_number=7)
+    uids = [s.uid for s in volumes.find_dicom_series(study)]
+    result = ps.main(seg_args("--checkpoint", ckpts["seg"], "--input", study, "--device", "cpu"))
+    outs = [tmp_path / "study_2_seg.nii.gz", tmp_path / "study_7_seg.nii.gz"]
+    assert [c["output"] for c in result["cases"]] == [str(o) for o in outs]
+    assert [c["series_instance_uid"] for c in result["cases"]] == uids
+    for out in outs:
+        assert nib.load(str(out)).shape == (48, 48, 8)
+        out.unlink()
+    picked = ps.main(seg_args("--checkpoint", ckpts["seg"], "--input", study, "--series", uids[1],
+                              "--output", tmp_path / "picked.nii.gz", "--device", "cpu"))
+    assert [c["series_instance_uid"] for c in picked["cases"]] == [uids[1]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["picked.nii.gz", "study"]
+    rows = pc.main(cls_args("--checkpoint", ckpts["cls"], "--input", study, "--series", uids[0],
+                            "--device", "cpu"))["rows"]
+    assert {r["case"] for r in rows} == {"study_2"} and len(rows) == 8
 
 
 # --------------------------------------------------------------------------------------------
@@ -429,7 +545,7 @@ def test_folders_of_volumes_and_of_slices(phantoms, slice_files, ckpts, tmp_path
 def test_classification_table_csv_json_in_the_files_slice_order(phantoms, ckpts, tmp_path, monkeypatch, capsys):
     volume, segmentation = phantoms["flipped"]
     truth = np.asarray(nib.load(segmentation).dataobj)  # file order
-    truth_slices, _ = dataset.load_label_volume(segmentation)
+    truth_slices, _ = volumes.load_label_volume(segmentation)
     has_tumor = torch.from_numpy((truth_slices == 2).any(axis=(1, 2)))
     use_oracle(monkeypatch, Oracle(unit_slices(volume, 32), has_tumor))
     result = pc.main(cls_args("--checkpoint", ckpts["cls"], "--input", volume, "--output", tmp_path / "p.csv",
@@ -482,6 +598,20 @@ def bad_files(phantoms, ckpts, tmp_path_factory) -> dict[str, Path]:
             return (open, (str(root / "pwned"), "w"))
     torch.save({"hyper_parameters": {"task": "segmentation"}, "state_dict": {}, "evil": Evil()}, root / "evil.ckpt")
     (root / "a_file").write_text("not a folder")
+    # DICOM folders that cannot give a volume
+    (root / "not_dicom").mkdir()
+    for i in range(3):
+        (root / "not_dicom" / f"file{i}").write_bytes(rng.bytes(600))
+    for name in ("no_pixels", "single", "truncated_dcm", "missing_slice"):
+        dicom_twin(root / name, phantoms["flipped"][0])
+    no_pixels = pydicom.dcmread(root / "no_pixels" / "S1_IM0003.dcm")
+    del no_pixels.PixelData
+    no_pixels.save_as(root / "no_pixels" / "S1_IM0003.dcm", enforce_file_format=True)
+    for extra in sorted((root / "single").iterdir())[1:]:
+        extra.unlink()
+    cut = root / "truncated_dcm" / "S1_IM0005.dcm"
+    cut.write_bytes(cut.read_bytes()[:-2000])
+    (root / "missing_slice" / "S1_IM0004.dcm").unlink()
     return {"root": root, **{p.name: p for p in root.iterdir()}}
 
 
@@ -502,6 +632,12 @@ def _bad_cases(phantoms, ckpts, bad):
         "malicious pickle": ("predict_segmentation.py", bad["evil.ckpt"], ["--input", vol]),
         "slice out of range": (*seg, ["--input", vol, "--slice", "8"]),
         "output under a file": (*seg, ["--input", vol, "--output", blocked / "x.nii.gz"]),
+        "folder of non-DICOM files": (*seg, ["--input", bad["not_dicom"]]),
+        "DICOM without pixel data": (*seg, ["--input", bad["no_pixels"]]),
+        "single-slice series": (*cls, ["--input", bad["single"]]),
+        "truncated DICOM": (*seg, ["--input", bad["truncated_dcm"]]),
+        "series with a missing slice": (*cls, ["--input", bad["missing_slice"]]),
+        "SEG of a NIfTI input": (*seg, ["--input", vol, "--output", bad["root"] / "x.dcm"]),
     }
 
 
@@ -523,10 +659,22 @@ def bad_runs(phantoms, ckpts, bad_files):
     return results, after - before
 
 
+NAMED = {  # what the one line must name, beyond "expected"
+    "folder of non-DICOM files": "3 other file(s)",
+    "DICOM without pixel data": "S1_IM0003.dcm",
+    "single-slice series": "single slice",
+    "truncated DICOM": "S1_IM0005.dcm",
+    "series with a missing slice": "missing slice",
+    "SEG of a NIfTI input": "DICOM SEG needs a DICOM series",
+}
+
+
 @pytest.mark.parametrize("case", ["missing input", "corrupt nifti", "truncated nifti", "4D nifti", "2D nifti",
                                   "classification ckpt to segmentation", "segmentation ckpt to classification",
                                   "random bytes ckpt", "bare state dict", "malicious pickle", "slice out of range",
-                                  "output under a file"])
+                                  "output under a file", "folder of non-DICOM files", "DICOM without pixel data",
+                                  "single-slice series", "truncated DICOM", "series with a missing slice",
+                                  "SEG of a NIfTI input"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, bad_runs, bad_files):
     results, created = bad_runs
     proc = results[case]
@@ -534,6 +682,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, bad_runs, bad_fil
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "expected" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+    assert NAMED.get(case, "") in lines[0], proc.stderr
     assert not created, f"files left behind: {sorted(map(str, created))}"
     assert not (bad_files["root"] / "pwned").exists()
 
@@ -559,7 +708,7 @@ def test_more_bad_flags_in_process(phantoms, ckpts, slice_files, bad_files, tmp_
     if not torch.cuda.is_available():
         cases.append((pc, ["--checkpoint", str(ckpts["cls"]), "--input", str(vol), "--device", "cuda"], "no CUDA"))
     for module, argv, message in cases:
-        assert dataset.run_cli(module.main, module.get_args_parser(), argv) == 2, argv
+        assert volumes.run_cli(module.main, module.get_args_parser(), argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and "\n" not in err, (argv, err)
     assert not list(tmp_path.iterdir())
@@ -572,7 +721,7 @@ def test_more_bad_flags_in_process(phantoms, ckpts, slice_files, bad_files, tmp_
 def test_ground_truth_scoring_with_the_oracle_is_perfect(phantoms, ckpts, tmp_path, monkeypatch):
     pytest.importorskip("evaluate")
     volume, segmentation = phantoms["ras"]
-    truth_slices, _ = dataset.load_label_volume(segmentation)
+    truth_slices, _ = volumes.load_label_volume(segmentation)
     use_oracle(monkeypatch, Oracle(unit_slices(volume, 48), torch.from_numpy(truth_slices)))
     result = ps.main(seg_args("--checkpoint", ckpts["seg48"], "--input", volume, "--output", tmp_path / "p.nii.gz",
                               "--ground-truth", segmentation, "--no-postprocess", "--device", "cpu",

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-import dataset
+import phantom
 import train
+import volumes
 from lit_model import LitSegmenter, RegionDice
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_lits")
     for i in range(6):
-        dataset.write_phantom_case(root, i, size=48, seed=3, num_slices=12, num_tumors=2 if i % 3 else 0)
+        phantom.write_phantom_case(root, i, size=48, seed=3, num_slices=12, num_tumors=2 if i % 3 else 0)
     return root
 
 
@@ -82,7 +83,7 @@ def test_checkpoint_alone_rebuilds_model_and_preprocessing(tiny_data, tmp_path):
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     hp = ckpt["hyper_parameters"]
     assert hp["context_slices"] == 2 and hp["in_channels"] == 5 and hp["image_size"] == 32
-    assert tuple(hp["window"]) == dataset.WINDOW_HU
+    assert tuple(hp["window"]) == volumes.WINDOW_HU
     model = LitSegmenter.load_from_checkpoint(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert model(torch.rand(1, 5, 32, 32)).shape == (1, 3, 32, 32)
 
@@ -234,7 +235,7 @@ def test_last_is_the_last_epoch_and_ties_go_to_the_lower_val_loss(tiny_data, tmp
 def test_liver_only_data_has_no_tumor_dice_and_best_follows_val_loss(tmp_path):
     data = tmp_path / "liver_only"
     for i in range(5):
-        dataset.write_phantom_case(data, i, size=48, seed=4, num_slices=10, num_tumors=0)
+        phantom.write_phantom_case(data, i, size=48, seed=4, num_slices=10, num_tumors=0)
     out = tmp_path / "run"
     summary = train.main(run_args(data, out, "segmentation", "--max-epochs", "2", "--oversample-tumor", "0"))
     scalars = train.read_scalars(Path(summary["tensorboard"]))

@@ -1,0 +1,224 @@
+"""A synthetic abdominal CT phantom in the LiTS file layout, for the demo and the tests.
+
+    python dataset.py synth --out-dir data/synthetic --cases 12 --size 128 --seed 0
+
+`write_phantom_case` writes one phantom as LiTS NIfTI files (volume-N, segmentation-N), with its axes
+stored flipped as scanners and LiTS files often are; `write_phantom_dicom` writes a CT volume as a
+DICOM series (one file per slice), so DICOM input is tested on real files with the orientations
+scanners produce. Both go through exactly the loading code real data goes through.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from volumes import atomic_output
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], cells: int) -> np.ndarray:
+    """Smooth random field in about [-1, 1]: coarse noise upsampled with linear interpolation."""
+    from scipy.ndimage import zoom
+    coarse = rng.standard_normal(tuple(max(2, min(cells, s)) for s in shape)).astype(np.float32)
+    field_ = zoom(coarse, [s / c for s, c in zip(shape, coarse.shape)], order=1)
+    return field_[tuple(slice(0, s) for s in shape)] / 1.5
+
+
+def make_phantom(size: int = 128, num_slices: int | None = None, seed: int = 0,
+                 num_tumors: int | None = None) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """A CT-like abdominal phantom in canonical RAS voxel order (x: left -> right, y: posterior ->
+    anterior, z: inferior -> superior).
+
+    Returns (hu (X, Y, Z) int16, labels (X, Y, Z) uint8 with 0/1/2, spacing in mm). Body, fat,
+    muscle, spine, aorta, spleen, kidneys, a textured lobulated liver (95-120 HU) with vessels,
+    0-4 hypo- or hyperdense tumors (10-60 mm, 10-50 HU contrast) inside it, and 10-20 HU noise."""
+    from scipy.ndimage import distance_transform_edt
+    rng = np.random.default_rng(seed)
+    nz = num_slices or int(rng.integers(size // 3, size // 2 + 1))
+    xy_mm = 360.0 / size * rng.uniform(0.85, 1.1)
+    z_mm = float(rng.uniform(1.5, 5.0))
+    u = np.linspace(-1, 1, size, dtype=np.float32)[:, None, None]   # x, patient right is +
+    v = np.linspace(-1, 1, size, dtype=np.float32)[None, :, None]   # y, anterior is +
+    w = np.linspace(0, 1, nz, dtype=np.float32)[None, None, :]      # z, superior is +
+
+    hu = np.full((size, size, nz), -1000.0, dtype=np.float32)
+    bx, by = rng.uniform(0.78, 0.9), rng.uniform(0.58, 0.7)
+    body = (u / bx) ** 2 + (v / by) ** 2 <= 1.0
+    muscle = (u / (bx - 0.07)) ** 2 + (v / (by - 0.07)) ** 2 <= 1.0
+    hu = np.where(body, -100.0, hu)          # subcutaneous fat
+    hu = np.where(muscle, rng.uniform(40, 55), hu)  # muscle and bowel soft tissue
+    hu = np.where(muscle & (_smooth_noise(rng, (size, size, nz), 6) > 0.6), -80.0, hu)  # visceral fat
+    spine = (u ** 2 + (v + by * 0.7) ** 2) <= 0.11 ** 2
+    hu = np.where(np.broadcast_to(spine, hu.shape), 500.0, hu)
+    aorta = ((u + 0.08) ** 2 + (v + by * 0.42) ** 2) <= 0.05 ** 2
+    hu = np.where(np.broadcast_to(aorta, hu.shape), 170.0, hu)
+
+    # Enhanced organs as in a portal-venous scan: a spleen on the patient's left about as bright as
+    # the liver (so position and shape matter, not brightness alone) and two bright kidneys.
+    liver_hu = rng.uniform(95, 120)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sp = np.clip(np.sin(np.pi * (w - 0.45) / 0.5), 0, None) ** 0.6
+        spleen = (((u + 0.45) / (0.12 * sp)) ** 2 + ((v + 0.18) / (0.2 * sp)) ** 2) <= 1
+        kp = np.clip(np.sin(np.pi * (w - 0.05) / 0.45), 0, None) ** 0.6
+        kidneys = (((np.abs(u) - 0.3) / (0.08 * kp)) ** 2 + ((v + by * 0.55) / (0.12 * kp)) ** 2) <= 1
+    hu = np.where(spleen & muscle, liver_hu + rng.uniform(-5, 15), hu)
+    hu = np.where(kidneys & muscle, rng.uniform(150, 190), hu)
+
+    # Liver on the patient's right, largest in mid-upper slices, with a lobulated outline.
+    z0, z1 = rng.uniform(0.1, 0.25), rng.uniform(0.75, 0.95)
+    profile = np.clip(np.sin(np.pi * (w - z0) / (z1 - z0)), 0, None) ** 0.6
+    cx, cy = rng.uniform(0.3, 0.4), rng.uniform(-0.05, 0.1)
+    rx, ry = rng.uniform(0.3, 0.38) * profile, rng.uniform(0.3, 0.4) * profile
+    lobes = 1 + 0.18 * _smooth_noise(rng, (size, size, nz), 5)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        liver = (((u - cx) / rx) ** 2 + ((v - cy) / ry) ** 2) <= lobes
+    liver &= muscle & ~np.broadcast_to(spine | aorta, hu.shape)
+    hu = np.where(liver, liver_hu + 8.0 * _smooth_noise(rng, hu.shape, max(4, size // 8)), hu)
+    vessels = np.abs(_smooth_noise(rng, hu.shape, 7)) < 0.04
+    hu = np.where(liver & vessels, liver_hu + rng.uniform(40, 80), hu)
+
+    labels = liver.astype(np.uint8)
+    if not liver.any():
+        num_tumors = 0
+    elif num_tumors is None:
+        num_tumors = int(rng.choice([0, 1, 2, 3, 4], p=[0.2, 0.3, 0.25, 0.15, 0.1]))
+    # Lesions of 10-60 mm diameter, centred at least half a radius inside the liver so that most of
+    # each lies in it (LiTS lesions range from a few mm to over 10 cm).
+    depth_mm = distance_transform_edt(liver, sampling=(xy_mm, xy_mm, z_mm)) if num_tumors else None
+    for _ in range(num_tumors):
+        r_mm = rng.uniform(5.0, 30.0)
+        pts = np.argwhere(depth_mm >= min(0.5 * r_mm, depth_mm.max()))
+        c = pts[rng.integers(len(pts))].astype(np.float32)
+        rads = np.array([r_mm / xy_mm, r_mm / xy_mm * rng.uniform(0.7, 1.3), r_mm / z_mm], dtype=np.float32)
+        gx = (np.arange(size, dtype=np.float32)[:, None, None] - c[0]) / rads[0]
+        gy = (np.arange(size, dtype=np.float32)[None, :, None] - c[1]) / rads[1]
+        gz = (np.arange(nz, dtype=np.float32)[None, None, :] - c[2]) / max(rads[2], 0.6)
+        blob = (gx ** 2 + gy ** 2 + gz ** 2) <= 1 + 0.15 * _smooth_noise(rng, hu.shape, 6)
+        blob &= liver
+        contrast = rng.uniform(10, 50) * (1 if rng.random() < 0.2 else -1)  # most lesions are hypodense
+        hu = np.where(blob, liver_hu + contrast + 5.0 * _smooth_noise(rng, hu.shape, max(4, size // 8)), hu)
+        labels[blob] = 2
+
+    hu += rng.normal(0, rng.uniform(10, 20), hu.shape).astype(np.float32)
+    return np.clip(np.round(hu), -1024, 3071).astype(np.int16), labels, (xy_mm, xy_mm, z_mm)
+
+
+def write_phantom_case(out_dir: str | Path, index: int, size: int = 128, seed: int = 0,
+                       flips: tuple[bool, bool, bool] | None = None, compress: bool = False,
+                       num_slices: int | None = None, num_tumors: int | None = None) -> tuple[Path, Path]:
+    """Write one phantom as LiTS files volume-<index>.nii[.gz] and segmentation-<index>.nii[.gz].
+
+    `flips` stores the array with those axes reversed and an affine that says so (as scanners and
+    LiTS files do), so loading must undo it; by default drawn at random from the seed."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, index])
+    hu, labels, spacing = make_phantom(size, num_slices, seed=int(rng.integers(2**31)), num_tumors=num_tumors)
+    if flips is None:
+        flips = tuple(bool(f) for f in rng.random(3) < [0.6, 0.6, 0.3])
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] -= affine[:3, :3] @ (np.array(hu.shape) / 2)  # world origin near the volume centre
+    for ax, flip in enumerate(flips):
+        if flip:  # same anatomy at the same world position, stored in reverse voxel order
+            hu, labels = np.flip(hu, ax), np.flip(labels, ax)
+            affine[:3, 3] += affine[:3, ax] * (hu.shape[ax] - 1)
+            affine[:3, ax] *= -1
+    ext = ".nii.gz" if compress else ".nii"
+    paths = (out_dir / f"volume-{index}{ext}", out_dir / f"segmentation-{index}{ext}")
+    for arr, path in zip((np.ascontiguousarray(hu), np.ascontiguousarray(labels)), paths):
+        img = nib.Nifti1Image(arr, affine)
+        img.header.set_xyzt_units("mm", "sec")
+        img.set_qform(affine, code=1)
+        img.set_sform(affine, code=1)
+        with atomic_output(path) as tmp:
+            nib.save(img, tmp)
+    return paths
+
+
+def write_synthetic_lits(out_dir: str | Path, cases: int = 12, size: int = 128, seed: int = 0,
+                         compress: bool = False, progress: bool = False) -> list[tuple[Path, Path]]:
+    """Write `cases` phantoms in the LiTS layout; deterministic for a given seed."""
+    from tqdm import tqdm
+    return [write_phantom_case(out_dir, i, size=size, seed=seed, compress=compress)
+            for i in tqdm(range(cases), desc="writing phantoms", unit="case", disable=not progress,
+                          file=sys.stderr)]
+
+_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+def write_phantom_dicom(out_dir: str | Path, hu: np.ndarray, affine: np.ndarray, *, seed: int = 0,
+                        series_number: int = 1, series_uid: str | None = None, study_uid: str | None = None,
+                        frame_of_reference: bool = True, transfer_syntax: str | None = None,
+                        suffix: str = ".dcm", patient_position: str = "HFS") -> list[Path]:
+    """Write a CT volume as a DICOM series (CT Image Storage), one file per slice of its third axis.
+
+    `hu` (X, Y, Z) holds whole HU values in the file's voxel order and `affine` is its NIfTI-style
+    voxel -> world (RAS, mm) matrix, as nibabel gives them for a phantom's volume-N.nii. Slice k
+    becomes S<series_number>_IM<k><suffix> with pixels hu[:, :, k].T (rows, columns); ImagePositionPatient is voxel
+    (0, 0, k) in LPS, ImageOrientationPatient and PixelSpacing come from the affine's first two
+    columns (a flipped axis gives -1 components), so the series lies exactly where the NIfTI volume
+    lies. An affine whose third column leaves the slice normal writes a gantry-tilted series.
+    Pixels are stored unsigned with RescaleIntercept -1024 (as many scanners store them), so a reader
+    must apply the rescale. `transfer_syntax` compresses the pixel data (e.g.
+    pydicom.uid.JPEG2000Lossless or RLELossless); `frame_of_reference=False` leaves
+    FrameOfReferenceUID out, as some public series (3D-IRCADb) do; `series_uid=""` writes an empty
+    SeriesInstanceUID, as some anonymisers do. UIDs not given are derived from `seed` and
+    `series_number`, so a rerun writes the same files. Returns the paths in k order."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from pydicom.valuerep import format_number_as_ds
+
+    def ds_values(values: Sequence[float]) -> list[str]:
+        return [format_number_as_ds(float(v)) for v in values]
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hu = np.asarray(hu)
+    affine = np.asarray(affine, dtype=np.float64)
+    if hu.ndim != 3:
+        raise ValueError(f"expected a volume (X, Y, Z), got shape {hu.shape}")
+    study_uid = study_uid or generate_uid(entropy_srcs=["phantom study", str(seed)])
+    if series_uid is None:
+        series_uid = generate_uid(entropy_srcs=["phantom series", str(seed), str(series_number)])
+    frame_uid = generate_uid(entropy_srcs=["phantom frame", study_uid])
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    row_dir, col_dir = _LPS @ affine[:3, 0] / zooms[0], _LPS @ affine[:3, 1] / zooms[1]
+    signed = float(hu.min()) < -1024  # only then is a signed store needed
+    intercept = 0.0 if signed else -1024.0
+    stored = np.round(hu - intercept).astype(np.int16 if signed else np.uint16)
+    paths = []
+    for k in range(hu.shape[2]):
+        sop_uid = generate_uid(entropy_srcs=[series_uid, str(seed), str(series_number), str(k)])
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        path = out_dir / f"S{series_number}_IM{k:04d}{suffix}"
+        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop_uid
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        if frame_of_reference:
+            ds.FrameOfReferenceUID = frame_uid
+        ds.Modality, ds.Manufacturer, ds.ImageType = "CT", "phantom.py", ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Phantom^Liver", f"PHANTOM-{seed}", "", "O"
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20260101", "120000", "1", ""
+        ds.ReferringPhysicianName, ds.PatientPosition = "", patient_position
+        ds.SeriesNumber, ds.InstanceNumber = series_number, k + 1
+        ds.SeriesDescription = "synthetic liver phantom"
+        ds.ImagePositionPatient = ds_values(_LPS @ (affine @ [0.0, 0.0, k, 1.0])[:3])
+        ds.ImageOrientationPatient = ds_values([*row_dir, *col_dir])
+        ds.PixelSpacing = ds_values([zooms[1], zooms[0]])  # between rows, between columns
+        ds.SliceThickness = format_number_as_ds(float(zooms[2]))
+        ds.Rows, ds.Columns = int(hu.shape[1]), int(hu.shape[0])
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, int(signed)
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = format_number_as_ds(intercept), "1", "HU"
+        ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
+        if transfer_syntax is not None:
+            ds.compress(transfer_syntax)
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
