@@ -656,7 +656,7 @@ def test_liver_only_data_has_no_tumor_dice(tmp_path, capsys):
     gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
     pred_dir.mkdir()
     for i in range(2):
-        _, seg = dataset.write_phantom_case(gt_dir, i, size=32, seed=1, num_tumors=0)
+        _, seg = phantom.write_phantom_case(gt_dir, i, size=32, seed=1, num_tumors=0)
         shutil.copy(seg, pred_dir / f"prediction-{i}.nii")
     rc = evaluate.run_cli(evaluate.main, evaluate.get_args_parser(),
                           ["--pred", str(pred_dir), "--gt", str(gt_dir), "--summary", str(tmp_path / "s.json")])
