@@ -1,12 +1,21 @@
-"""VGG16 (Simonyan & Zisserman 2015, configuration D) for N-channel images.
+"""VGG16 (Simonyan & Zisserman 2015, configuration D) for N-channel images, with two heads.
 
-    model = VGG16(in_channels=1, num_classes=2)
-    logits = model(torch.randn(8, 1, 224, 224))  # (8, 2)
+    model = VGG16(in_channels=1, num_classes=2)                   # the classic fully connected head
+    logits = model(torch.randn(8, 1, 224, 224))                    # (8, 2)
+    model = VGG16(in_channels=3, num_classes=2, head="evidence")   # tumour evidence per location
+    logits, evidence = model.forward_with_evidence(torch.randn(8, 3, 128, 128))  # (8, 2), (8, 1, 8, 8)
     model = load_imagenet_weights(VGG16(in_channels=1, num_classes=2))
+
+The 13 convolutions are the paper's whatever the head. The "evidence" head is a 1x1 convolution on
+the last convolutional feature map (stride 16, before the fifth pooling): one tumour logit per
+location, pooled into the slice logit by a smooth maximum (log-mean-exp), so a slice is tumorous
+when some place in it is. The map can be supervised directly with the downsampled tumour mask
+(deep supervision) and drawn as a heat map of where the classifier looked.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -22,6 +31,7 @@ CFG_D: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
 # Five stride-2 poolings: anything below 2**5 px collapses to an empty map.
 MIN_SIZE = 32
 
+HEADS = ("fc", "evidence")
 IMAGENET_HIDDEN = 4096
 IMAGENET_CLASSES = 1000
 DOWNLOAD_TIMEOUT_S = 10.0
@@ -42,8 +52,16 @@ class VGG16(nn.Module):
         batch_norm: bool = True,
         dropout: float = 0.5,
         hidden: int = 4096,
+        head: str = "fc",
+        pool_sharpness: float = 5.0,
     ) -> None:
         super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"expected head in {HEADS}, got {head!r}")
+        if head == "evidence" and num_classes != 2:
+            raise ValueError(f"the evidence head is binary (num_classes=2), got num_classes={num_classes}")
+        if not pool_sharpness > 0:
+            raise ValueError(f"expected pool_sharpness > 0, got {pool_sharpness}")
         if in_channels < 1:
             raise ValueError(f"expected in_channels >= 1, got {in_channels}")
         if num_classes < 1:
@@ -56,6 +74,8 @@ class VGG16(nn.Module):
         self.num_classes = num_classes
         self.batch_norm = batch_norm
         self.hidden = hidden
+        self.head = head
+        self.pool_sharpness = float(pool_sharpness)
 
         layers: list[nn.Module] = []
         channels = in_channels
@@ -72,6 +92,18 @@ class VGG16(nn.Module):
             layers.append(nn.ReLU(inplace=True))
             channels = width
         self.features = nn.Sequential(*layers)
+        if head == "evidence":
+            self.evidence = nn.Conv2d(512, 1, kernel_size=1)
+            # Evidence read from conv3_3 and conv4_3 too (strides 4 and 8), for deep supervision only:
+            # the mask's gradient then reaches the early layers directly, not through ten others.
+            self.evidence_aux = nn.ModuleList([nn.Conv2d(256, 1, kernel_size=1), nn.Conv2d(512, 1, kernel_size=1)])
+            self.reset_parameters()
+            # Small weights and a prior of about 5 % tumour locations: the first steps neither
+            # saturate the pooled logit nor flood the map with false evidence.
+            for conv in (self.evidence, *self.evidence_aux):
+                nn.init.normal_(conv.weight, 0.0, 0.01)
+                nn.init.constant_(conv.bias, -3.0)
+            return
         # Fixed 7x7 output makes the classifier size independent of the input
         # size, so inputs other than 224 px work and ImageNet FC weights still fit.
         self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
@@ -109,6 +141,46 @@ class VGG16(nn.Module):
         Returns:
             Logits of shape (N, num_classes); no softmax is applied.
         """
+        if self.head == "evidence":
+            return self.forward_with_evidence(x)[0]
+        x = self.features(self._checked(x))  # (N, 512, H // 32, W // 32)
+        x = self.avgpool(x)  # (N, 512, 7, 7)
+        x = torch.flatten(x, 1)  # (N, 25088)
+        return self.classifier(x)  # (N, num_classes)
+
+    def forward_with_evidence(self, x: torch.Tensor, aux: bool = False):
+        """Slice logits and the tumour evidence map they are pooled from (evidence head only).
+
+        Args:
+            x: float tensor of shape (N, in_channels, H, W) with H, W >= 32.
+            aux: also return the auxiliary evidence maps of conv3_3 and conv4_3 (for training).
+
+        Returns:
+            (logits (N, 2), evidence (N, 1, H // 16, W // 16)), and with `aux` a third element
+            [(N, 1, H // 4, W // 4), (N, 1, H // 8, W // 8)]; all are logits. The slice logits are
+            [0, s] with s the log-mean-exp of the evidence at sharpness r,
+            s = log(mean(exp(r * e))) / r, between the mean (r -> 0) and the maximum (r -> inf) of
+            the map, so softmax(logits)[:, 1] = sigmoid(s).
+        """
+        if self.head != "evidence":
+            raise RuntimeError("forward_with_evidence needs head='evidence'")
+        feat = self._checked(x)
+        taps = []
+        # All but the fifth pooling: stride 16 keeps lesions of a few pixels apart on the map.
+        for i, layer in enumerate(self.features[:-1]):
+            if aux and isinstance(layer, nn.MaxPool2d) and feat.shape[1] in (256, 512):
+                taps.append(feat)  # conv3_3 (256 channels) and conv4_3 (512), just before their pooling
+            feat = layer(feat)  # ends (N, 512, H // 16, W // 16)
+        evidence = self.evidence(feat).float()  # (N, 1, h, w)
+        r = self.pool_sharpness
+        flat = evidence.flatten(1)  # (N, h * w)
+        s = (torch.logsumexp(r * flat, dim=1) - math.log(flat.shape[1])) / r  # (N,)
+        logits = torch.stack([torch.zeros_like(s), s], dim=1)
+        if not aux:
+            return logits, evidence
+        return logits, evidence, [conv(t).float() for conv, t in zip(self.evidence_aux, taps)]
+
+    def _checked(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"expected (N, C={self.in_channels}, H, W) input, got shape {tuple(x.shape)}"
@@ -118,10 +190,7 @@ class VGG16(nn.Module):
             raise ValueError(
                 f"expected input of at least {MIN_SIZE}x{MIN_SIZE} pixels, got {h}x{w}"
             )
-        x = self.features(x)  # (N, 512, H // 32, W // 32)
-        x = self.avgpool(x)  # (N, 512, 7, 7)
-        x = torch.flatten(x, 1)  # (N, 25088)
-        return self.classifier(x)  # (N, num_classes)
+        return x
 
 
 def imagenet_weights_url(batch_norm: bool) -> str:
@@ -180,13 +249,13 @@ def load_imagenet_weights(model: VGG16) -> VGG16:
     FC layers are copied; the first convolution is adapted to
     ``model.in_channels`` (see ``_adapt_first_conv``); the last FC layer is
     copied only when ``model.num_classes == 1000`` and otherwise keeps its fresh
-    initialisation. Uses the torch hub cache, downloading at most once.
+    initialisation; the evidence head (``head="evidence"``) keeps its fresh one. Uses the torch hub cache, downloading at most once.
 
     Raises:
-        ValueError: ``model.hidden`` is not 4096, so the FC weights cannot fit.
+        ValueError: the FC head's ``model.hidden`` is not 4096, so its weights cannot fit.
         RuntimeError: the weights are neither cached nor downloadable, or unusable.
     """
-    if model.hidden != IMAGENET_HIDDEN:
+    if model.head == "fc" and model.hidden != IMAGENET_HIDDEN:
         raise ValueError(
             f"ImageNet weights need hidden={IMAGENET_HIDDEN}, got hidden={model.hidden}"
         )
@@ -196,11 +265,12 @@ def load_imagenet_weights(model: VGG16) -> VGG16:
         # Checkpoints saved before PyTorch 0.4.1 (torchvision's VGG files date from
         # 2017) may lack BN num_batches_tracked; it only matters for momentum=None.
         missing = sorted(
-            k for k in set(target) - set(source) if not k.endswith("num_batches_tracked")
+            k for k in set(target) - set(source)
+            if not k.endswith("num_batches_tracked") and not k.startswith("evidence.")
         )
         if missing:
             raise RuntimeError(f"checkpoint lacks {len(missing)} keys, e.g. {missing[0]!r}")
-        last_fc = f"classifier.{len(model.classifier) - 1}."
+        last_fc = f"classifier.{len(model.classifier) - 1}." if model.head == "fc" else "evidence."
         first_conv = "features.0.weight"
         new_state: dict[str, torch.Tensor] = {}
         for key, current in target.items():

@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 import pytest
 import torch
 import torchvision
+from torch import nn
 
 from vgg16 import VGG16, load_imagenet_weights
 
@@ -253,3 +254,60 @@ def test_pretrained_copies_cached_weights(
 
     with torch.no_grad():
         assert model.eval()(torch.randn(1, in_channels, 32, 32)).shape == (1, num_classes)
+
+
+# ------------------------------------------------------------------------------------------------
+# The evidence head
+# ------------------------------------------------------------------------------------------------
+
+def test_evidence_head_shapes_and_pooled_logit_by_hand() -> None:
+    torch.manual_seed(0)
+    model = VGG16(in_channels=3, num_classes=2, head="evidence", pool_sharpness=2.0).eval()
+    x = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        logits, evidence = model.forward_with_evidence(x)
+        plain = model(x)
+    assert logits.shape == (2, 2) and evidence.shape == (2, 1, 4, 6)  # stride 16
+    assert torch.equal(plain, logits)
+    assert torch.all(logits[:, 0] == 0)
+    for i in range(2):  # log-mean-exp at r = 2, written out from its definition
+        e = evidence[i].flatten().double()
+        expected = math.log(sum(math.exp(2 * v) for v in e.tolist()) / len(e)) / 2
+        assert logits[i, 1].item() == pytest.approx(expected, rel=1e-5)
+        assert e.mean() - 1e-6 <= logits[i, 1] <= e.max() + 1e-6  # between the mean and the maximum
+
+
+def test_evidence_head_has_no_fully_connected_layers() -> None:
+    model = VGG16(in_channels=1, num_classes=2, head="evidence")
+    names = {n.split(".")[0] for n, _ in model.named_parameters()}
+    assert names == {"features", "evidence"}
+    convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 13  # VGG16's own convolutions are all there
+
+
+@pytest.mark.parametrize("kwargs", [dict(head="gap"), dict(head="evidence", num_classes=3),
+                                    dict(head="evidence", pool_sharpness=0.0)])
+def test_evidence_head_bad_arguments_raise(kwargs) -> None:
+    with pytest.raises(ValueError):
+        VGG16(in_channels=1, **{"num_classes": 2, **kwargs})
+
+
+def test_fc_head_has_no_evidence_map() -> None:
+    with pytest.raises(RuntimeError):
+        VGG16(in_channels=1, num_classes=2, hidden=8).forward_with_evidence(torch.rand(1, 1, 32, 32))
+
+
+def test_pretrained_evidence_head_copies_convolutions_keeps_fresh_head(
+    monkeypatch: pytest.MonkeyPatch, fake_cache: tuple[Path, dict[bool, dict[str, torch.Tensor]]]
+) -> None:
+    torch_home, checkpoints = fake_cache
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    torch.manual_seed(0)
+    model = VGG16(in_channels=3, num_classes=2, batch_norm=True, head="evidence")
+    fresh = model.evidence.weight.detach().clone()
+    load_imagenet_weights(model)
+    source = checkpoints[True]
+    state = model.state_dict()
+    convs = [k for k in source if k.startswith("features.") and k != "features.0.weight"]
+    assert [k for k in convs if not torch.equal(state[k], source[k])] == []
+    assert torch.equal(model.evidence.weight, fresh)
