@@ -32,7 +32,7 @@ from volumes import (IMAGE_SUFFIXES, WINDOW_HU, DataError, atomic_output, atomic
                      load_label_volume, load_slice_image, load_slice_mask, load_volume, one_line, resize_slices,
                      run_cli, visible_files, window_hu)
 
-CACHE_VERSION = 1  # bump when the cache format or the preprocessing changes
+CACHE_VERSION = 2  # bump when the cache format or the preprocessing changes (2: anatomy checks in meta)
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,6 +195,33 @@ def _load_case_arrays(case: Case) -> tuple[np.ndarray, np.ndarray, tuple[float, 
     return np.stack(images), np.stack(masks), (1.0, 1.0, 1.0), True
 
 
+def anatomy_warnings(hu: np.ndarray, labels: np.ndarray) -> list[str]:
+    """What looks mirrored in a volume after reorientation to display order (S, P, L), from its own
+    anatomy: the labelled liver should lie on the patient's right (the image's left half) and the
+    spine behind the body's centre (the image's lower half). A file whose affine is wrong (LiTS holds
+    some stored with an identity affine) fails one or both. hu, labels (Z, H, W). Returns one
+    phrase per failed check, empty when all is as expected or nothing can be judged."""
+    liver = labels >= 1
+    zs = np.flatnonzero(liver.any(axis=(1, 2)))
+    if len(zs) == 0:
+        return []
+    hu, liver = hu[zs], liver[zs]  # the liver's slices: the upper abdomen
+    body = hu > -500
+    if not body.any():
+        return []
+    _, rows, cols = np.nonzero(body)
+    body_row, body_col = rows.mean(), cols.mean()
+    found = []
+    # Columns run from the patient's right to left: the liver's bulk has a smaller column than the body's.
+    if np.nonzero(liver)[2].mean() > body_col:
+        found.append("the labelled liver lies mostly on the patient's left")
+    # Dense bone inside the body is mostly spine (and the ribs beside it), behind the body's centre.
+    bone = (hu > 300) & body
+    if bone.sum() > 0.002 * body.sum() and np.nonzero(bone)[1].mean() < body_row:
+        found.append("the bone (spine) lies in front of the body's centre")
+    return found
+
+
 def _prepare_case(case: Case, folder: Path, image_size: int, window: Sequence[float],
                   single_thread: bool = False) -> dict:
     if single_thread:
@@ -212,6 +239,8 @@ def _prepare_case(case: Case, folder: Path, image_size: int, window: Sequence[fl
         "spacing": [float(s) for s in spacing],
         "liver_pixels": (label >= 1).sum(axis=(1, 2)).astype(int).tolist(),
         "tumor_pixels": (label == 2).sum(axis=(1, 2)).astype(int).tolist(),
+        # Volumes in HU only: windowed slice exports hold no HU to find the bone with.
+        "anatomy_warnings": [] if windowed else anatomy_warnings(image, label),
     }
     _atomic_save_npy(folder / f"{case.case_id}.image.npy", small)
     _atomic_save_npy(folder / f"{case.case_id}.label.npy", small_lab)
@@ -283,6 +312,11 @@ def prepare_cases(cases: Sequence[Case], cache_dir: str | Path, data_dir: str | 
             raise
         finally:
             bar.close()
+    for case in cases:
+        found = metas[case.case_id].get("anatomy_warnings", [])
+        if found:
+            sys.stderr.write(f"warning: {case.images[0]}: after reorientation {' and '.join(found)}; its affine "
+                             f"is probably wrong (anatomy mirrored), so check this file's orientation\n")
     return [_as_prepared(folder, metas[c.case_id]) for c in cases]
 
 
@@ -346,8 +380,10 @@ class LiTSSliceDataset(Dataset):
     Items are (image, target): image (2k+1, S, S) float32 in [0, 1] (k = context_slices neighbours on
     each side as channels); target (S, S) int64 in {0, 1, 2} for segmentation, or a scalar int64
     (1 when the slice holds at least `min_tumor_pixels` tumor pixels at native resolution) for
-    classification. `liver_only` keeps only slices that show liver. With `return_case`, items carry
-    the index of their case in `cases` as a third element (for per-patient metrics).
+    classification, whose items also carry the slice's label map (S, S) uint8 as a third element
+    (the classifier's deep supervision: where the tumour is). `liver_only` keeps only slices that
+    show liver. With `return_case`, items end with the index of their case in `cases` (for
+    per-patient and per-volume metrics).
     """
 
     def __init__(self, cases: Sequence[PreparedCase], task: str, context_slices: int = 0,
@@ -390,29 +426,32 @@ class LiTSSliceDataset(Dataset):
         # where numpy's is a scalar loop (about 5x slower, most of the item's time at 256x256).
         image = torch.from_numpy(images[zs]).float()  # (2k+1, S, S)
         if self.task == "classification":
-            target = torch.tensor(int(self.tumor[i]), dtype=torch.int64)
+            item = (image, torch.tensor(int(self.tumor[i]), dtype=torch.int64), torch.from_numpy(labels[z].copy()))
         else:
-            target = torch.from_numpy(labels[z].astype(np.int64))  # (S, S)
-        return (image, target, ci) if self.return_case else (image, target)
+            item = (image, torch.from_numpy(labels[z].astype(np.int64)))  # target (S, S)
+        return item + (ci,) if self.return_case else item
 
 
 def augment_batch(images: torch.Tensor, masks: torch.Tensor | None = None, max_rotation: float = 10.0,
                   scale: tuple[float, float] = (0.9, 1.1), contrast: float = 0.1, brightness: float = 0.05,
-                  noise: float = 0.02, hflip: bool = False):
+                  noise: float = 0.02, hflip: bool = False, vflip: bool = False):
     """Random geometric and intensity augmentation of a batch, on whatever device it is on.
 
-    images (N, C, H, W) in [0, 1]; masks (N, H, W) integer labels or None. The same rotation and
-    scaling moves image and mask (bilinear for the image, nearest for the mask); intensity jitter
-    touches the image only. No left-right flip by default: the liver is on the patient's right.
-    Draws from torch's global RNG, so a seeded run repeats."""
+    images (N, C, H, W) in [0, 1]; masks (N, H, W) integer labels or None. The same rotation,
+    scaling and flips move image and mask (bilinear for the image, nearest for the mask); intensity
+    jitter touches the image only. `hflip` / `vflip` mirror half the batch left-right / top-bottom:
+    anatomy that reaches the model mirrored (a wrong affine, as in some LiTS files, or slices
+    exported flipped) then looks like something seen in training. Draws from torch's global RNG,
+    so a seeded run repeats."""
     n, dev = images.shape[0], images.device
     angle = (torch.rand(n, device=dev) * 2 - 1) * math.radians(max_rotation)
     s = torch.empty(n, device=dev).uniform_(*scale)
     cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
-    flip = torch.where(torch.rand(n, device=dev) < 0.5, -1.0, 1.0) if hflip else torch.ones(n, device=dev)
+    flip_x = torch.where(torch.rand(n, device=dev) < 0.5, -1.0, 1.0) if hflip else torch.ones(n, device=dev)
+    flip_y = torch.where(torch.rand(n, device=dev) < 0.5, -1.0, 1.0) if vflip else torch.ones(n, device=dev)
     theta = torch.zeros(n, 2, 3, device=dev)
-    theta[:, 0, 0], theta[:, 0, 1] = cos * flip, -sin
-    theta[:, 1, 0], theta[:, 1, 1] = sin * flip, cos
+    theta[:, 0, 0], theta[:, 0, 1] = cos * flip_x, -sin * flip_y
+    theta[:, 1, 0], theta[:, 1, 1] = sin * flip_x, cos * flip_y
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     gain = 1 + (torch.rand(n, 1, 1, 1, device=dev) * 2 - 1) * contrast
@@ -459,7 +498,7 @@ def _datamodule_class():
                      test_fraction: float = 0.15, seed: int = 0, split_file: str | Path | None = None,
                      output_dir: str | Path | None = None, oversample_tumor: float = 0.0,
                      min_tumor_pixels: int = 1, liver_only: bool | None = None, augment: bool = True,
-                     prepare_workers: int | None = None):
+                     flip: bool = False, prepare_workers: int | None = None):
             super().__init__()
             self.data_dir, self.task, self.cache_dir = Path(data_dir), task, Path(cache_dir)
             self.image_size, self.window, self.context_slices = int(image_size), tuple(window), int(context_slices)
@@ -469,7 +508,7 @@ def _datamodule_class():
             self.output_dir = Path(output_dir) if output_dir else None
             self.oversample_tumor, self.min_tumor_pixels = float(oversample_tumor), int(min_tumor_pixels)
             self.liver_only = (task == "classification") if liver_only is None else bool(liver_only)
-            self.augment, self.prepare_workers = augment, prepare_workers
+            self.augment, self.flip, self.prepare_workers = augment, bool(flip), prepare_workers
             self.split: dict[str, list[str]] | None = None
             self.datasets: dict[str, LiTSSliceDataset] = {}
 
@@ -497,7 +536,8 @@ def _datamodule_class():
             for part in ("train", "val", "test"):
                 self.datasets[part] = LiTSSliceDataset(
                     [prepared[c] for c in self.split[part]], self.task, self.context_slices,
-                    self.min_tumor_pixels, self.liver_only, return_case=part == "test")
+                    self.min_tumor_pixels, self.liver_only,
+                    return_case=part == "test" or (part == "val" and self.task == "classification"))
 
         def _loader(self, part: str, train: bool) -> DataLoader:
             ds = self.datasets[part]
@@ -520,12 +560,13 @@ def _datamodule_class():
         def on_after_batch_transfer(self, batch, dataloader_idx: int):
             trainer = getattr(self, "trainer", None)
             if self.augment and trainer is not None and trainer.training:
-                images, target = batch[0], batch[1]
+                flips = dict(hflip=self.flip, vflip=self.flip)
                 if self.task == "segmentation":
-                    images, target = augment_batch(images, target)
-                else:
-                    images, _ = augment_batch(images)
-                batch = (images, target)
+                    images, target = augment_batch(batch[0], batch[1], **flips)
+                    batch = (images, target, *batch[2:])
+                else:  # the label map moves with the image: it supervises where the tumour is
+                    images, labels = augment_batch(batch[0], batch[2], **flips)
+                    batch = (images, batch[1], labels, *batch[3:])
             return batch
 
     LiTSDataModule.__module__ = __name__

@@ -108,17 +108,25 @@ def make_phantom(size: int = 128, num_slices: int | None = None, seed: int = 0,
 
 def write_phantom_case(out_dir: str | Path, index: int, size: int = 128, seed: int = 0,
                        flips: tuple[bool, bool, bool] | None = None, compress: bool = False,
-                       num_slices: int | None = None, num_tumors: int | None = None) -> tuple[Path, Path]:
+                       num_slices: int | None = None, num_tumors: int | None = None,
+                       wrong_affine: str | None = None) -> tuple[Path, Path]:
     """Write one phantom as LiTS files volume-<index>.nii[.gz] and segmentation-<index>.nii[.gz].
 
     `flips` stores the array with those axes reversed and an affine that says so (as scanners and
-    LiTS files do), so loading must undo it; by default drawn at random from the seed."""
+    LiTS files do), so loading must undo it; by default drawn at random from the seed.
+    `wrong_affine` writes a file whose affine lies, as real ones sometimes do: "identity" stores the
+    rows anterior to posterior under an identity affine (as LiTS's 3D-IRCADb volumes 28-47 are:
+    upside down once reoriented), "mirrored" flips the patient's left and right without saying so."""
+    if wrong_affine not in (None, "identity", "mirrored"):
+        raise ValueError(f"wrong_affine must be None, 'identity' or 'mirrored', got {wrong_affine!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, index])
     hu, labels, spacing = make_phantom(size, num_slices, seed=int(rng.integers(2**31)), num_tumors=num_tumors)
     if flips is None:
         flips = tuple(bool(f) for f in rng.random(3) < [0.6, 0.6, 0.3])
+    if wrong_affine is not None:
+        flips = (False, False, False)  # the lie is told about the volume as made: RAS voxel order
     affine = np.diag([*spacing, 1.0])
     affine[:3, 3] -= affine[:3, :3] @ (np.array(hu.shape) / 2)  # world origin near the volume centre
     for ax, flip in enumerate(flips):
@@ -126,6 +134,11 @@ def write_phantom_case(out_dir: str | Path, index: int, size: int = 128, seed: i
             hu, labels = np.flip(hu, ax), np.flip(labels, ax)
             affine[:3, 3] += affine[:3, ax] * (hu.shape[ax] - 1)
             affine[:3, ax] *= -1
+    if wrong_affine == "identity":
+        hu, labels = np.flip(hu, 1), np.flip(labels, 1)  # anterior-posterior flipped, as the file's data was
+        affine = np.eye(4)
+    elif wrong_affine == "mirrored":
+        hu, labels = np.flip(hu, 0), np.flip(labels, 0)  # the array mirrored, the affine unchanged
     ext = ".nii.gz" if compress else ".nii"
     paths = (out_dir / f"volume-{index}{ext}", out_dir / f"segmentation-{index}{ext}")
     for arr, path in zip((np.ascontiguousarray(hu), np.ascontiguousarray(labels)), paths):

@@ -126,8 +126,9 @@ def test_find_cases_msd_ignores_macos_junk(tmp_path):
 
     prepared = dataset.prepare_cases(cases, tmp_path / "cache", root, 32, workers=1, progress=False)
     ds = dataset.LiTSSliceDataset(prepared, "classification", context_slices=0)
-    image, target = ds[0]
+    image, target, label = ds[0]
     assert image.shape == (1, 32, 32) and target.shape == () and target.dtype == torch.int64
+    assert label.shape == (32, 32) and label.dtype == torch.uint8
 
 
 def _write_slice_folders(root: Path) -> None:
@@ -371,10 +372,13 @@ def test_classification_targets_from_segmentation_file(prepared, lits_dir, k, mi
                                for c in dataset.find_cases(lits_dir)]).astype(np.int64)
     got = []
     for i in range(len(ds)):
-        image, target = ds[i]
+        image, target, label = ds[i]
         assert image.shape == (2 * k + 1, 32, 32) and image.dtype == torch.float32
         assert 0.0 <= image.min() and image.max() <= 1.0
         assert target.shape == () and target.dtype == torch.int64
+        # The label map (deep supervision) is the cached one of the same slice.
+        ci, z = ds.index[i]
+        assert torch.equal(label, torch.from_numpy(np.load(prepared[ci].label_path)[z]))
         got.append(int(target))
     assert got == expected.tolist()
     assert 0 < sum(got) < len(got)
@@ -423,6 +427,32 @@ def test_augment_batch_without_jitter_is_identity():
     out, m = dataset.augment_batch(images, masks, max_rotation=0, scale=(1, 1), contrast=0, brightness=0, noise=0)
     torch.testing.assert_close(out, images, atol=1e-5, rtol=0)
     assert torch.equal(m, masks)
+
+
+@pytest.mark.parametrize("hflip, vflip", [(True, False), (False, True), (True, True)])
+def test_augment_batch_flips_exactly(hflip, vflip):
+    torch.manual_seed(2)
+    images, masks = _random_batch(3)
+    images = images.repeat(4, 1, 1, 1)  # 16 slices: both outcomes of each coin show up
+    masks = masks.repeat(4, 1, 1)
+    out, m = dataset.augment_batch(images, masks, max_rotation=0, scale=(1, 1), contrast=0, brightness=0,
+                                   noise=0, hflip=hflip, vflip=vflip)
+    seen = set()
+    for i in range(16):
+        for fx in (False, True) if hflip else (False,):
+            for fy in (False, True) if vflip else (False,):
+                dims = [d for d, f in ((-1, fx), (-2, fy)) if f]
+                want_img = images[i].flip(dims) if dims else images[i]
+                want_mask = masks[i].flip(dims) if dims else masks[i]
+                if torch.allclose(out[i], want_img, atol=1e-5) and torch.equal(m[i], want_mask):
+                    seen.add((fx, fy))
+                    break
+            else:
+                continue
+            break
+        else:
+            raise AssertionError(f"slice {i} is neither itself nor a mirror of itself")
+    assert len(seen) == (2 if hflip else 1) * (2 if vflip else 1), seen
 
 
 @pytest.mark.parametrize("hflip", [False, True])
@@ -478,8 +508,11 @@ def test_datamodule_end_to_end(tmp_path):
     dm2.setup("fit")
     assert dm2.split == split
     assert sorted(c.case_id for c in dm2.datasets["test"].cases) == sorted(split["test"])
-    images, target = next(iter(dm2.train_dataloader()))
+    images, target, labels = next(iter(dm2.train_dataloader()))
     assert images.shape == (4, 3, 32, 32) and target.shape == (4,) and target.dtype == torch.int64
+    assert labels.shape == (4, 32, 32) and labels.dtype == torch.uint8
+    *_, case = next(iter(dm2.val_dataloader()))  # val and test items name their case (per-volume metrics)
+    assert case.shape == (4,) and set(case.tolist()) <= set(range(len(dm2.datasets["val"].cases)))
     for ds in dm2.datasets.values():  # classification defaults to liver slices only
         assert all(ds.cases[ci].liver_pixels[z] > 0 for ci, z in ds.index)
 
@@ -624,3 +657,39 @@ def test_synth_is_deterministic_per_seed(tmp_path, compress):
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
         assert (tmp_path / "a" / f).read_bytes() != (tmp_path / "c" / f).read_bytes()
+
+
+# ------------------------------------------------------------------------------------------------
+# anatomy that looks mirrored after reorientation
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("wrong, expected", [(None, []), ("identity", ["spine"]), ("mirrored", ["left"])])
+def test_anatomy_warnings_name_what_looks_mirrored(tmp_path, wrong, expected):
+    vol, seg = phantom.write_phantom_case(tmp_path, 0, size=64, seed=5, num_slices=16, wrong_affine=wrong)
+    hu, _ = volumes.load_volume(vol)
+    labels, _ = volumes.load_label_volume(seg)
+    found = dataset.anatomy_warnings(hu, labels)
+    assert len(found) == len(expected) and all(w in f for w, f in zip(expected, found)), found
+
+
+def test_anatomy_warnings_hand_built_slices():
+    hu = np.full((2, 20, 20), -1000.0)
+    hu[:, 2:18, 2:18] = 40.0  # body: rows and columns 2..17, centre 9.5
+    labels = np.zeros((2, 20, 20), np.uint8)
+    labels[:, 5:10, 3:8] = 1  # liver in columns 3..7: the patient's right (image left)
+    hu[:, 14:17, 8:12] = 700.0  # spine in rows 14..16: posterior (lower half)
+    assert dataset.anatomy_warnings(hu, labels) == []
+    both = dataset.anatomy_warnings(hu[:, ::-1, ::-1], labels[:, ::-1, ::-1])  # turned 180 degrees
+    assert len(both) == 2 and "left" in both[0] and "spine" in both[1]
+    assert dataset.anatomy_warnings(hu, np.zeros_like(labels)) == []  # no liver: nothing to judge
+
+
+def test_prepare_warns_once_per_suspect_file(tmp_path, capsys):
+    data = tmp_path / "data"
+    phantom.write_phantom_case(data, 0, size=48, seed=1, num_slices=12)
+    phantom.write_phantom_case(data, 1, size=48, seed=1, num_slices=12, wrong_affine="identity")
+    prepare(data, tmp_path / "cache")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "volume-1.nii" in err[0] and "affine" in err[0]
+    prepare(data, tmp_path / "cache")  # from the cache: still reported
+    assert "volume-1.nii" in capsys.readouterr().err
