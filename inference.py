@@ -163,3 +163,58 @@ def infer_batched(net: nn.Module, volume: torch.Tensor, context_slices: int,
     finally:
         bar.close()
     return torch.cat(outputs)
+
+
+# --------------------------------------------------------------------------------------------
+# Classification: one verdict per volume, and where the classifier looked
+# --------------------------------------------------------------------------------------------
+
+VOLUME_TOP_K = 3  # slices whose mean probability is a volume's tumour score
+
+
+def volume_score(probs, top_k: int = VOLUME_TOP_K) -> float:
+    """A volume's tumour probability from its slices' probabilities (any 1D sequence): the mean of
+    the `top_k` highest. A lesion shows on a few neighbouring slices; one stray slice moves this
+    less than it would move the maximum. The same rule scores volumes in training's test metrics."""
+    p = torch.as_tensor(probs, dtype=torch.float64).flatten()
+    if p.numel() == 0:
+        raise ValueError("a volume score needs at least one slice probability")
+    return float(p.topk(min(top_k, p.numel())).values.mean())
+
+
+def evidence_maps(net: nn.Module, volume: torch.Tensor, context_slices: int, slices: Sequence[int],
+                  lone: bool = False) -> torch.Tensor:
+    """Tumour evidence of a VGG16 with the evidence head on slices `slices` of a preprocessed volume
+    (Z, S, S): sigmoid of its evidence map, upsampled (bilinear) to the slice size. Returns
+    (len(slices), S, S) float32 in [0, 1] on the CPU: where the classifier saw tumour."""
+    size = tuple(volume.shape[-2:])
+
+    class _Evidence(nn.Module):
+        def forward(self, x):
+            return net.forward_with_evidence(x)[1]  # (B, 1, S/16, S/16) logits
+
+    def head(evidence: torch.Tensor) -> torch.Tensor:
+        up = torch.nn.functional.interpolate(evidence, size=size, mode="bilinear", align_corners=False)
+        return up[:, 0].sigmoid()  # (B, S, S)
+
+    return infer_batched(_Evidence(), volume, context_slices, head, batch_size=8, slices=slices, lone=lone)
+
+
+# --------------------------------------------------------------------------------------------
+# Segmentation: test-time augmentation
+# --------------------------------------------------------------------------------------------
+
+class FlipTTA(nn.Module):
+    """Test-time augmentation by mirroring: the network sees each slice as it is, mirrored
+    left-right and mirrored top-bottom; the three softmax outputs, mirrored back, are averaged.
+    Returns log-probabilities (B, classes, H, W), which argmax like logits. Three times the work."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        prob = self.net(x).float().softmax(dim=1)
+        for dims in ((-1,), (-2,)):
+            prob = prob + self.net(x.flip(dims)).float().softmax(dim=1).flip(dims)
+        return (prob / 3).clamp_min(1e-12).log()

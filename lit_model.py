@@ -21,17 +21,19 @@ Metric rules, stated once:
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import Metric, MetricCollection
-from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryConfusionMatrix, BinaryF1Score,
-                                         BinaryRecall, BinaryROC, BinarySpecificity, MulticlassAccuracy)
+from torchmetrics import Metric
+from torchmetrics.functional.classification import binary_auroc, binary_roc
+from torchmetrics.utilities import dim_zero_cat
 
 from evaluate import dice_from_counts, mean_case_dice, pooled_dice
+from inference import volume_score
 from volumes import CLS_CLASSES, SEG_CLASSES, WINDOW_HU
 from unet import UNet
 from vgg16 import VGG16, load_imagenet_weights
@@ -110,6 +112,23 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
     return factor
 
 
+def warmup_cosine_in_time(budget_s: float, warmup_fraction: float, clock=time.monotonic):
+    """The same shape as `warmup_cosine` over wall-clock time: a run with a time budget and no epoch
+    count warms up over the first `warmup_fraction` of the budget and decays to 0 as it runs out,
+    however many steps fit. The clock starts at the first call (the first optimiser step)."""
+    start: list[float] = []
+
+    def factor(step: int) -> float:
+        now = clock()
+        if not start:
+            start.append(now)
+        progress = min(1.0, (now - start[0]) / budget_s)
+        if progress < warmup_fraction:
+            return max(progress / warmup_fraction, 1e-3)
+        return 0.5 * (1 + math.cos(math.pi * (progress - warmup_fraction) / (1 - warmup_fraction)))
+    return factor
+
+
 class _Base(pl.LightningModule):
     """What both tasks share: the split routing of the Lightning hooks, the speed options, and the
     optimiser (AdamW, warm-up then cosine, stepped per batch)."""
@@ -122,10 +141,17 @@ class _Base(pl.LightningModule):
                 (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on biases and norms
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = max(1, int(total * hp.warmup_fraction))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, warmup))
+        if self.time_budget_s:
+            factor = warmup_cosine_in_time(self.time_budget_s, hp.warmup_fraction)
+        else:
+            total = max(1, int(self.trainer.estimated_stepping_batches))
+            factor = warmup_cosine(total, max(1, int(total * hp.warmup_fraction)))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # Seconds the schedule spans instead of the epochs, for a run bounded by time alone (train.py
+    # --max-time without --max-epochs); a run-time choice, not a hyperparameter of the model.
+    time_budget_s: float | None = None
 
     _channels_last = False
     _compiled: nn.Module | None = None
@@ -165,70 +191,177 @@ class _Base(pl.LightningModule):
         self._log_epoch("test")
 
 
+class SlicePredictions(Metric):
+    """Every tumour probability, target and case index of an epoch, gathered across processes, so
+    that metrics needing the whole epoch (ROC, a chosen threshold, per-volume scores) see it all."""
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        for name in ("prob", "target", "case"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, prob: torch.Tensor, target: torch.Tensor, case: torch.Tensor | None = None) -> None:
+        self.prob.append(prob.detach().float())
+        self.target.append(target.detach().long())
+        self.case.append(case.detach().long() if case is not None else torch.full_like(target, -1).long())
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return dim_zero_cat(self.prob), dim_zero_cat(self.target), dim_zero_cat(self.case)
+
+
+def choose_threshold(prob: torch.Tensor, target: torch.Tensor, target_sensitivity: float | None = None) -> float | None:
+    """The operating point on validation predictions: the threshold maximising Youden's J
+    (sensitivity + specificity - 1), or, with `target_sensitivity`, the highest threshold whose
+    sensitivity reaches it (the most specific one that finds that share of tumours). None when the
+    predictions hold only one class (no ROC to choose on)."""
+    if prob.numel() == 0 or target.min() == target.max():
+        return None
+    fpr, tpr, thresholds = binary_roc(prob, target)  # thresholds descending, the first is 1 (nothing positive)
+    if target_sensitivity is None:
+        i = int(torch.argmax(tpr - fpr))
+    else:
+        i = int(torch.nonzero(tpr >= target_sensitivity - 1e-12)[0])
+    return float(thresholds[i].clamp(0.0, 1.0))
+
+
+def volume_scores(prob: torch.Tensor, target: torch.Tensor, case: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-volume tumour score (`inference.volume_score`: the mean of its highest slice
+    probabilities, as the predict script gives it) and target (whether any of its slices is
+    tumorous). Returns (scores (V,), targets (V,)) over the cases present."""
+    cases = torch.unique(case)
+    scores = torch.tensor([volume_score(prob[case == c]) for c in cases], device=prob.device)
+    return scores, torch.stack([target[case == c].max() for c in cases])
+
+
+def balanced_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy averaged over the positive and the negative locations separately, then
+    between the two: tumour covers a few percent of a map, and a plain mean would let the model
+    learn "never tumour" first. With no positive location it is the plain mean over negatives."""
+    per = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none")
+    pos = target > 0.5
+    if not pos.any():
+        return per.mean()
+    return 0.5 * (per[pos].mean() + per[~pos].mean())
+
+
+def binary_metrics_at(prob: torch.Tensor, target: torch.Tensor, threshold: float) -> dict[str, torch.Tensor]:
+    """Accuracy, balanced accuracy, sensitivity, specificity and F1 at `threshold` (tumour when
+    prob >= threshold); a rate with an empty denominator is NaN."""
+    pred = prob >= threshold
+    pos, neg = target == 1, target == 0
+    tp, fn = (pred & pos).sum().double(), (~pred & pos).sum().double()
+    tn, fp = (~pred & neg).sum().double(), (pred & neg).sum().double()
+    nan = torch.tensor(float("nan"), dtype=torch.float64, device=prob.device)
+    sens = tp / (tp + fn) if tp + fn > 0 else nan
+    spec = tn / (tn + fp) if tn + fp > 0 else nan
+    return {"acc": (tp + tn) / max(1, len(target)), "balanced_acc": (sens + spec) / 2, "sensitivity": sens,
+            "specificity": spec, "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn > 0 else nan}
+
+
 class LitClassifier(_Base):
-    """VGG16 deciding per slice: healthy (0) or tumor (1)."""
+    """VGG16 deciding per slice: healthy (0) or tumor (1).
+
+    head="evidence" (default) scores each location of the last feature map and pools the scores
+    into the slice logit; with `deep_supervision` > 0 that map is also trained against the tumour
+    mask max-pooled to its size (binary cross-entropy), the dense signal that lets a VGG16 learn
+    tumours from a dozen patients. head="fc" is the classic VGG16 head, trained on slice labels.
+    The operating threshold is chosen on each validation epoch's predictions (Youden's J, or the
+    highest threshold reaching `target_sensitivity`), kept in the state dict and written into the
+    checkpoint's hyperparameters as `threshold`, which the predict script uses."""
 
     def __init__(self, in_channels: int = 3, num_classes: int = 2, batch_norm: bool = True, dropout: float = 0.5,
-                 hidden: int = 4096, pretrained: bool = False, lr: float = 1e-4, weight_decay: float = 1e-4,
-                 warmup_fraction: float = 0.05, class_weights: Sequence[float] | None = None,
-                 threshold: float = 0.5, window: Sequence[float] = WINDOW_HU, image_size: int = 256,
-                 context_slices: int = 1, class_names: Sequence[str] = CLS_CLASSES,
+                 hidden: int = 4096, head: str = "evidence", pool_sharpness: float = 5.0,
+                 deep_supervision: float = 1.0, pretrained: bool = False, lr: float = 1e-4,
+                 weight_decay: float = 1e-4, warmup_fraction: float = 0.05,
+                 class_weights: Sequence[float] | None = None, threshold: float = 0.5,
+                 target_sensitivity: float | None = None, window: Sequence[float] = WINDOW_HU,
+                 image_size: int = 256, context_slices: int = 1, class_names: Sequence[str] = CLS_CLASSES,
                  task: str = "classification"):
         super().__init__()
         if num_classes != 2:
             raise ValueError(f"the classifier is binary (healthy/tumor), got num_classes={num_classes}")
+        if target_sensitivity is not None and not 0 < target_sensitivity <= 1:
+            raise ValueError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
         self.save_hyperparameters()
         self.net = build_network(self.hparams)
         if pretrained:
             load_imagenet_weights(self.net)
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.register_buffer("class_weight", weight, persistent=False)
-        # One collection per split (attributes, not a ModuleDict: "train" would shadow Module.train).
-        for split in ("train", "val", "test"):
-            setattr(self, f"{split}_metrics", MetricCollection({
-                "acc": BinaryAccuracy(threshold=threshold),
-                "balanced_acc": MulticlassAccuracy(num_classes=2, average="macro"),  # mean of per-class recall
-                "auroc": BinaryAUROC(),
-                "sensitivity": BinaryRecall(threshold=threshold),
-                "specificity": BinarySpecificity(threshold=threshold),
-                "f1": BinaryF1Score(threshold=threshold),
-            }, prefix=f"{split}/"))
-        self.test_roc = BinaryROC()
-        self.test_confusion = BinaryConfusionMatrix(threshold=threshold)
+        # In the state dict, so `trainer.test(ckpt_path=best)` tests at the threshold chosen with best.
+        self.register_buffer("operating_threshold", torch.tensor(float(threshold), dtype=torch.float64))
+        self.train_preds, self.val_preds, self.test_preds = SlicePredictions(), SlicePredictions(), SlicePredictions()
         self.roc_curve: tuple[torch.Tensor, torch.Tensor] | None = None
         self.confusion: torch.Tensor | None = None
 
+    @property
+    def threshold(self) -> float:
+        return float(self.operating_threshold)
+
+    def _logits_and_loss(self, images: torch.Tensor, target: torch.Tensor, labels: torch.Tensor | None):
+        if self.hparams.head != "evidence":
+            logits = self(images)  # (N, 2)
+            return logits, F.cross_entropy(logits.float(), target, weight=self.class_weight)
+        if self._channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        supervise = self.hparams.deep_supervision > 0 and labels is not None and self.training
+        out = (self._compiled or self.net).forward_with_evidence(images, aux=supervise)
+        logits = out[0]  # (N, 2); out[1] is the evidence map (N, 1, H/16, W/16)
+        loss = F.cross_entropy(logits.float(), target, weight=self.class_weight)
+        if supervise:
+            tumor = (labels == 2)[:, None].float()  # (N, 1, H, W)
+            maps = [(out[1], 1.0)] + [(m, 0.5) for m in out[2]]  # the auxiliary maps count half
+            # A location is tumour evidence when any pixel under it is tumour (max-pooled mask).
+            ds = sum(w * balanced_bce(m, F.adaptive_max_pool2d(tumor, m.shape[-2:])) for m, w in maps)
+            loss = loss + self.hparams.deep_supervision * ds / sum(w for _, w in maps)
+        return logits, loss
+
     def _step(self, batch, split: str) -> torch.Tensor:
         images, target = batch[0], batch[1]  # (N, C, H, W), (N,)
-        logits = self(images)  # (N, 2)
-        loss = F.cross_entropy(logits.float(), target, weight=self.class_weight)
-        prob = logits.float().softmax(dim=1)[:, 1]  # (N,) tumor probability
-        pred = (prob >= self.hparams.threshold).long()
-        metrics = getattr(self, f"{split}_metrics")
-        for name, metric in metrics.items():
-            metric.update(pred if name.endswith("balanced_acc") else prob, target)
+        labels = batch[2] if len(batch) > 2 else None  # (N, H, W) label map
+        case = batch[3] if len(batch) > 3 else None  # (N,) case index
+        logits, loss = self._logits_and_loss(images, target, labels)
+        prob = logits.detach().float().softmax(dim=1)[:, 1]  # (N,) tumor probability
+        getattr(self, f"{split}_preds").update(prob, target, case)
         on_step = split == "train"
         self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(target),
                  sync_dist=not on_step)
         if on_step:
-            self.log("train/acc_step", (pred == target).float().mean(), on_step=True, on_epoch=False, batch_size=len(target))
-        if split == "test":
-            self.test_roc.update(prob, target)
-            self.test_confusion.update(prob, target)
+            acc = ((prob >= self.threshold).long() == target).float().mean()
+            self.log("train/acc_step", acc, on_step=True, on_epoch=False, batch_size=len(target))
         return loss
 
     def _log_epoch(self, split: str) -> None:
-        metrics = getattr(self, f"{split}_metrics")
-        self.log_dict(metrics.compute(), prog_bar=split != "train")
-        metrics.reset()
+        collected = getattr(self, f"{split}_preds")
+        prob, target, case = collected.compute()
+        collected.reset()
+        if prob.numel() == 0:
+            return
+        if split == "val":
+            chosen = choose_threshold(prob, target, self.hparams.target_sensitivity)
+            if chosen is not None:
+                self.operating_threshold.fill_(chosen)
+        both = target.min() != target.max()
+        nan = torch.tensor(float("nan"), device=prob.device)
+        values = {"auroc": binary_auroc(prob, target) if both else nan, "threshold": self.operating_threshold}
+        values.update(binary_metrics_at(prob, target, self.threshold))
+        if split != "train" and (case >= 0).any():
+            scores, vol_target = volume_scores(prob, target, case)
+            two = vol_target.min() != vol_target.max()
+            values["auroc_volume"] = binary_auroc(scores, vol_target) if two else nan
+        self.log_dict({f"{split}/{k}": v.float() for k, v in values.items()}, prog_bar=split != "train")
+        if split == "test":
+            fpr, tpr, _ = binary_roc(prob, target) if both else (None, None, None)
+            self.roc_curve = (fpr.cpu(), tpr.cpu()) if both else None
+            pred = (prob >= self.threshold).long()
+            self.confusion = torch.stack([torch.stack([((target == t) & (pred == p)).sum() for p in (0, 1)])
+                                          for t in (0, 1)]).cpu()
 
-    def on_test_epoch_end(self):
-        super().on_test_epoch_end()
-        fpr, tpr, _ = self.test_roc.compute()
-        self.roc_curve = (fpr.cpu(), tpr.cpu())
-        self.confusion = self.test_confusion.compute().cpu()
-        self.test_roc.reset()
-        self.test_confusion.reset()
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The predict scripts read the operating point from the hyperparameters.
+        checkpoint.setdefault("hyper_parameters", {})["threshold"] = self.threshold
 
 
 class LitSegmenter(_Base):
@@ -330,8 +463,10 @@ def build_network(hparams) -> nn.Module:
     """The bare network of a task from recorded hyperparameters (a checkpoint's `hyper_parameters`)."""
     hp = dict(hparams)
     if hp["task"] == "classification":
+        # Checkpoints from before the evidence head have the classic head.
         return VGG16(in_channels=hp["in_channels"], num_classes=hp["num_classes"], batch_norm=hp["batch_norm"],
-                     dropout=hp["dropout"], hidden=hp["hidden"])
+                     dropout=hp["dropout"], hidden=hp["hidden"], head=hp.get("head", "fc"),
+                     pool_sharpness=hp.get("pool_sharpness", 5.0))
     if hp["task"] == "segmentation":
         return UNet(in_channels=hp["in_channels"], num_classes=hp["num_classes"], base_width=hp["base_width"],
                     depth=hp["depth"], upsampling=hp["upsampling"], attention=hp["attention"])

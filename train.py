@@ -16,6 +16,7 @@ import json
 import math
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import matplotlib
@@ -46,7 +47,7 @@ DEFAULTS = {
     "segmentation": {"max_epochs": (40, 11), "batch_size": (16, 16), "lr": (1e-3, 2e-3), "image_size": (256, 128),
                      "oversample_tumor": (0.0, 0.5)},
     "common": {"context_slices": (1, 1), "base_width": (64, 16), "num_workers": (4, 2), "vgg_hidden": (4096, 512),
-               "channels_last": (True, False)},
+               "channels_last": (True, False), "flip": (True, True)},
 }
 
 
@@ -86,7 +87,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="small preset for a CPU: synthetic data, small images and network, few epochs; "
                         "flags given explicitly override it")
     p.add_argument("--max-epochs", type=int, default=None, help=_default_help("max_epochs"))
-    p.add_argument("--max-time", default=None, help="stop after this long, Lightning's DD:HH:MM:SS (default: none)")
+    p.add_argument("--max-time", default=None,
+                   help="stop after this long, DD:HH:MM:SS; without --max-epochs the learning-rate schedule spans "
+                        "this time instead of an epoch count (default: none)")
     p.add_argument("--batch-size", type=int, default=None, help=_default_help("batch_size"))
     p.add_argument("--lr", type=float, default=None, help="peak learning rate of AdamW " + _default_help("lr"))
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
@@ -98,13 +101,26 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-width", type=int, default=None,
                    help="U-Net channels at the top level " + _default_help("base_width"))
     p.add_argument("--attention", action="store_true", help="U-Net with attention gates on the skips (default: off)")
+    p.add_argument("--head", choices=["evidence", "fc"], default="evidence",
+                   help="VGG16 head: 'evidence' scores each location of the last feature map and pools them "
+                        "(smooth maximum) into the slice logit; 'fc' is the classic fully connected head")
+    p.add_argument("--deep-supervision", type=float, default=1.0,
+                   help="weight of the evidence map's loss against the downsampled tumour mask (evidence head; "
+                        "0 trains on slice labels alone)")
+    p.add_argument("--target-sensitivity", type=float, default=None,
+                   help="choose the classifier's threshold on validation patients as the highest one reaching "
+                        "this sensitivity (default: Youden's J, the best sensitivity + specificity)")
     p.add_argument("--vgg-hidden", type=int, default=None,
-                   help="VGG16 fully connected width " + _default_help("vgg_hidden"))
+                   help="VGG16 fully connected width, fc head " + _default_help("vgg_hidden"))
     p.add_argument("--pretrained", action="store_true",
                    help="start VGG16 from torchvision's ImageNet weights (needs them cached or a network; default: off)")
     p.add_argument("--oversample-tumor", type=float, default=None,
                    help="share of tumor slices drawn per training epoch, 0 = natural share "
                         + _default_help("oversample_tumor"))
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="mirror half the training slices left-right and half top-bottom, so that anatomy "
+                        "reaching the model mirrored (a wrong affine, slices exported flipped) is still "
+                        "recognised " + _default_help("flip"))
     p.add_argument("--min-tumor-pixels", type=int, default=1,
                    help="a slice counts as tumor from this many tumor pixels (classification)")
     p.add_argument("--val-fraction", type=float, default=0.15, help="share of patients for validation")
@@ -117,7 +133,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-nodes", type=int, default=1, help="nodes for multi-node DDP")
     p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
     p.add_argument("--precision", default=None,
-                   help="32, 16-mixed or bf16-mixed (default: bf16-mixed on a GPU that supports it, else 32)")
+                   help="32, 16-mixed or bf16-mixed (default: bf16-mixed on a GPU that supports it and on a CPU "
+                        "with native bf16 arithmetic (AVX512-BF16 or AMX), else 32)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC memory format; measured +15%% (U-Net 256²) and +3%% (VGG16 224²) training speed on a "
                         "CPU, see BENCHMARKS.md " + _default_help("channels_last"))
@@ -130,8 +147,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the flags left out with the task's defaults (or the demo preset's)."""
+    args.time_budget_s = None
+    if args.max_epochs is None and args.max_time is not None:
+        args.time_budget_s = parse_duration(args.max_time)
+        args.max_epochs = -1  # the time budget alone ends the run
     for name in ("max_epochs", "batch_size", "lr", "image_size", "context_slices", "base_width", "num_workers",
-                 "vgg_hidden", "oversample_tumor", "channels_last"):
+                 "vgg_hidden", "oversample_tumor", "channels_last", "flip"):
         if getattr(args, name) is None:
             setattr(args, name, _default(args.task, name, args.demo))
     if args.output_dir is None:
@@ -139,15 +160,42 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.graphs_dir is None:
         args.graphs_dir = GRAPHS_DIRS[args.task]
     if args.precision is None:
-        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported() and args.accelerator in ("auto", "gpu", "cuda")
+        on_gpu = torch.cuda.is_available() and args.accelerator in ("auto", "gpu", "cuda")
+        bf16 = torch.cuda.is_bf16_supported() if on_gpu else cpu_has_fast_bf16()
         args.precision = "bf16-mixed" if bf16 else "32-true"
     if args.image_size < 32:
         raise DataError(f"found --image-size {args.image_size}; expected at least 32")
     if args.context_slices < 0:
         raise DataError(f"found --context-slices {args.context_slices}; expected 0 or more")
+    if args.target_sensitivity is not None and not 0 < args.target_sensitivity <= 1:
+        raise DataError(f"found --target-sensitivity {args.target_sensitivity}; expected a share in (0, 1]")
+    if args.deep_supervision < 0:
+        raise DataError(f"found --deep-supervision {args.deep_supervision}; expected 0 or more")
     if not 0 <= args.oversample_tumor < 1:
         raise DataError(f"found --oversample-tumor {args.oversample_tumor}; expected a share in [0, 1)")
     return args
+
+
+def parse_duration(text: str) -> float:
+    """Lightning's DD:HH:MM:SS (leading fields may be left out: "10:00" is ten minutes) -> seconds."""
+    try:
+        fields = [float(f) for f in text.split(":")]
+    except ValueError:
+        fields = []
+    if not 1 <= len(fields) <= 4 or any(f < 0 for f in fields) or not any(fields):
+        raise DataError(f"found --max-time {text!r}; expected a positive duration DD:HH:MM:SS, e.g. 00:00:10:00")
+    return sum(f * m for f, m in zip(reversed(fields), (1, 60, 3600, 86400)))
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX). There, bf16 autocast trains
+    VGG16 and the U-Net about twice as fast as float32 (BENCHMARKS.md); elsewhere bf16 is emulated
+    and slower, so float32 stays."""
+    try:
+        caps = torch._C._cpu._get_cpu_capability()  # private, hence the guard: absent means no
+    except Exception:
+        return False
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
 def ensure_data(args: argparse.Namespace) -> bool:
@@ -167,8 +215,13 @@ def build_model(args: argparse.Namespace):
     common = dict(in_channels=2 * args.context_slices + 1, lr=args.lr, weight_decay=args.weight_decay,
                   window=tuple(args.window), image_size=args.image_size, context_slices=args.context_slices)
     if args.task == "classification":
-        return LitClassifier(hidden=args.vgg_hidden, pretrained=args.pretrained, class_names=CLS_CLASSES, **common)
-    return LitSegmenter(base_width=args.base_width, attention=args.attention, class_names=SEG_CLASSES, **common)
+        model = LitClassifier(hidden=args.vgg_hidden, head=args.head, deep_supervision=args.deep_supervision,
+                              target_sensitivity=args.target_sensitivity, pretrained=args.pretrained,
+                              class_names=CLS_CLASSES, **common)
+    else:
+        model = LitSegmenter(base_width=args.base_width, attention=args.attention, class_names=SEG_CLASSES, **common)
+    model.time_budget_s = args.time_budget_s
+    return model
 
 
 def check_resume(path: Path, task: str) -> None:
@@ -330,16 +383,17 @@ def draw_graphs(task: str, tb_dir: Path, graphs_dir: Path, model, dm, synthetic:
 
 
 def _draw_roc_and_confusion(model, graphs_dir: Path, synthetic: bool) -> None:
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
     if model.roc_curve is not None:
         fpr, tpr = (t.numpy() for t in model.roc_curve)
-        auc = float(np.trapezoid(tpr, fpr))
-        fig, ax = plt.subplots(figsize=(4.5, 4.5))
-        ax.plot(fpr, tpr, label=f"AUROC {auc:.3f}")
-        ax.plot([0, 1], [0, 1], ls="--", color="0.6")
-        ax.set(title="ROC curve, test patients", xlabel="false positive rate (1 - specificity)",
-               ylabel="true positive rate (sensitivity)", xlim=(0, 1), ylim=(0, 1.01))
+        ax.plot(fpr, tpr, label=f"AUROC {float(np.trapezoid(tpr, fpr)):.3f}")
         ax.legend(loc="lower right")
-        _save(fig, graphs_dir / "roc_curve.png", synthetic)
+    else:  # all test slices healthy, or all tumorous: there is no curve to draw
+        ax.text(0.5, 0.5, "the test slices hold one class only:\nno ROC curve", ha="center", va="center")
+    ax.plot([0, 1], [0, 1], ls="--", color="0.6")
+    ax.set(title="ROC curve, test patients", xlabel="false positive rate (1 - specificity)",
+           ylabel="true positive rate (sensitivity)", xlim=(0, 1), ylim=(0, 1.01))
+    _save(fig, graphs_dir / "roc_curve.png", synthetic)
     if model.confusion is not None:
         cm = model.confusion.numpy()
         fig, ax = plt.subplots(figsize=(4.5, 4))
@@ -347,7 +401,7 @@ def _draw_roc_and_confusion(model, graphs_dir: Path, synthetic: bool) -> None:
         for (r, c), v in np.ndenumerate(cm):
             ax.text(c, r, str(int(v)), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
         names = list(model.hparams.class_names)
-        ax.set(title=f"Confusion matrix, test (threshold {model.hparams.threshold})", xlabel="predicted",
+        ax.set(title=f"Confusion matrix, test (threshold {model.threshold:.3f})", xlabel="predicted",
                ylabel="true", xticks=[0, 1], yticks=[0, 1], xticklabels=names, yticklabels=names)
         _save(fig, graphs_dir / "confusion_matrix.png", synthetic)
 
@@ -405,7 +459,8 @@ def main(args: argparse.Namespace) -> dict:
         args.data_dir, args.task, cache_dir=args.cache_dir, image_size=args.image_size, window=args.window,
         context_slices=args.context_slices, batch_size=args.batch_size, num_workers=args.num_workers,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed, split_file=split_file,
-        output_dir=out, oversample_tumor=args.oversample_tumor, min_tumor_pixels=args.min_tumor_pixels)
+        output_dir=out, oversample_tumor=args.oversample_tumor, min_tumor_pixels=args.min_tumor_pixels,
+        flip=args.flip)
     model = build_model(args)
     model.set_speed(channels_last=args.channels_last, compile=args.compile)
     # Listed best first: Lightning runs checkpoint callbacks in order, so last.ckpt holds best's updated state.
@@ -414,7 +469,8 @@ def main(args: argparse.Namespace) -> dict:
                                default_hp_metric=False)
     trainer = pl.Trainer(
         accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy,
-        precision=args.precision, max_epochs=args.max_epochs, max_time=args.max_time, logger=logger,
+        precision=args.precision, max_epochs=args.max_epochs,
+        max_time=timedelta(seconds=parse_duration(args.max_time)) if args.max_time else None, logger=logger,
         callbacks=[checkpoint, last_checkpoint, LearningRateMonitor(logging_interval="step"), Throughput()],
         fast_dev_run=args.fast_dev_run, log_every_n_steps=5, deterministic="warn" if args.accelerator != "cpu" else True,
         default_root_dir=str(out))

@@ -3,8 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from lit_model import (LitClassifier, LitSegmenter, RegionDice, build_network, dice_from_counts, region_masks,
-                       soft_region_dice_loss, warmup_cosine)
+from inference import volume_score
+from lit_model import (LitClassifier, LitSegmenter, RegionDice, balanced_bce, binary_metrics_at, build_network,
+                       choose_threshold, dice_from_counts, region_masks, soft_region_dice_loss, volume_scores,
+                       warmup_cosine, warmup_cosine_in_time)
 
 
 def labels(rows):
@@ -113,7 +115,8 @@ def test_checkpoint_reload_gives_identical_outputs(tmp_path):
     import pytorch_lightning as pl
     torch.manual_seed(0)
     for model in (LitSegmenter(in_channels=3, base_width=4, image_size=32),
-                  LitClassifier(in_channels=3, hidden=16, image_size=32)):
+                  LitClassifier(in_channels=3, hidden=16, image_size=32, head="fc"),
+                  LitClassifier(in_channels=3, image_size=32)):
         trainer = pl.Trainer(logger=False, enable_checkpointing=False, max_epochs=0, enable_progress_bar=False)
         trainer.strategy.connect(model)
         path = tmp_path / f"{model.hparams.task}.ckpt"
@@ -136,3 +139,87 @@ def test_speed_options_keep_outputs_and_checkpoint_keys():
         assert torch.allclose(model(x), reference, atol=1e-5)
     model.set_speed(channels_last=True, compile=True)  # compiles lazily, on the first call
     assert list(model.state_dict()) == keys  # checkpoints stay loadable by the predict scripts
+
+
+def test_warmup_cosine_in_time_follows_the_clock_not_the_steps():
+    now = [100.0]
+    f = warmup_cosine_in_time(budget_s=60.0, warmup_fraction=0.1, clock=lambda: now[0])
+    assert f(0) == pytest.approx(1e-3)  # the clock starts here
+    now[0] = 103.0
+    assert f(1) == pytest.approx(0.5)  # halfway through the 6 s warm-up
+    now[0] = 106.0
+    assert f(2) == pytest.approx(1.0)
+    now[0] = 133.0  # (27 s after warm-up) / 54 s of decay = half: cos(pi/2)
+    assert f(3) == pytest.approx(0.5)
+    now[0] = 500.0
+    assert f(10_000) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_choose_threshold_youden_and_target_sensitivity_by_hand():
+    prob = torch.tensor([0.1, 0.2, 0.35, 0.4, 0.6, 0.7, 0.8, 0.9])
+    target = torch.tensor([0, 0, 1, 0, 0, 1, 1, 1])
+    # Thresholds and (sensitivity, specificity): 0.9 (.25, 1), 0.8 (.5, 1), 0.7 (.75, 1) J=.75,
+    # 0.6 (.75, .75), 0.4 (.75, .5), 0.35 (1, .5) J=.5, ...: Youden picks 0.7.
+    assert choose_threshold(prob, target) == pytest.approx(0.7)
+    # The highest threshold with sensitivity >= 0.9 is 0.35 (all four tumours found).
+    assert choose_threshold(prob, target, target_sensitivity=0.9) == pytest.approx(0.35)
+    assert choose_threshold(prob, target, target_sensitivity=0.5) == pytest.approx(0.8)
+    assert choose_threshold(prob, torch.zeros(8, dtype=torch.int64)) is None  # one class: nothing to choose
+
+
+def test_binary_metrics_at_threshold_by_hand():
+    prob = torch.tensor([0.1, 0.2, 0.35, 0.4, 0.6, 0.7, 0.8, 0.9])
+    target = torch.tensor([0, 0, 1, 0, 0, 1, 1, 1])
+    m = binary_metrics_at(prob, target, 0.5)  # predicted tumour: 0.6, 0.7, 0.8, 0.9 -> TP 3, FP 1, FN 1, TN 3
+    assert float(m["sensitivity"]) == pytest.approx(0.75) and float(m["specificity"]) == pytest.approx(0.75)
+    assert float(m["acc"]) == pytest.approx(0.75) and float(m["balanced_acc"]) == pytest.approx(0.75)
+    assert float(m["f1"]) == pytest.approx(2 * 3 / (2 * 3 + 1 + 1))
+    healthy_only = binary_metrics_at(prob[:2], target[:2], 0.5)
+    assert np.isnan(float(healthy_only["sensitivity"])) and float(healthy_only["specificity"]) == 1.0
+
+
+def test_volume_scores_mean_of_the_three_highest_slices():
+    prob = torch.tensor([0.9, 0.1, 0.8, 0.7, 0.2, 0.3, 0.05])
+    target = torch.tensor([1, 0, 1, 0, 0, 0, 0])
+    case = torch.tensor([0, 0, 0, 0, 1, 1, 1])
+    scores, targets = volume_scores(prob, target, case)
+    assert scores.tolist() == pytest.approx([(0.9 + 0.8 + 0.7) / 3, (0.3 + 0.2 + 0.05) / 3])
+    assert targets.tolist() == [1, 0]
+    assert volume_score([0.4]) == pytest.approx(0.4)  # fewer slices than three: their mean
+
+
+def test_balanced_bce_weighs_rare_positives_like_the_negatives():
+    logits = torch.tensor([[2.0, -1.0, -1.0, -1.0]])
+    target = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    sp = torch.nn.functional.softplus
+    expected = 0.5 * (sp(torch.tensor(-2.0)) + sp(torch.tensor(-1.0)))  # -log sigmoid(2), -log(1 - sigmoid(-1))
+    assert balanced_bce(logits, target).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert balanced_bce(logits[:, 1:], target[:, 1:]).item() == pytest.approx(sp(torch.tensor(-1.0)).item())
+
+
+def test_classifier_evidence_loss_uses_the_tumour_mask():
+    torch.manual_seed(0)
+    model = LitClassifier(in_channels=1, image_size=64, context_slices=0)
+    images = torch.rand(2, 1, 64, 64)
+    target = torch.tensor([1, 0])
+    labels = torch.zeros(2, 64, 64, dtype=torch.uint8)
+    labels[0, 10:20, 30:40] = 2
+    model.train()
+    _, with_mask = model._logits_and_loss(images, target, labels)
+    _, slice_only = model._logits_and_loss(images, target, None)
+    model.hparams.deep_supervision = 0.0
+    _, switched_off = model._logits_and_loss(images, target, labels)
+    assert with_mask.item() > slice_only.item() and switched_off.item() == pytest.approx(slice_only.item())
+
+
+def test_checkpoint_carries_the_chosen_threshold(tmp_path):
+    import pytorch_lightning as pl
+    model = LitClassifier(in_channels=3, image_size=32)
+    model.operating_threshold.fill_(0.123)
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, max_epochs=0, enable_progress_bar=False)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    ckpt = torch.load(tmp_path / "c.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["threshold"] == pytest.approx(0.123)  # what the predict script reads
+    loaded = LitClassifier.load_from_checkpoint(tmp_path / "c.ckpt", map_location="cpu", weights_only=True)
+    assert loaded.threshold == pytest.approx(0.123)

@@ -68,12 +68,16 @@ def test_segmentation_learns_and_writes_graphs_and_checkpoints(tiny_data, tmp_pa
 
 def test_classification_graphs_and_metrics(tiny_data, tmp_path):
     out = tmp_path / "run"
-    summary = train.main(run_args(tiny_data, out, "classification", "--max-epochs", "2"))
+    # A third of the patients for the test: a tumour-free one and one with tumours, so both classes.
+    summary = train.main(run_args(tiny_data, out, "classification", "--max-epochs", "2", "--test-fraction", "0.34"))
     for name in ("train_loss_epoch", "train_accuracy_epoch", "train_loss_step", "train_accuracy_step", "val_loss",
                  "val_accuracy", "roc_curve", "confusion_matrix"):
         assert (out / "graphs" / f"{name}.png").is_file(), name
-    for key in ("acc", "balanced_acc", "auroc", "sensitivity", "specificity", "f1"):
-        assert 0.0 <= summary["test"][f"test/{key}"] <= 1.0
+    for key in ("acc", "balanced_acc", "auroc", "sensitivity", "specificity", "f1", "auroc_volume", "threshold"):
+        assert 0.0 <= summary["test"][f"test/{key}"] <= 1.0, key
+    # The test ran at the threshold chosen on validation, which best.ckpt records for prediction.
+    ckpt = torch.load(summary["checkpoint"], map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["threshold"] == pytest.approx(summary["test"]["test/threshold"])
 
 
 def test_checkpoint_alone_rebuilds_model_and_preprocessing(tiny_data, tmp_path):
