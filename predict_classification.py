@@ -5,13 +5,17 @@
     python predict_classification.py --checkpoint best.ckpt --input scans/ --output tumor_slices.csv
     python predict_classification.py --checkpoint best.ckpt --input slice.png --threshold 0.3
     python predict_classification.py --checkpoint best.ckpt --input CT/patient-7/ --output slices.csv   # DICOM
+    python predict_classification.py --checkpoint best.ckpt --input volume-7.nii --heatmap maps/
 
 Prints a table (case, slice, probability of tumor, prediction) and, for each volume, a one-line
-verdict: how many slices show tumor and the most suspicious one. --output saves the table as CSV or
-JSON (by extension). Slices are numbered in the file's own order (its third axis); those of a DICOM
+verdict: its tumour probability (the mean of its three most suspicious slices) and the decision at
+the threshold, how many slices show tumor and the most suspicious one. --output saves the table as
+CSV, or slices and volume verdicts as JSON (by extension). --heatmap draws where the classifier saw
+tumour (its evidence map, for checkpoints with the evidence head) on the most suspicious slices. Slices are numbered in the file's own order (its third axis); those of a DICOM
 series in the series' order (by position along the slice normal), and their rows also name each
 slice's SOPInstanceUID (column sop_instance_uid). A 2D slice file is slice 0. The prediction is
-tumor when the probability reaches the threshold recorded in the checkpoint, or --threshold.
+tumor when the probability reaches the threshold recorded in the checkpoint (chosen by train.py on
+validation patients), or --threshold.
 
 The model and its preprocessing come from the checkpoint alone, through `inference.py`. A lone 2D
 slice (PNG/JPG 8-bit, already windowed; .npy or one .dcm file in HU) has no neighbours, so it stands
@@ -31,9 +35,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from inference import infer_batched, load_checkpoint, pick_device, preprocess_volume
-from volumes import (CLS_CLASSES, DataError, DicomSeries, atomic_write_text, ensure_folder, find_inputs, input_name,
-                     load_slice_image, one_volume, read_volume, run_cli, slice_of_file)
+from inference import VOLUME_TOP_K, evidence_maps, infer_batched, load_checkpoint, pick_device, preprocess_volume, volume_score
+from volumes import (CLS_CLASSES, DataError, DicomSeries, atomic_output, atomic_write_text, ensure_folder, find_inputs,
+                     input_name, load_slice_image, one_volume, read_volume, run_cli, slice_of_file)
 
 COLUMNS = ("case", "slice", "probability", "prediction")
 UID_COLUMN = "sop_instance_uid"  # rows of a DICOM series only
@@ -63,8 +67,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None,
                    help="tumor when probability >= this (default: the threshold recorded in the checkpoint)")
     p.add_argument("--output", type=Path, default=None,
-                   help="save the table as .csv (case,slice,probability,prediction[,sop_instance_uid]) or .json "
-                        "(default: print only)")
+                   help="save the table as .csv (case,slice,probability,prediction[,sop_instance_uid]) or as .json "
+                        "with the slices and each volume's verdict (default: print only)")
+    p.add_argument("--heatmap", type=Path, nargs="?", const=Path("heatmaps"), default=None, metavar="DIR",
+                   help="write PNGs of where the classifier saw tumour (its evidence map over the CT) into DIR "
+                        "(default DIR: heatmaps): for a 2D slice, for --slice, or for a volume's most suspicious "
+                        "slices; needs a checkpoint with the evidence head (default: off)")
+    p.add_argument("--heatmap-slices", type=int, default=3, metavar="N",
+                   help="how many of a volume's most suspicious slices get a heat map (default: 3)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto takes CUDA when available (default: auto)")
     p.add_argument("--batch-size", type=int, default=32, help="slices per forward pass (default: 32)")
@@ -83,7 +93,8 @@ def classify_volume(get_net, source: Path | DicomSeries, hp: dict, device: torch
                     threshold: float, names) -> list[dict]:
     """Rows of one volume (all slices, or --slice), in the file's own slice order (a DICOM series:
     the series' order, each row naming its slice's SOPInstanceUID). The network comes from
-    `get_net()` once the volume has been read, so a bad file is reported without waiting for it."""
+    `get_net()` once the volume has been read, so a bad file is reported without waiting for it.
+    With --heatmap, the evidence maps of the most suspicious slices are drawn too."""
     case, _ = input_name(source)
     hu, geom = read_volume(source)  # (Z, H, W) HU in slices order
     where = source.label if isinstance(source, DicomSeries) else source
@@ -94,15 +105,57 @@ def classify_volume(get_net, source: Path | DicomSeries, hp: dict, device: torch
     numbers = np.array([geom.file_slice_index(int(z)) for z in zs])
     order = np.argsort(numbers)
     uids = [str(geom.dicom[k].get("SOPInstanceUID", "")) for k in numbers[order]] if geom.dicom else None
+    if args.heatmap is not None:
+        picked = np.argsort(-probs, kind="stable")[:max(1, args.heatmap_slices)]
+        draw_heatmaps(get_net(), volume, hp, zs[picked], numbers[picked], probs[picked], case, args.heatmap)
     return _rows(case, numbers[order], probs[order], threshold, names, uids)
 
 
-def verdict(rows: list[dict], threshold: float, tumor_name: str) -> str:
-    """One line for a volume: slices with tumor and the most suspicious slice."""
+def volume_verdict(rows: list[dict], threshold: float, names) -> dict:
+    """A volume's verdict from its slices' rows: tumour probability (`inference.volume_score`, the
+    mean of its most suspicious slices), the decision at `threshold`, and the slice counts."""
     top = max(rows, key=lambda r: r["probability"])
-    positive = sum(r["prediction"] == tumor_name for r in rows)
-    return (f"{rows[0]['case']}: tumor in {positive} of {len(rows)} slice(s) (threshold {threshold:g}); "
-            f"most suspicious slice {top['slice']} (probability {top['probability']:.3f})")
+    probability = volume_score([r["probability"] for r in rows])
+    return {"case": rows[0]["case"], "probability": probability, "prediction": names[int(probability >= threshold)],
+            "tumor_slices": sum(r["prediction"] == names[1] for r in rows), "slices": len(rows),
+            "most_suspicious_slice": top["slice"], "most_suspicious_probability": top["probability"]}
+
+
+def verdict(v: dict, threshold: float) -> str:
+    """One line for a volume."""
+    return (f"{v['case']}: {v['prediction']} (tumour probability {v['probability']:.3f}, the mean of its "
+            f"{min(VOLUME_TOP_K, v['slices'])} most suspicious slices; threshold {threshold:.3g}); tumor in "
+            f"{v['tumor_slices']} of {v['slices']} slice(s); most suspicious slice {v['most_suspicious_slice']} "
+            f"(probability {v['most_suspicious_probability']:.3f})")
+
+
+def draw_heatmaps(net, volume: torch.Tensor, hp: dict, zs, numbers, probs, case: str, folder: Path,
+                  lone: bool = False) -> list[Path]:
+    """PNG per slice: the CT as the model saw it (its window and size, display orientation: anterior
+    up, patient right on the image left) beside the same slice under the evidence map."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    maps = evidence_maps(net, volume, hp["context_slices"], [int(z) for z in zs], lone=lone).numpy()
+    ensure_folder(folder)
+    paths = []
+    for z, number, p, heat in zip(zs, numbers, probs, maps):
+        ct = volume[int(z)].float().cpu().numpy()  # (S, S) in [0, 1]
+        fig, axes = plt.subplots(1, 2, figsize=(8, 4.3))
+        for ax in axes:
+            ax.imshow(ct, cmap="gray", vmin=0, vmax=1)
+            ax.axis("off")
+        shown = axes[1].imshow(heat, cmap="inferno", vmin=0, vmax=1, alpha=0.5)
+        axes[0].set_title("CT (model input)", fontsize=9)
+        axes[1].set_title("tumour evidence", fontsize=9)
+        fig.colorbar(shown, ax=axes[1], fraction=0.046, pad=0.04)
+        fig.suptitle(f"{case} slice {int(number)}: tumour probability {float(p):.3f}", fontsize=10)
+        path = folder / f"{case}_slice{int(number)}_evidence.png"
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+        plt.close(fig)
+        paths.append(path)
+    return paths
 
 
 def columns(rows: list[dict]) -> tuple[str, ...]:
@@ -129,6 +182,12 @@ def main(args: argparse.Namespace) -> dict:
     if not 0.0 <= threshold <= 1.0:
         raise DataError(f"found threshold {threshold}; expected a probability in [0, 1]")
     names = tuple(hp.get("class_names", CLS_CLASSES))
+    if args.heatmap is not None:
+        if hp.get("head", "fc") != "evidence":
+            raise DataError(f"{args.checkpoint}: found a VGG16 with the {hp.get('head', 'fc')!r} head; --heatmap "
+                            f"expected a checkpoint with the evidence head (train.py --head evidence)")
+        if args.heatmap_slices < 1:
+            raise DataError(f"found --heatmap-slices {args.heatmap_slices}; expected 1 or more")
     inputs = find_inputs(args.input, args.series)
     if args.slice is not None and not one_volume(args.input, inputs):
         raise DataError(f"{args.input}: --slice needs one volume as --input; found "
@@ -139,7 +198,7 @@ def main(args: argparse.Namespace) -> dict:
         ensure_folder(args.output.parent)
     get_net = functools.cache(lambda: ckpt.network(device))
 
-    rows, verdicts = [], []
+    rows, verdicts, volume_rows = [], [], []
     volumes = [p for p, kind in inputs if kind == "volume"]
     # Closed on the way out, error or not (leave=False clears its line), so an error stays one clean line.
     with tqdm(total=len(volumes), desc="volumes", unit="file", file=sys.stderr, disable=len(volumes) < 2,
@@ -147,7 +206,8 @@ def main(args: argparse.Namespace) -> dict:
         for source in volumes:
             case_rows = classify_volume(get_net, source, hp, device, args, threshold, names)
             rows += case_rows
-            verdicts.append(verdict(case_rows, threshold, names[1]))
+            volume_rows.append(volume_verdict(case_rows, threshold, names))
+            verdicts.append(verdict(volume_rows[-1], threshold))
             bar.update()
     images = [p for p, kind in inputs if kind == "image"]
     if images:
@@ -157,11 +217,15 @@ def main(args: argparse.Namespace) -> dict:
                               lone=True, desc=f"{len(images)} slice(s)").numpy()
         for path, p in zip(images, probs):
             rows += _rows(input_name(path)[0], [0], [p], threshold, names)
+        if args.heatmap is not None:
+            for i, path in enumerate(images):
+                draw_heatmaps(get_net(), volume, hp, [i], [0], [probs[i]], input_name(path)[0], args.heatmap,
+                              lone=True)
 
     sys.stdout.write(format_table(rows) + "\n" + "".join(v + "\n" for v in verdicts))
     if args.output is not None:
         if args.output.suffix.lower() == ".json":
-            text = json.dumps(rows, indent=2)
+            text = json.dumps({"threshold": threshold, "volumes": volume_rows, "slices": rows}, indent=2)
         else:
             buf = io.StringIO()
             writer = csv.DictWriter(buf, fieldnames=columns(rows), lineterminator="\n")
@@ -172,7 +236,7 @@ def main(args: argparse.Namespace) -> dict:
             atomic_write_text(args.output, text)
         except OSError as exc:
             raise DataError(f"{args.output}: cannot write ({exc.strerror}); expected a writable path") from None
-    return {"threshold": threshold, "rows": rows, "verdicts": verdicts}
+    return {"threshold": threshold, "rows": rows, "volumes": volume_rows, "verdicts": verdicts}
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from scipy import ndimage
 from torch import nn
 from tqdm import tqdm
 
-from inference import infer_batched, load_checkpoint, pick_device, preprocess_volume
+from inference import FlipTTA, infer_batched, load_checkpoint, pick_device, preprocess_volume
 from volumes import (DICOM_SUFFIX, VOLUME_SUFFIXES, DataError, DicomSeries, atomic_write_text, ensure_folder,
                      find_inputs, input_name, load_label_volume, load_slice_image, one_volume, read_volume,
                      run_cli, slice_of_file, write_labels, write_png)
@@ -211,6 +210,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="segment only slice K of a volume, K in the file's own order (its third axis; for a DICOM "
                         "series, by position along the slice normal); writes a one-slice NIfTI placed at that slice, "
                         "<name>_slice<K>_seg.nii.gz (default: all slices)")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average the network's answers on each slice as it is, mirrored "
+                        "left-right and mirrored top-bottom (three times the work; for scans whose orientation "
+                        "may be wrong) (default: off)")
     p.add_argument("--postprocess", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the largest 3D liver component and only tumor next to liver (default: on)")
     p.add_argument("--ground-truth", type=Path, default=None,
@@ -371,7 +374,7 @@ def main(args: argparse.Namespace) -> dict:
             raise DataError(f"{args.report}: found suffix {args.report.suffix or 'none'}; expected a .json report")
         ensure_folder(args.report.parent)
     jobs = _plan(args, inputs)
-    get_net = functools.cache(lambda: ckpt.network(device))
+    get_net = functools.cache(lambda: FlipTTA(ckpt.network(device)) if args.tta else ckpt.network(device))
     hp = ckpt.hparams
 
     reports: dict[int, dict] = {}  # by job index

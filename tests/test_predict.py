@@ -565,10 +565,15 @@ def test_classification_table_csv_json_in_the_files_slice_order(phantoms, ckpts,
 
     pc.main(cls_args("--checkpoint", ckpts["cls"], "--input", volume, "--output", tmp_path / "p.json",
                      "--device", "cpu", "--threshold", "1.0"))
-    records = json.loads((tmp_path / "p.json").read_text())
+    saved = json.loads((tmp_path / "p.json").read_text())
+    records = saved["slices"]
     assert [r["slice"] for r in records] == list(range(n))
     assert set(records[0]) == {"case", "slice", "probability", "prediction"}
     assert all(r["prediction"] == "healthy" for r in records)  # sigmoid(5) < 1.0: nothing reaches --threshold 1
+    (vol,) = saved["volumes"]
+    top3 = sorted((r["probability"] for r in records), reverse=True)[:3]
+    assert vol["probability"] == pytest.approx(sum(top3) / 3) and vol["prediction"] == "healthy"
+    assert vol["tumor_slices"] == 0 and vol["slices"] == n and saved["threshold"] == 1.0
 
     k = expected.index("tumor")
     one = pc.main(cls_args("--checkpoint", ckpts["cls"], "--input", volume, "--slice", k, "--device", "cpu"))
@@ -731,3 +736,59 @@ def test_ground_truth_scoring_with_the_oracle_is_perfect(phantoms, ckpts, tmp_pa
     assert metrics["voe_liver"] == pytest.approx(0.0) and metrics["assd_liver"] == pytest.approx(0.0)
     assert metrics["lesions_fp"] == 0 and metrics["lesions_fn"] == 0 and metrics["lesions_tp"] >= 1
     assert json.loads((tmp_path / "r.json").read_text())["cases"][0]["metrics"] == metrics
+
+
+def test_classification_volume_verdict_and_evidence_heatmaps(phantoms, tmp_path):
+    from lit_model import LitClassifier
+    torch.manual_seed(0)
+    model = LitClassifier(in_channels=3, image_size=32, context_slices=1)  # the evidence head
+    model.operating_threshold.fill_(0.02)  # below every untrained probability: a tumour verdict
+    ckpt = save_checkpoint(model, tmp_path / "evidence.ckpt")
+    volume, _ = phantoms["ras"]
+    maps = tmp_path / "maps"
+    result = pc.main(cls_args("--checkpoint", ckpt, "--input", volume, "--device", "cpu", "--heatmap", maps,
+                              "--heatmap-slices", 2))
+    assert result["threshold"] == pytest.approx(0.02)
+    (vol,) = result["volumes"]
+    assert vol["prediction"] == "tumor" and vol["tumor_slices"] == vol["slices"] == 8
+    pngs = sorted(maps.iterdir())
+    top2 = sorted(result["rows"], key=lambda r: -r["probability"])[:2]
+    assert [p.name for p in pngs] == sorted(f"volume-1_slice{r['slice']}_evidence.png" for r in top2)
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    with pytest.raises(volumes.DataError, match="evidence head"):  # the classic head has no map to draw
+        pc.main(cls_args("--checkpoint", save_checkpoint(LitClassifier(in_channels=3, hidden=16, image_size=32,
+                                                                       head="fc"), tmp_path / "fc.ckpt"),
+                         "--input", volume, "--device", "cpu", "--heatmap", maps))
+
+
+# --------------------------------------------------------------------------------------------
+# Test-time augmentation
+# --------------------------------------------------------------------------------------------
+
+class _LeftHalfIsLiver(nn.Module):
+    """Answers liver on the image's left half and background on its right, whatever the input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        logits = torch.full((b, 3, h, w), -30.0)
+        logits[:, 0, :, w // 2:] = 30.0
+        logits[:, 1, :, :w // 2] = 30.0
+        return logits
+
+
+def test_flip_tta_averages_the_mirrored_answers_by_hand():
+    from inference import FlipTTA
+    out = FlipTTA(_LeftHalfIsLiver())(torch.rand(2, 3, 8, 8)).exp()  # (2, 3, 8, 8) probabilities
+    # Left half: as-is says liver, left-right mirror (mirrored back) says background, top-bottom says liver.
+    torch.testing.assert_close(out[:, 1, :, :4], torch.full((2, 8, 4), 2 / 3))
+    torch.testing.assert_close(out[:, 0, :, 4:], torch.full((2, 8, 4), 2 / 3))
+    torch.testing.assert_close(out.sum(1), torch.ones(2, 8, 8))
+
+
+def test_tta_flag_writes_labels_on_the_input_grid(phantoms, ckpts, tmp_path):
+    volume, _ = phantoms["flipped"]
+    out = tmp_path / "tta.nii.gz"
+    ps.main(seg_args("--checkpoint", ckpts["seg"], "--input", volume, "--output", out, "--device", "cpu", "--tta"))
+    written, source = nib.load(str(out)), nib.load(str(volume))
+    assert written.shape == source.shape and np.allclose(written.affine, source.affine)
+    assert set(np.unique(np.asarray(written.dataobj)).tolist()) <= {0, 1, 2}
