@@ -89,6 +89,29 @@ class RegionDice(Metric):
                             dtype=torch.float32, device=self.inter.device)
 
 
+class SliceCounts(Metric):
+    """Per-slice liver and tumour counts (intersection, prediction, reference) of every slice seen,
+    gathered across processes: the "Dice per slice" of 2D data (slice folders, where a patient is a
+    few scattered slices) is their `mean_case_dice`, each slice a case."""
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("counts", default=[], dist_reduce_fx="cat")
+
+    def update(self, pred_labels: torch.Tensor, target: torch.Tensor) -> None:
+        p, t = region_masks(pred_labels), region_masks(target)  # (N, 2, H, W)
+        self.counts.append(torch.stack([(p & t).sum((2, 3)), p.sum((2, 3)), t.sum((2, 3))], dim=1))  # (N, 3, 2)
+
+    def compute(self) -> torch.Tensor:
+        if not self.counts:
+            return torch.full((2,), float("nan"))
+        c = dim_zero_cat(self.counts).cpu().numpy()  # (slices, 3, 2)
+        return torch.tensor([mean_case_dice(c[:, 0, r], c[:, 1, r], c[:, 2, r]) for r in range(2)],
+                            dtype=torch.float32)
+
+
 def soft_region_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
     """1 - soft Dice of the liver and tumor regions over the whole batch, averaged over the two.
 
@@ -235,15 +258,18 @@ def volume_scores(prob: torch.Tensor, target: torch.Tensor, case: torch.Tensor) 
     return scores, torch.stack([target[case == c].max() for c in cases])
 
 
-def balanced_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy averaged over the positive and the negative locations separately, then
-    between the two: tumour covers a few percent of a map, and a plain mean would let the model
-    learn "never tumour" first. With no positive location it is the plain mean over negatives."""
+def balanced_bce(logits: torch.Tensor, target: torch.Tensor, liver: torch.Tensor | None = None) -> torch.Tensor:
+    """Binary cross-entropy of an evidence map against its tumour target (both (N, 1, h, w)),
+    averaged within each group of locations and then over the groups present: tumour, healthy
+    liver (where `liver` is set and there is no tumour) and everything else. Tumour covers a few
+    percent of a map and healthy liver a tenth: a plain mean would teach "never tumour", and
+    tumour against everything else would teach "liver is tumour"; here healthy liver, the
+    negative that matters, weighs a third."""
     per = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none")
     pos = target > 0.5
-    if not pos.any():
-        return per.mean()
-    return 0.5 * (per[pos].mean() + per[~pos].mean())
+    groups = [pos, ~pos] if liver is None else [pos, (liver > 0.5) & ~pos, (liver <= 0.5) & ~pos]
+    means = [per[g].mean() for g in groups if g.any()]
+    return torch.stack(means).mean()
 
 
 def binary_metrics_at(prob: torch.Tensor, target: torch.Tensor, threshold: float) -> dict[str, torch.Tensor]:
@@ -311,10 +337,11 @@ class LitClassifier(_Base):
         logits = out[0]  # (N, 2); out[1] is the evidence map (N, 1, H/16, W/16)
         loss = F.cross_entropy(logits.float(), target, weight=self.class_weight)
         if supervise:
-            tumor = (labels == 2)[:, None].float()  # (N, 1, H, W)
+            tumor, liver = (labels == 2)[:, None].float(), (labels >= 1)[:, None].float()  # (N, 1, H, W)
             maps = [(out[1], 1.0)] + [(m, 0.5) for m in out[2]]  # the auxiliary maps count half
             # A location is tumour evidence when any pixel under it is tumour (max-pooled mask).
-            ds = sum(w * balanced_bce(m, F.adaptive_max_pool2d(tumor, m.shape[-2:])) for m, w in maps)
+            ds = sum(w * balanced_bce(m, F.adaptive_max_pool2d(tumor, m.shape[-2:]),
+                                      F.adaptive_max_pool2d(liver, m.shape[-2:])) for m, w in maps)
             loss = loss + self.hparams.deep_supervision * ds / sum(w for _, w in maps)
         return logits, loss
 
@@ -382,6 +409,7 @@ class LitSegmenter(_Base):
         self.register_buffer("class_weight", weight, persistent=False)
         self.train_dice, self.val_dice, self.test_dice = RegionDice(), RegionDice(), RegionDice()
         self.case_dice: RegionDice | None = None
+        self.slice_dice = SliceCounts()
         self.per_case_dice: dict[str, tuple[float, float]] = {}
         self._overlay_batch = None
 
@@ -400,6 +428,8 @@ class LitSegmenter(_Base):
                  sync_dist=not on_step)
         if split == "test" and len(batch) == 3 and self.case_dice is not None:
             self.case_dice.update(pred, target, batch[2])
+        if split == "test":
+            self.slice_dice.update(pred, target)
         return loss
 
     def _log_epoch(self, split: str) -> None:
@@ -432,6 +462,9 @@ class LitSegmenter(_Base):
             self.per_case_dice = {cid: (float(d[0]), float(d[1])) for cid, d in zip(self._test_case_ids, per_case)}
             mean = self.case_dice.mean_over_groups()
             self.log_dict({"test/dice_liver_per_case": mean[0], "test/dice_tumor_per_case": mean[1]})
+        per_slice = self.slice_dice.compute()
+        self.log_dict({"test/dice_liver_per_slice": per_slice[0], "test/dice_tumor_per_slice": per_slice[1]})
+        self.slice_dice.reset()
         self.case_dice = None
 
     def _log_overlays(self) -> None:

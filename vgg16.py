@@ -3,7 +3,7 @@
     model = VGG16(in_channels=1, num_classes=2)                   # the classic fully connected head
     logits = model(torch.randn(8, 1, 224, 224))                    # (8, 2)
     model = VGG16(in_channels=3, num_classes=2, head="evidence")   # tumour evidence per location
-    logits, evidence = model.forward_with_evidence(torch.randn(8, 3, 128, 128))  # (8, 2), (8, 1, 8, 8)
+    logits, evidence = model.forward_with_evidence(torch.randn(8, 3, 128, 128))  # (8, 2), (8, 1, 16, 16)
     model = load_imagenet_weights(VGG16(in_channels=1, num_classes=2))
 
 The 13 convolutions are the paper's whatever the head. The "evidence" head is a 1x1 convolution on
@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 # Configuration D of the paper: numbers are 3x3 conv widths, "M" is a 2x2 max-pool.
 CFG_D: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
@@ -93,16 +94,18 @@ class VGG16(nn.Module):
             channels = width
         self.features = nn.Sequential(*layers)
         if head == "evidence":
-            self.evidence = nn.Conv2d(512, 1, kernel_size=1)
-            # Evidence read from conv3_3 and conv4_3 too (strides 4 and 8), for deep supervision only:
-            # the mask's gradient then reaches the early layers directly, not through ten others.
-            self.evidence_aux = nn.ModuleList([nn.Conv2d(256, 1, kernel_size=1), nn.Conv2d(512, 1, kernel_size=1)])
+            # As in FCN-8s (Long et al. 2015) on VGG16: scores read by 1x1 convolutions from conv5_3
+            # (stride 16), conv4_3 (8) and conv3_3 (4), summed coarse to fine into one map at stride 4.
+            # The shallow maps see a lesion's edge and texture, the deep one its context; the map is
+            # fine enough that a lesion and the healthy liver beside it fall on different locations.
+            self.evidence = nn.Conv2d(512, 1, kernel_size=1)  # conv5_3
+            self.evidence_skip = nn.ModuleList([nn.Conv2d(512, 1, kernel_size=1), nn.Conv2d(256, 1, kernel_size=1)])
             self.reset_parameters()
             # Small weights and a prior of about 5 % tumour locations: the first steps neither
             # saturate the pooled logit nor flood the map with false evidence.
-            for conv in (self.evidence, *self.evidence_aux):
+            for conv, bias in ((self.evidence, -3.0), (self.evidence_skip[0], 0.0), (self.evidence_skip[1], 0.0)):
                 nn.init.normal_(conv.weight, 0.0, 0.01)
-                nn.init.constant_(conv.bias, -3.0)
+                nn.init.constant_(conv.bias, bias)
             return
         # Fixed 7x7 output makes the classifier size independent of the input
         # size, so inputs other than 224 px work and ImageNet FC weights still fit.
@@ -153,32 +156,37 @@ class VGG16(nn.Module):
 
         Args:
             x: float tensor of shape (N, in_channels, H, W) with H, W >= 32.
-            aux: also return the auxiliary evidence maps of conv3_3 and conv4_3 (for training).
+            aux: also return the coarser partial sums (for deep supervision).
 
         Returns:
-            (logits (N, 2), evidence (N, 1, H // 16, W // 16)), and with `aux` a third element
-            [(N, 1, H // 4, W // 4), (N, 1, H // 8, W // 8)]; all are logits. The slice logits are
-            [0, s] with s the log-mean-exp of the evidence at sharpness r,
-            s = log(mean(exp(r * e))) / r, between the mean (r -> 0) and the maximum (r -> inf) of
-            the map, so softmax(logits)[:, 1] = sigmoid(s).
+            (logits (N, 2), evidence (N, 1, H // 4, W // 4)), and with `aux` a third element
+            [conv5_3's map (N, 1, H // 16, W // 16), conv5_3's + conv4_3's (N, 1, H // 8, W // 8)];
+            all are logits. The evidence map is conv5_3's + conv4_3's + conv3_3's, each upsampled
+            (nearest) to the next. The slice logits are [0, s] with s the log-mean-exp
+            of the evidence at sharpness r, s = log(mean(exp(r * e))) / r, between the mean (r -> 0)
+            and the maximum (r -> inf) of the map, so softmax(logits)[:, 1] = sigmoid(s).
         """
         if self.head != "evidence":
             raise RuntimeError("forward_with_evidence needs head='evidence'")
         feat = self._checked(x)
-        taps = []
-        # All but the fifth pooling: stride 16 keeps lesions of a few pixels apart on the map.
-        for i, layer in enumerate(self.features[:-1]):
-            if aux and isinstance(layer, nn.MaxPool2d) and feat.shape[1] in (256, 512):
-                taps.append(feat)  # conv3_3 (256 channels) and conv4_3 (512), just before their pooling
-            feat = layer(feat)  # ends (N, 512, H // 16, W // 16)
-        evidence = self.evidence(feat).float()  # (N, 1, h, w)
+        taps = {}
+        # All but the fifth pooling; the maps just before the third and fourth poolings are tapped.
+        for layer in self.features[:-1]:
+            if isinstance(layer, nn.MaxPool2d) and feat.shape[1] in (256, 512):
+                taps[feat.shape[1]] = feat  # conv3_3 (256 channels), conv4_3 (512)
+            feat = layer(feat)  # ends (N, 512, H // 16, W // 16): conv5_3
+        maps = [self.evidence(feat).float()]  # (N, 1, H // 16, W // 16)
+        for conv, tap in zip(self.evidence_skip, (taps[512], taps[256])):
+            fine = conv(tap).float()  # (N, 1, H // 8, W // 8), then (N, 1, H // 4, W // 4)
+            maps.append(fine + F.interpolate(maps[-1], size=fine.shape[-2:], mode="nearest"))
+        evidence = maps[-1]  # (N, 1, H // 4, W // 4)
         r = self.pool_sharpness
         flat = evidence.flatten(1)  # (N, h * w)
         s = (torch.logsumexp(r * flat, dim=1) - math.log(flat.shape[1])) / r  # (N,)
         logits = torch.stack([torch.zeros_like(s), s], dim=1)
         if not aux:
             return logits, evidence
-        return logits, evidence, [conv(t).float() for conv, t in zip(self.evidence_aux, taps)]
+        return logits, evidence, maps[:-1]
 
     def _checked(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
@@ -266,7 +274,7 @@ def load_imagenet_weights(model: VGG16) -> VGG16:
         # 2017) may lack BN num_batches_tracked; it only matters for momentum=None.
         missing = sorted(
             k for k in set(target) - set(source)
-            if not k.endswith("num_batches_tracked") and not k.startswith("evidence.")
+            if not k.endswith("num_batches_tracked") and not k.startswith("evidence")
         )
         if missing:
             raise RuntimeError(f"checkpoint lacks {len(missing)} keys, e.g. {missing[0]!r}")

@@ -223,3 +223,23 @@ def test_checkpoint_carries_the_chosen_threshold(tmp_path):
     assert ckpt["hyper_parameters"]["threshold"] == pytest.approx(0.123)  # what the predict script reads
     loaded = LitClassifier.load_from_checkpoint(tmp_path / "c.ckpt", map_location="cpu", weights_only=True)
     assert loaded.threshold == pytest.approx(0.123)
+
+
+def test_slice_counts_mean_per_slice_dice_by_hand():
+    from lit_model import SliceCounts
+    m = SliceCounts()
+    # slice 0: liver pred {0,1}, ref {1} -> 2/3; slice 1: liver pred {}, ref {0} -> 0; slice 2: both empty -> 1
+    m.update(labels([[[1, 1, 0]], [[0, 0, 0]]]), labels([[[0, 1, 0]], [[1, 0, 0]]]))
+    m.update(labels([[[0, 0, 0]]]), labels([[[0, 0, 0]]]))
+    liver, tumor = m.compute().tolist()
+    assert liver == pytest.approx((2 / 3 + 0 + 1) / 3)
+    assert np.isnan(tumor)  # no slice's reference has tumour: not applicable
+
+
+def test_balanced_bce_three_groups_by_hand():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -2.0]])
+    target = torch.tensor([[1.0, 0.0, 0.0, 0.0, 0.0]])
+    liver = torch.tensor([[1.0, 1.0, 1.0, 0.0, 0.0]])
+    sp = lambda v: torch.nn.functional.softplus(torch.tensor(v)).item()
+    tumour, healthy_liver, rest = sp(-2.0), (sp(1.0) + sp(0.0)) / 2, (sp(-1.0) + sp(-2.0)) / 2
+    assert balanced_bce(logits, target, liver).item() == pytest.approx((tumour + healthy_liver + rest) / 3, rel=1e-6)

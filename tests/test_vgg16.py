@@ -267,7 +267,7 @@ def test_evidence_head_shapes_and_pooled_logit_by_hand() -> None:
     with torch.no_grad():
         logits, evidence = model.forward_with_evidence(x)
         plain = model(x)
-    assert logits.shape == (2, 2) and evidence.shape == (2, 1, 4, 6)  # stride 16
+    assert logits.shape == (2, 2) and evidence.shape == (2, 1, 16, 24)  # stride 4
     assert torch.equal(plain, logits)
     assert torch.all(logits[:, 0] == 0)
     for i in range(2):  # log-mean-exp at r = 2, written out from its definition
@@ -277,10 +277,32 @@ def test_evidence_head_shapes_and_pooled_logit_by_hand() -> None:
         assert e.mean() - 1e-6 <= logits[i, 1] <= e.max() + 1e-6  # between the mean and the maximum
 
 
+def test_evidence_map_is_the_fcn_sum_of_three_depths() -> None:
+    torch.manual_seed(1)
+    model = VGG16(in_channels=2, num_classes=2, head="evidence").eval()
+    for conv in (model.evidence, *model.evidence_skip):  # weights that make every term count
+        torch.nn.init.normal_(conv.weight, 0.0, 0.1)
+    x = torch.rand(1, 2, 64, 64)
+    outs, h = [], x
+    with torch.no_grad():
+        for layer in model.features:  # the maps just before each pooling, by walking the layers
+            if isinstance(layer, nn.MaxPool2d):
+                outs.append(h)
+            h = layer(h)
+        conv3_3, conv4_3, conv5_3 = outs[2], outs[3], outs[4]  # (1, 256, 16, 16), (1, 512, 8, 8), (1, 512, 4, 4)
+        up = lambda t: t.repeat_interleave(2, -1).repeat_interleave(2, -2)  # nearest, x2
+        s8 = model.evidence_skip[0](conv4_3) + up(model.evidence(conv5_3))
+        expected = model.evidence_skip[1](conv3_3) + up(s8)
+        _, evidence, (coarse, middle) = model.forward_with_evidence(x, aux=True)
+    torch.testing.assert_close(evidence, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(middle, s8, atol=1e-5, rtol=1e-5)
+    assert coarse.shape == (1, 1, 4, 4) and middle.shape == (1, 1, 8, 8) and evidence.shape == (1, 1, 16, 16)
+
+
 def test_evidence_head_has_no_fully_connected_layers() -> None:
     model = VGG16(in_channels=1, num_classes=2, head="evidence")
     names = {n.split(".")[0] for n, _ in model.named_parameters()}
-    assert names == {"features", "evidence"}
+    assert names == {"features", "evidence", "evidence_skip"}
     convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
     assert len(convs) == 13  # VGG16's own convolutions are all there
 
