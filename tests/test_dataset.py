@@ -20,6 +20,7 @@ import dataset
 import phantom
 import volumes
 from volumes import DataError
+from tests.helpers import assert_one_line_naming, save_nifti
 
 DATASET_PY = Path(dataset.__file__).resolve()
 
@@ -44,21 +45,6 @@ def per_slice_counts(seg_path, label_min: int) -> np.ndarray:
     seg = raw_array(seg_path)
     counts = (seg >= label_min).sum(axis=(0, 1))
     return counts[file_slice_order(seg_path)]
-
-
-def assert_one_line_naming(exc: pytest.ExceptionInfo, *names: str) -> str:
-    msg = str(exc.value)
-    assert "\n" not in msg and msg.strip() == msg
-    for name in names:
-        assert name in msg, f"{name!r} not in {msg!r}"
-    return msg
-
-
-def save_nifti(path, array, affine=None) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(array, np.eye(4) if affine is None else affine), str(path))
-    return path
 
 
 def prepare(data_dir, cache_dir, image_size=32, window=volumes.WINDOW_HU, workers=1):

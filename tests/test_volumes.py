@@ -17,6 +17,7 @@ import volumes
 from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000Lossless, RLELossless
 from tests.dicom_helpers import canonical_slices, dicom_twin, read_series_by_tags, seg_label_frames
+from tests.helpers import assert_one_line_naming, save_nifti
 from volumes import DataError
 
 FLIPS = [(True, True, False), (False, False, True), (True, False, True), (False, True, False), (True, True, True)]
@@ -24,21 +25,6 @@ FLIPS = [(True, True, False), (False, False, True), (True, False, True), (False,
 
 def raw_array(path) -> np.ndarray:
     return np.asanyarray(nib.load(str(path)).dataobj)
-
-
-def assert_one_line_naming(exc: pytest.ExceptionInfo, *names: str) -> str:
-    msg = str(exc.value)
-    assert "\n" not in msg and msg.strip() == msg
-    for name in names:
-        assert name in msg, f"{name!r} not in {msg!r}"
-    return msg
-
-
-def save_nifti(path, array, affine=None) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(array, np.eye(4) if affine is None else affine), str(path))
-    return path
 
 
 # ------------------------------------------------------------------------------------------------
