@@ -105,7 +105,8 @@ class SliceCounts(Metric):
         self.counts.append(torch.stack([(p & t).sum((2, 3)), p.sum((2, 3)), t.sum((2, 3))], dim=1))  # (N, 3, 2)
 
     def compute(self) -> torch.Tensor:
-        if not self.counts:
+        # A list before synchronisation, one tensor after it (under DDP).
+        if isinstance(self.counts, list) and not self.counts:
             return torch.full((2,), float("nan"))
         c = dim_zero_cat(self.counts).cpu().numpy()  # (slices, 3, 2)
         return torch.tensor([mean_case_dice(c[:, 0, r], c[:, 1, r], c[:, 2, r]) for r in range(2)],
@@ -231,6 +232,8 @@ class SlicePredictions(Metric):
         self.case.append(case.detach().long() if case is not None else torch.full_like(target, -1).long())
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if isinstance(self.prob, list) and not self.prob:  # no batch this epoch
+            return torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
         return dim_zero_cat(self.prob), dim_zero_cat(self.target), dim_zero_cat(self.case)
 
 
