@@ -42,9 +42,9 @@ GRAPHS_DIRS = {"classification": Path("Graphs_Classification"), "segmentation": 
 
 # Values used when a flag is not given: (normal run, --demo preset) per task.
 DEFAULTS = {
-    "classification": {"max_epochs": (30, 9), "batch_size": (16, 16), "lr": (3e-4, 3e-4), "image_size": (224, 64),
+    "classification": {"max_epochs": (30, 12), "batch_size": (16, 16), "lr": (3e-4, 3e-4), "image_size": (224, 128),
                        "oversample_tumor": (0.5, 0.5)},
-    "segmentation": {"max_epochs": (40, 11), "batch_size": (16, 16), "lr": (1e-3, 2e-3), "image_size": (256, 128),
+    "segmentation": {"max_epochs": (40, 30), "batch_size": (16, 16), "lr": (1e-3, 2e-3), "image_size": (256, 128),
                      "oversample_tumor": (0.0, 0.5)},
     "common": {"context_slices": (1, 1), "base_width": (64, 16), "num_workers": (4, 2), "vgg_hidden": (4096, 512),
                "channels_last": (True, False), "flip": (True, True)},
