@@ -337,7 +337,7 @@ class LitClassifier(_Base):
             images = images.contiguous(memory_format=torch.channels_last)
         supervise = self.hparams.deep_supervision > 0 and labels is not None and self.training
         out = (self._compiled or self.net).forward_with_evidence(images, aux=supervise)
-        logits = out[0]  # (N, 2); out[1] is the evidence map (N, 1, H/16, W/16)
+        logits = out[0]  # (N, 2); out[1] is the evidence map (N, 1, H/4, W/4), out[2] its coarser partial sums
         loss = F.cross_entropy(logits.float(), target, weight=self.class_weight)
         if supervise:
             tumor, liver = (labels == 2)[:, None].float(), (labels >= 1)[:, None].float()  # (N, 1, H, W)

@@ -6,11 +6,12 @@
     logits, evidence = model.forward_with_evidence(torch.randn(8, 3, 128, 128))  # (8, 2), (8, 1, 16, 16)
     model = load_imagenet_weights(VGG16(in_channels=1, num_classes=2))
 
-The 13 convolutions are the paper's whatever the head. The "evidence" head is a 1x1 convolution on
-the last convolutional feature map (stride 16, before the fifth pooling): one tumour logit per
-location, pooled into the slice logit by a smooth maximum (log-mean-exp), so a slice is tumorous
-when some place in it is. The map can be supervised directly with the downsampled tumour mask
-(deep supervision) and drawn as a heat map of where the classifier looked.
+The 13 convolutions are the paper's whatever the head. The "evidence" head reads one tumour logit
+per location from conv5_3, conv4_3 and conv3_3 with 1x1 convolutions and sums them coarse to fine
+into one map at stride 4 (as FCN-8s does on VGG16); the map is pooled into the slice logit by a
+smooth maximum (log-mean-exp), so a slice is tumorous when some place in it is. The map can be
+supervised directly with the downsampled tumour mask (deep supervision) and drawn as a heat map of
+where the classifier looked.
 """
 
 from __future__ import annotations
