@@ -129,16 +129,18 @@ def test_bad_input_one_line_exit_2(tmp_path, tiny_data):
     assert res.returncode == 2 and "classification checkpoint" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_ddp_on_two_cpu_processes(tiny_data, tmp_path):
+@pytest.mark.parametrize("task", ["segmentation", "classification"])
+def test_ddp_on_two_cpu_processes(tiny_data, tmp_path, task):
     out = tmp_path / "ddp"
-    res = _cli("--task", "segmentation", "--data-dir", str(tiny_data), "--output-dir", str(out),
+    res = _cli("--task", task, "--data-dir", str(tiny_data), "--output-dir", str(out),
                "--cache-dir", str(tmp_path / "cache"), "--graphs-dir", str(out / "graphs"), "--image-size", "32",
                "--base-width", "4", "--batch-size", "4", "--num-workers", "0", "--max-epochs", "1",
                "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp")
     assert res.returncode == 0, res.stderr[-3000:]
     saved = json.loads((out / "test_metrics.json").read_text())
-    assert "test/dice_liver" in saved["test"]
-    assert (out / "graphs" / "val_dice.png").is_file()
+    # The epoch-wide states (slice counts, slice probabilities) were gathered from both processes.
+    assert ("test/dice_liver_per_slice" if task == "segmentation" else "test/auroc") in saved["test"]
+    assert (out / "graphs" / ("val_dice.png" if task == "segmentation" else "roc_curve.png")).is_file()
 
 
 class ScriptedDice(RegionDice):
