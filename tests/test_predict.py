@@ -574,6 +574,22 @@ def test_folder_with_two_series_and_the_series_flag(series, phantoms, ckpts, tmp
 # Classification
 # --------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_classification_precision_bf16_by_default_where_native_float32_with_exact(native_bf16, phantoms, ckpts,
+                                                                                   monkeypatch):
+    monkeypatch.setattr(pc, "cpu_has_fast_bf16", lambda: native_bf16)
+    seen = []
+    real = pc.infer_batched
+    monkeypatch.setattr(pc, "infer_batched", lambda *a, **k: seen.append(k["cpu_bf16"]) or real(*a, **k))
+    volume, _ = phantoms["flipped"]
+    default = pc.main(cls_args("--checkpoint", ckpts["cls"], "--input", volume, "--device", "cpu"))
+    exact = pc.main(cls_args("--checkpoint", ckpts["cls"], "--input", volume, "--device", "cpu", "--exact"))
+    assert seen == [native_bf16, False]
+    # An untrained VGG16 of width 16 answers alike in both precisions, to bf16's rounding.
+    np.testing.assert_allclose([r["probability"] for r in default["rows"]],
+                               [r["probability"] for r in exact["rows"]], atol=0.02)
+
+
 def test_classification_table_csv_json_in_the_files_slice_order(phantoms, ckpts, tmp_path, monkeypatch, capsys):
     volume, segmentation = phantoms["flipped"]
     truth = np.asarray(nib.load(segmentation).dataobj)  # file order
