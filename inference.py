@@ -1,16 +1,21 @@
-"""What prediction needs whatever the task: safe checkpoint loading, the device, batched 2.5D inference.
+"""What prediction needs whatever the task: safe checkpoint loading, the device, batched 2.5D inference,
+and segmentation's fast path.
 
     ckpt = load_checkpoint("best.ckpt", "segmentation")   # weights_only: loading never runs code
     device = pick_device("auto")
     net = ckpt.network(device)                             # eval, batch norms folded, channels-last
+    labels = segment(net, hu, ckpt.hparams, device)        # (Z, H, W) uint8: the fast path
+    labels = segment(net, hu, ckpt.hparams, device, fast=False)   # every slice, float32 on a CPU
     volume = preprocess_volume(hu, ckpt.hparams, device)   # (Z, S, S): the checkpoint's window and size
     out = infer_batched(net, volume, ckpt.hparams["context_slices"], head)
 
-Both predict scripts are thin commands over this module (neither imports the other). The
-preprocessing is `volumes.py`'s `window_hu` and `resize_slices`, the very functions training uses.
+Both predict scripts are thin commands over this module (neither imports the other), and nothing here
+imports Lightning (seconds of start-up a prediction need not pay). The preprocessing is `volumes.py`'s
+`window_hu` and `resize_slices`, the very functions training uses.
 """
 from __future__ import annotations
 
+import math
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -20,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -39,7 +45,6 @@ class Checkpoint:
     def network(self, device: torch.device) -> nn.Module:
         """The network rebuilt from the hyperparameters with its weights, ready for inference on `device`:
         eval mode, batch norms folded into their convolutions, channels-last (see `prepare_for_inference`)."""
-        from lit_model import build_network  # Lightning takes seconds to import: bad input is reported first
         try:
             net = build_network(self.hparams)
             net.load_state_dict(self.state_dict)
@@ -47,6 +52,26 @@ class Checkpoint:
             raise DataError(f"{self.path}: weights do not fit the network its hyperparameters describe "
                             f"({one_line(exc)[:160]}); expected a checkpoint written by train.py") from None
         return prepare_for_inference(net, device)
+
+
+def build_network(hparams: dict) -> nn.Module:
+    """The bare network of a task from a checkpoint's hyperparameters, without Lightning.
+
+    The same constructors and arguments as `lit_model.build_network` (a test holds the two to the
+    same parameters); prediction builds here because importing Lightning costs about 2 s of start-up
+    on a CPU, a tenth of the fast path's whole run."""
+    hp = dict(hparams)
+    if hp["task"] == "classification":
+        from vgg16 import VGG16
+        # Checkpoints from before the evidence head have the classic head.
+        return VGG16(in_channels=hp["in_channels"], num_classes=hp["num_classes"], batch_norm=hp["batch_norm"],
+                     dropout=hp["dropout"], hidden=hp["hidden"], head=hp.get("head", "fc"),
+                     pool_sharpness=hp.get("pool_sharpness", 5.0))
+    if hp["task"] == "segmentation":
+        from unet import UNet
+        return UNet(in_channels=hp["in_channels"], num_classes=hp["num_classes"], base_width=hp["base_width"],
+                    depth=hp["depth"], upsampling=hp["upsampling"], attention=hp["attention"])
+    raise ValueError(f"unknown task {hp['task']!r}; expected 'classification' or 'segmentation'")
 
 
 def prepare_for_inference(net: nn.Module, device: torch.device) -> nn.Module:
@@ -114,26 +139,45 @@ def pick_device(name: str) -> torch.device:
 
 
 def preprocess_volume(slices, hparams: dict, device: torch.device | str = "cpu",
-                      windowed: bool = False) -> torch.Tensor:
+                      windowed: bool = False, chunk: int = 32) -> torch.Tensor:
     """Slices (Z, H, W) -> (Z, S, S) float32 in [0, 1] on `device`, exactly as training prepares them:
     `window_hu` with the checkpoint's window (skipped for `windowed` input such as 8-bit PNGs), then
-    `resize_slices` to its image size. The whole volume at once: one pass, on the GPU when there is one."""
-    t = torch.as_tensor(slices).to(device)
-    unit = t.float() if windowed else window_hu(t, hparams["window"])  # (Z, H, W)
-    return resize_slices(unit, int(hparams["image_size"]), "image")  # (Z, S, S)
+    `resize_slices` to its image size. `chunk` slices at a time: both steps work slice by slice, and
+    a windowed copy of a whole 512x512x500 volume would hold another 0.5 GB at the peak."""
+    src = torch.as_tensor(slices)
+    size = int(hparams["image_size"])
+    out = torch.empty((src.shape[0], size, size), dtype=torch.float32, device=device)
+    for start in range(0, src.shape[0], chunk):
+        t = src[start:start + chunk].to(device)
+        unit = t.float() if windowed else window_hu(t, hparams["window"])  # (c, H, W)
+        out[start:start + chunk] = resize_slices(unit, size, "image")  # (c, S, S)
+    return out
 
 
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA (fp16 where the GPU lacks bf16), nothing on the CPU: one code path for both."""
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX). There, bf16 autocast runs the
+    U-Net about twice as fast as float32 (BENCHMARKS.md); elsewhere bf16 is emulated and slower, so
+    float32 stays."""
+    try:
+        caps = torch._C._cpu._get_cpu_capability()  # private, hence the guard: absent means no
+    except Exception:
+        return False
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+
+
+def autocast_for(device: torch.device, cpu_bf16: bool = False):
+    """bf16 autocast on CUDA (fp16 where the GPU lacks bf16); on the CPU bf16 autocast with `cpu_bf16`,
+    else nothing (float32): one code path for both."""
     if device.type != "cuda":
-        return nullcontext()
+        return torch.autocast("cpu", dtype=torch.bfloat16) if cpu_bf16 else nullcontext()
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast("cuda", dtype=dtype)
 
 
 def infer_batched(net: nn.Module, volume: torch.Tensor, context_slices: int,
                   head: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 32,
-                  slices: Sequence[int] | None = None, lone: bool = False, desc: str | None = None) -> torch.Tensor:
+                  slices: Sequence[int] | None = None, lone: bool = False, desc: str | None = None,
+                  cpu_bf16: bool = False) -> torch.Tensor:
     """Run `net` over the slices of a preprocessed volume (Z, S, S), `batch_size` 2.5D stacks at a time.
 
     Slice z goes in as the stack `context_indices(z, Z, context_slices)` (C = 2k+1 channels, the stacks
@@ -141,7 +185,9 @@ def infer_batched(net: nn.Module, volume: torch.Tensor, context_slices: int,
     neighbours, so it stands in for them and its stack repeats it C times. `head` maps each batch of
     logits to what is kept (labels at native size, probabilities), so full logits never pile up.
     Returns the heads' outputs for `slices` (default all), in that order, on the CPU. Runs under
-    inference_mode, channels-last; bf16 autocast on CUDA, float32 on the CPU."""
+    inference_mode, channels-last; bf16 autocast on CUDA, on the CPU float32 (bf16 with `cpu_bf16`).
+    The slices may be any size (a crop of the model's grid, a smaller copy): the networks are fully
+    convolutional, or pool globally."""
     device = volume.device
     num = volume.shape[0]
     zs = np.arange(num) if slices is None else np.asarray(slices, dtype=np.int64)
@@ -149,7 +195,7 @@ def infer_batched(net: nn.Module, volume: torch.Tensor, context_slices: int,
     outputs = []
     bar = tqdm(total=len(zs), desc=desc or "slices", unit="slice", file=sys.stderr, delay=1.0, leave=False)
     try:
-        with torch.inference_mode(), autocast_for(device):
+        with torch.inference_mode(), autocast_for(device, cpu_bf16):
             for start in range(0, len(zs), batch_size):
                 batch_z = zs[start:start + batch_size]
                 if lone:
@@ -218,3 +264,292 @@ class FlipTTA(nn.Module):
         for dims in ((-1,), (-2,)):
             prob = prob + self.net(x.flip(dims)).float().softmax(dim=1).flip(dims)
         return (prob / 3).clamp_min(1e-12).log()
+
+
+# --------------------------------------------------------------------------------------------
+# Segmentation: every slice (the exact path), or the liver's region found first (the fast path)
+# --------------------------------------------------------------------------------------------
+
+# The fast path's settings, chosen by measurement (BENCHMARKS.md, "Fast prediction").
+COARSE_FACTOR = 2      # the coarse pass sees slices at 1/COARSE_FACTOR of the model's size ...
+COARSE_STRIDE = 8      # ... every COARSE_STRIDE-th slice
+MARGIN_PX = 24         # in-plane margin around the liver, in pixels of the model's grid (S x S)
+GROW_WITHIN_PX = 4     # a crop grows where the liver comes this close to its side
+MARGIN_SLICES = 2      # margin beyond the liver's first and last slice, besides the coarse stride
+BACKGROUND_LOGIT = 30.0  # outside the region the logits say background by this much
+
+
+def label_head(size: Sequence[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Logits (B, 3, S, S) -> labels (B, H, W) uint8: bilinear upsampling of the logits to the native
+    slice size, then argmax (smoother borders than upsampling the labels)."""
+    size = tuple(int(s) for s in size)
+
+    def head(logits: torch.Tensor) -> torch.Tensor:
+        if tuple(logits.shape[-2:]) != size:
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)  # (B, 3, H, W)
+        return argmax3(logits)  # (B, H, W)
+    return head
+
+
+def argmax3(logits: torch.Tensor) -> torch.Tensor:
+    """`logits.argmax(dim=1)` as uint8, ties to the first class as argmax breaks them, for 3 classes by
+    two comparisons: torch's argmax over a 3-long dimension runs 10-20x slower on a CPU (seconds
+    per volume at 512x512). Other class counts take argmax."""
+    if logits.shape[1] != 3:
+        return logits.argmax(dim=1).to(torch.uint8)
+    l0, l1, l2 = logits.unbind(dim=1)  # (B, H, W) each
+    labels = ((l1 > l0) & (l1 >= l2)).to(torch.uint8)
+    labels[(l2 > l0) & (l2 > l1)] = 2
+    return labels
+
+
+@dataclass(frozen=True)
+class Box:
+    """A block of a preprocessed volume (Z, S, S): slices z0..z1-1, rows y0..y1-1, columns x0..x1-1."""
+
+    z0: int
+    z1: int
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+
+    @property
+    def plane(self) -> tuple[slice, slice]:
+        return slice(self.y0, self.y1), slice(self.x0, self.x1)
+
+
+def _widen(lo: int, hi: int, margin: int, align: int, limit: int) -> tuple[int, int]:
+    """[lo, hi) widened by `margin` each side, ends rounded outward to multiples of `align`, clipped to
+    [0, limit]. Aligned ends put the crop on the pooling grid of the full slice, so away from its
+    border a crop's logits are the full slice's."""
+    lo = max(0, (lo - margin) // align * align)
+    hi = min(limit, -(-(hi + margin) // align) * align)
+    return lo, hi
+
+
+def region_from_mask(liver, zs: Sequence[int], num_slices: int, size: int, scale: float = 1.0,
+                     margin_px: int = MARGIN_PX, margin_slices: int = MARGIN_SLICES, align: int = 1) -> Box | None:
+    """The block of a (num_slices, size, size) volume to segment at full resolution, from a liver mask.
+
+    `liver` (N, h, w) bool holds slices `zs` (N increasing indices) of the volume, each `scale` times
+    smaller than `size` in-plane (a coarse pass; a pixel k covers [k * scale, (k + 1) * scale)). The block spans the liver's slices plus
+    `margin_slices` plus the gap to the next unseen slice on each side (the liver may continue
+    there), and its in-plane box plus `margin_px`, rounded outward to multiples of `align`; all
+    clipped to the volume. Returns None when the mask holds no liver."""
+    liver = np.asarray(liver, dtype=bool)
+    zs = np.asarray(zs, dtype=np.int64)
+    if liver.ndim != 3 or len(zs) != len(liver):
+        raise ValueError(f"expected a mask (N, h, w) and N slice indices, got {liver.shape} and {len(zs)}")
+    has = np.flatnonzero(liver.any(axis=(1, 2)))
+    if has.size == 0:
+        return None
+    first, last = int(has[0]), int(has[-1])
+    below = int(zs[first] - zs[first - 1]) - 1 if first > 0 else int(zs[first])  # unseen slices below
+    above = int(zs[last + 1] - zs[last]) - 1 if last + 1 < len(zs) else num_slices - 1 - int(zs[last])
+    z0 = max(0, int(zs[first]) - below - margin_slices)
+    z1 = min(num_slices, int(zs[last]) + 1 + above + margin_slices)
+    rows = np.flatnonzero(liver.any(axis=(0, 2)))
+    cols = np.flatnonzero(liver.any(axis=(0, 1)))
+    y0, y1 = _widen(math.floor(rows[0] * scale), math.ceil((rows[-1] + 1) * scale), margin_px, align, size)
+    x0, x1 = _widen(math.floor(cols[0] * scale), math.ceil((cols[-1] + 1) * scale), margin_px, align, size)
+    return Box(z0, z1, y0, y1, x0, x1)
+
+
+def slice_boxes(liver, zs: Sequence[int], z0: int, z1: int, size: int, scale: float = 1.0,
+                margin_px: int = MARGIN_PX, align: int = 1) -> np.ndarray:
+    """In-plane boxes (z1 - z0, 4) as (y0, y1, x0, x1) on a size x size grid, one per slice z0..z1-1,
+    from a liver mask `liver` (N, h, w) on slices `zs` (N increasing indices), `scale` times smaller.
+
+    Slice z gets the union of the liver's boxes on the nearest sampled slice at or below z that shows
+    liver and the nearest at or above (one of them past the liver's ends), widened by `margin_px` and
+    rounded outward to multiples of `align`, clipped to the grid: the liver's cross-section changes
+    along z, and one box for every slice would be the largest one. The mask must hold liver."""
+    liver = np.asarray(liver, dtype=bool)
+    seen = np.flatnonzero(liver.any(axis=(1, 2)))
+    if seen.size == 0:
+        raise ValueError("slice_boxes needs a mask that holds liver")
+    at = np.asarray(zs, dtype=np.int64)[seen]
+    boxes = np.empty((len(seen), 4), dtype=np.int64)
+    for i, k in enumerate(seen):
+        rows, cols = np.flatnonzero(liver[k].any(axis=1)), np.flatnonzero(liver[k].any(axis=0))
+        boxes[i] = (math.floor(rows[0] * scale), math.ceil((rows[-1] + 1) * scale),
+                    math.floor(cols[0] * scale), math.ceil((cols[-1] + 1) * scale))
+    z = np.arange(z0, z1)
+    below = np.clip(np.searchsorted(at, z, side="right") - 1, 0, len(at) - 1)  # a missing side: the other one
+    above = np.clip(np.searchsorted(at, z, side="left"), 0, len(at) - 1)
+    out = np.stack([np.minimum(boxes[below, 0], boxes[above, 0]), np.maximum(boxes[below, 1], boxes[above, 1]),
+                    np.minimum(boxes[below, 2], boxes[above, 2]), np.maximum(boxes[below, 3], boxes[above, 3])], 1)
+    out[:, 0::2] = np.maximum(0, (out[:, 0::2] - margin_px) // align * align)
+    out[:, 1::2] = np.minimum(size, -(-(out[:, 1::2] + margin_px) // align) * align)
+    return out
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray | None:
+    """The largest 26-connected component of a 3D boolean mask, as a mask of the same shape; None when
+    the mask is empty."""
+    from scipy import ndimage
+    comps, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    if n == 0:
+        return None
+    sizes = np.bincount(comps.ravel())
+    sizes[0] = 0
+    return comps == int(sizes.argmax())
+
+
+def _placed_head(box: Box, grid: int, size: Sequence[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Logits of a crop (B, 3, h, w) -> labels (B, H, W) of the whole slice: the crop's logits are put
+    back at `box`'s place on the model's grid (grid x grid), background everywhere else, then upsampled
+    and argmaxed as the full slice's would be (`label_head`), so every voxel lands where --exact puts it."""
+    whole = label_head(size)
+
+    def head(logits: torch.Tensor) -> torch.Tensor:
+        # Channels-last like the network's own output: bilinear upsampling runs about twice as fast so.
+        canvas = logits.new_full((logits.shape[0], logits.shape[1], grid, grid), -BACKGROUND_LOGIT)
+        canvas = canvas.contiguous(memory_format=torch.channels_last)
+        canvas[:, 0] = BACKGROUND_LOGIT
+        canvas[(slice(None), slice(None), *box.plane)] = logits
+        return whole(canvas)  # (B, H, W)
+    return head
+
+
+@dataclass
+class FastInfo:
+    """What the fast path did to one volume: the bounding block of what it segmented at full
+    resolution (None: the coarse pass found no liver and every slice was segmented), how many slices
+    each pass ran (a slice run again on a wider crop counts again), how many times the block grew
+    because the liver reached its edge, the share of the volume's model-grid voxels inside the final
+    crops, and whether it ran in bf16."""
+
+    box: Box | None
+    coarse_slices: int
+    full_slices: int
+    grown: int
+    bf16: bool
+    share: float = 1.0
+
+
+def segment(net: nn.Module, slices, hparams: dict, device: torch.device | str = "cpu", fast: bool = True,
+            batch_size: int = 8, which: Sequence[int] | None = None, windowed: bool = False, lone: bool = False,
+            desc: str | None = None, cpu_bf16: bool | None = None, info: list | None = None) -> np.ndarray:
+    """Slices (Z, H, W) in HU (or [0, 1] when `windowed`) -> labels (len(which), H, W) uint8 in {0, 1, 2}
+    (all Z slices when `which` is None), on the slices' own grid.
+
+    `fast=False` is the exact path: every slice at the checkpoint's full resolution, float32 on a CPU
+    (bf16 on CUDA, as always). `fast=True` (the default) on a whole volume: `fast_segment` (a coarse
+    pass finds the liver, the full network runs on its region only); on chosen slices (`which`) or
+    lone 2D images, every one of them at full resolution. Both fast forms use bf16 on a CPU that
+    computes it natively (`cpu_bf16=None` asks `cpu_has_fast_bf16`). `info`, a list, receives the
+    fast path's `FastInfo`."""
+    device = torch.device(device)
+    bf16 = bool(fast and (cpu_has_fast_bf16() if cpu_bf16 is None else cpu_bf16))
+    volume = preprocess_volume(slices, hparams, device, windowed)  # (Z, S, S)
+    size = np.shape(slices)[1:]
+    if fast and which is None and not lone and hparams.get("task", "segmentation") == "segmentation":
+        labels, found = fast_segment(net, volume, hparams, size, batch_size, bf16, desc)
+        if info is not None:
+            info.append(found)
+        return labels
+    labels = infer_batched(net, volume, hparams["context_slices"], label_head(size), batch_size, which, lone,
+                           desc, cpu_bf16=bf16)
+    return labels.numpy()
+
+
+def fast_segment(net: nn.Module, volume: torch.Tensor, hparams: dict, size: Sequence[int], batch_size: int = 8,
+                 cpu_bf16: bool = False, desc: str | None = None) -> tuple[np.ndarray, FastInfo]:
+    """Labels (Z, H, W) uint8 of a preprocessed volume (Z, S, S) whose slices are (H, W) natively, with
+    the full-resolution network run only where the liver is.
+
+    1. Coarse pass: the same network on every COARSE_STRIDE-th slice (from COARSE_STRIDE // 2),
+       shrunk COARSE_FACTOR times: at the defaults a quarter of the arithmetic per slice on a
+       quarter of the slices, 1/16 of a full pass.
+    2. `region_from_mask` turns its liver into the block of slices to segment, `slice_boxes` into
+       each slice's in-plane crop (the liver's box on the nearest sampled slices, with a margin, on
+       the U-Net's pooling grid); the full network runs on each slice's crop, its logits put back in
+       place (`_placed_head`); outside the crops everything is background.
+    3. The block grows while the full-resolution liver's largest 3D component touches its edge: by
+       MARGIN_SLICES + the stride where it reaches an end slice, and a slice's crop by MARGIN_PX at
+       each side its liver comes within GROW_WITHIN_PX of (that slice then runs again; the others
+       keep their answer, their crop held their liver and its margin). A component that ends inside
+       the block is whole, so the largest one, which `postprocess` keeps, is the one --exact keeps,
+       unless the coarse pass missed a separate larger one.
+    No liver in the coarse pass: every slice is segmented at full resolution (the slow case, for a
+    scan that may show no liver at all, rather than a liver missed). Returns the labels and a FastInfo."""
+    num, grid = volume.shape[0], volume.shape[-1]
+    context = hparams["context_slices"]
+    align = 2 ** int(hparams.get("depth", 4))
+    step = COARSE_STRIDE
+    coarse_size = max(align, grid // COARSE_FACTOR)
+    scale = grid / coarse_size
+    zs = np.arange(min(step // 2, num - 1), num, step)
+    coarse = resize_slices(volume, coarse_size, "image")  # (Z, s, s)
+    liver = infer_batched(net, coarse, context, lambda logits: logits.argmax(dim=1) >= 1, batch_size, zs,
+                          desc=f"{desc or 'volume'}: finding the liver", cpu_bf16=cpu_bf16)  # (len(zs), s, s)
+    del coarse
+    liver = liver.numpy()
+    box = region_from_mask(liver, zs, num, grid, scale, MARGIN_PX, MARGIN_SLICES, align)
+    labels = np.zeros((num, *size), dtype=np.uint8)
+    if box is None:
+        labels[:] = infer_batched(net, volume, context, label_head(size), batch_size, desc=desc,
+                                  cpu_bf16=cpu_bf16).numpy()
+        return labels, FastInfo(None, len(zs), num, 0, cpu_bf16)
+    z0, z1 = box.z0, box.z1
+    planes = np.zeros((num, 4), dtype=np.int64)  # per slice (y0, y1, x0, x1); used on z0..z1-1
+    planes[z0:z1] = slice_boxes(liver, zs, z0, z1, grid, scale, MARGIN_PX, align)
+    rows_per_px, cols_per_px = size[0] / grid, size[1] / grid
+    full_slices, grown = 0, 0
+
+    def run(zlist: np.ndarray) -> None:
+        """Slices `zlist` through the full network, each on its own crop; slices that share a crop
+        share the batches."""
+        nonlocal full_slices
+        crops, which = np.unique(planes[zlist], axis=0, return_inverse=True)
+        for k, (y0, y1, x0, x1) in enumerate(crops.tolist()):
+            group = zlist[which.ravel() == k]
+            crop = Box(0, 0, y0, y1, x0, x1)
+            labels[group] = infer_batched(net, volume[(slice(None), *crop.plane)], context,
+                                          _placed_head(crop, grid, size), batch_size, group, desc=desc,
+                                          cpu_bf16=cpu_bf16).numpy()
+        full_slices += len(zlist)
+
+    run(np.arange(z0, z1))
+    near = GROW_WITHIN_PX
+    while True:
+        # Only the liver's largest 3D component decides (the one `postprocess` keeps): specks of
+        # false liver near an edge must not drag the block over the whole volume.
+        p = planes[z0:z1]  # a view: widening below edits `planes`
+        r0, c0 = math.floor(p[:, 0].min() * rows_per_px), math.floor(p[:, 2].min() * cols_per_px)
+        r1, c1 = math.ceil(p[:, 1].max() * rows_per_px), math.ceil(p[:, 3].max() * cols_per_px)
+        liver3d = largest_component(labels[z0:z1, r0:r1, c0:c1] >= 1)  # (z, r, c) in the block's window
+        if liver3d is None:
+            break
+        rows, cols = liver3d.any(axis=2), liver3d.any(axis=1)  # (z, r), (z, c)
+        has = rows.any(axis=1)
+        # Each slice's liver extent on the model grid, then the sides it comes within `near` of.
+        top = (rows.argmax(axis=1) + r0) / rows_per_px
+        bottom = (rows.shape[1] - rows[:, ::-1].argmax(axis=1) + r0) / rows_per_px
+        left = (cols.argmax(axis=1) + c0) / cols_per_px
+        right = (cols.shape[1] - cols[:, ::-1].argmax(axis=1) + c0) / cols_per_px
+        sides = [has & (p[:, 0] > 0) & (top < p[:, 0] + near), has & (p[:, 1] < grid) & (bottom > p[:, 1] - near),
+                 has & (p[:, 2] > 0) & (left < p[:, 2] + near), has & (p[:, 3] < grid) & (right > p[:, 3] - near)]
+        for j, side in enumerate(sides):
+            if j % 2 == 0:
+                p[side, j] = np.maximum(0, (p[side, j] - MARGIN_PX) // align * align)
+            else:
+                p[side, j] = np.minimum(grid, -(-(p[side, j] + MARGIN_PX) // align) * align)
+        touched = np.flatnonzero(sides[0] | sides[1] | sides[2] | sides[3]) + z0
+        # Beyond an end slice that holds liver the block goes on, each new slice with that end's crop.
+        new_z0 = max(0, z0 - MARGIN_SLICES - step) if z0 > 0 and has[0] else z0
+        new_z1 = min(num, z1 + MARGIN_SLICES + step) if z1 < num and has[-1] else z1
+        planes[new_z0:z0], planes[z1:new_z1] = planes[z0], planes[z1 - 1]
+        fresh = np.concatenate([np.arange(new_z0, z0), touched, np.arange(z1, new_z1)]).astype(np.int64)
+        if fresh.size == 0:
+            break
+        # Slices whose liver stayed clear of every side keep their answer: their crop held all of
+        # their liver with its margin. The touched ones, and the new ones, run on their wider crops.
+        z0, z1, grown = new_z0, new_z1, grown + 1
+        run(fresh)
+    p = planes[z0:z1]
+    box = Box(z0, z1, int(p[:, 0].min()), int(p[:, 1].max()), int(p[:, 2].min()), int(p[:, 3].max()))
+    share = float(((p[:, 1] - p[:, 0]) * (p[:, 3] - p[:, 2])).sum()) / (num * grid * grid)
+    return labels, FastInfo(box, len(zs), full_slices, grown, cpu_bf16, share)

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from inference import VOLUME_TOP_K, evidence_maps, infer_batched, load_checkpoint, pick_device, preprocess_volume, volume_score
+from inference import (VOLUME_TOP_K, cpu_has_fast_bf16, evidence_maps, infer_batched, load_checkpoint, pick_device,
+                       preprocess_volume, volume_score)
 from volumes import (CLS_CLASSES, DataError, DicomSeries, atomic_output, atomic_write_text, ensure_folder, find_inputs,
                      input_name, load_slice_image, one_volume, read_volume, run_cli, slice_of_file)
 
@@ -78,6 +79,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto takes CUDA when available (default: auto)")
     p.add_argument("--batch-size", type=int, default=32, help="slices per forward pass (default: 32)")
+    p.add_argument("--exact", action="store_true",
+                   help="float32 on a CPU, the reference (default: off: bf16 on CPUs with native bf16, AVX512-BF16 "
+                        "or AMX, about twice as fast; agreement measured in BENCHMARKS.md)")
     return p
 
 
@@ -101,7 +105,7 @@ def classify_volume(get_net, source: Path | DicomSeries, hp: dict, device: torch
     zs = np.arange(hu.shape[0]) if args.slice is None else np.array([slice_of_file(geom, args.slice, where)])
     volume = preprocess_volume(hu, hp, device)  # (Z, S, S)
     probs = infer_batched(get_net(), volume, hp["context_slices"], tumor_probability, args.batch_size, zs,
-                          desc=case).numpy()
+                          desc=case, cpu_bf16=args.cpu_bf16).numpy()
     numbers = np.array([geom.file_slice_index(int(z)) for z in zs])
     order = np.argsort(numbers)
     uids = [str(geom.dicom[k].get("SOPInstanceUID", "")) for k in numbers[order]] if geom.dicom else None
@@ -176,6 +180,8 @@ def main(args: argparse.Namespace) -> dict:
     if args.batch_size < 1:
         raise DataError(f"found --batch-size {args.batch_size}; expected 1 or more")
     device = pick_device(args.device)
+    # Heat maps stay float32 either way: a few slices, drawn for a person to read.
+    args.cpu_bf16 = not args.exact and cpu_has_fast_bf16()
     ckpt = load_checkpoint(args.checkpoint, "classification")
     hp = ckpt.hparams
     threshold = float(hp.get("threshold", 0.5) if args.threshold is None else args.threshold)
@@ -214,7 +220,7 @@ def main(args: argparse.Namespace) -> dict:
         # Every slice is resized to the model's size, so slices of any size share the batches.
         volume = torch.cat([preprocess_volume(load_slice_image(p)[None], hp, device, windowed=True) for p in images])
         probs = infer_batched(get_net(), volume, hp["context_slices"], tumor_probability, args.batch_size,
-                              lone=True, desc=f"{len(images)} slice(s)").numpy()
+                              lone=True, desc=f"{len(images)} slice(s)", cpu_bf16=args.cpu_bf16).numpy()
         for path, p in zip(images, probs):
             rows += _rows(input_name(path)[0], [0], [p], threshold, names)
         if args.heatmap is not None:

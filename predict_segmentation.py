@@ -3,6 +3,7 @@
     python predict_segmentation.py --checkpoint runs/segmentation/checkpoints/best.ckpt --input volume-7.nii
     python predict_segmentation.py --checkpoint best.ckpt --input volume-7.nii --ground-truth segmentation-7.nii \\
         --report volume-7_report.json
+    python predict_segmentation.py --checkpoint best.ckpt --input volume-7.nii --exact      # the reference path
     python predict_segmentation.py --checkpoint best.ckpt --input volume-7.nii --slice 60   # one slice
     python predict_segmentation.py --checkpoint best.ckpt --input slice.png               # mask + overlay PNG
     python predict_segmentation.py --checkpoint best.ckpt --input scans/ --output predictions/
@@ -21,6 +22,12 @@ volume, lesions, tumor burden) is printed and, with --report, saved as JSON.
 The model and its preprocessing (HU window, image size, 2.5D context) are rebuilt from the checkpoint
 alone (`inference.py`); the preprocessing is `volumes.py`'s, the very functions training uses. A
 lone 2D slice has no neighbours, so it stands in for them: its 2.5D stack repeats the slice.
+
+A volume takes the fast path unless --exact: a coarse pass (the same network on every eighth slice
+at half the model's size) finds the liver, the network then runs at full resolution only on the
+liver's slices, each on a crop around its liver plus a margin (growing while the liver reaches an
+edge), everything else is background; on a CPU with native bf16 (AVX512-BF16, AMX) in bf16.
+--exact runs every slice at full resolution in float32 on a CPU: the reference (`inference.segment`).
 """
 from __future__ import annotations
 
@@ -34,12 +41,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
-from torch import nn
 from tqdm import tqdm
 
-from inference import FlipTTA, infer_batched, load_checkpoint, pick_device, preprocess_volume
+from inference import FlipTTA, load_checkpoint, pick_device, segment
 from volumes import (DICOM_SUFFIX, VOLUME_SUFFIXES, DataError, DicomSeries, atomic_write_text, ensure_folder,
                      find_inputs, input_name, load_label_volume, load_slice_image, one_volume, read_volume,
                      run_cli, slice_of_file, write_labels, write_png)
@@ -49,29 +54,15 @@ from volumes import (DICOM_SUFFIX, VOLUME_SUFFIXES, DataError, DicomSeries, atom
 # Segmentation: labels at native size, post-processing, measurements
 # --------------------------------------------------------------------------------------------
 
-def label_head(size: Sequence[int]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Logits (B, 3, S, S) -> labels (B, H, W) uint8: bilinear upsampling of the logits to the native
-    slice size, then argmax (smoother borders than upsampling the labels)."""
-    size = tuple(int(s) for s in size)
-
-    def head(logits: torch.Tensor) -> torch.Tensor:
-        if tuple(logits.shape[-2:]) != size:
-            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)  # (B, 3, H, W)
-        return logits.argmax(dim=1).to(torch.uint8)  # (B, H, W)
-    return head
-
-
-def segment_slices(net: nn.Module, slices, hparams: dict, device: torch.device, batch_size: int = 32,
-                   which: Sequence[int] | None = None, windowed: bool = False, lone: bool = False,
-                   desc: str | None = None) -> np.ndarray:
-    """Slices (Z, H, W) in HU (or [0, 1] when `windowed`) -> labels (len(which), H, W) uint8 in {0, 1, 2}."""
-    volume = preprocess_volume(slices, hparams, device, windowed)  # (Z, S, S)
-    labels = infer_batched(net, volume, hparams["context_slices"], label_head(np.shape(slices)[1:]),
-                           batch_size, which, lone, desc)
-    return labels.numpy()
-
-
 _FULL = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity in 3D (8 in a single slice)
+
+
+def nonzero_box(labels: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest block (one slice per axis) holding every nonzero voxel of `labels`; None if none.
+    The fast path leaves most of a volume background; work on this block instead of the whole
+    volume gives the same answer (everything outside is 0) in a fraction of the time."""
+    found = ndimage.find_objects((labels != 0).view(np.uint8))  # label 1 = nonzero
+    return found[0] if found else None
 
 
 def postprocess(labels: np.ndarray, margin: int = 2) -> np.ndarray:
@@ -81,8 +72,16 @@ def postprocess(labels: np.ndarray, margin: int = 2) -> np.ndarray:
        removed (set to 0): a liver tumor lies in the liver.
     2. The liver region (label >= 1, tumor included) keeps its largest 3D component (26-connected);
        everything outside it becomes background.
-    On a single slice both rules work in 2D."""
+    On a single slice both rules work in 2D. Both rules only look at nonzero voxels and their
+    neighbours, so they run on the block that holds them (`nonzero_box`)."""
     out = labels.copy()
+    box = nonzero_box(out)
+    if box is not None:
+        out[box] = _postprocess_block(out[box], margin)
+    return out
+
+
+def _postprocess_block(out: np.ndarray, margin: int) -> np.ndarray:
     tumor = out == 2
     if tumor.any():
         comps, _ = ndimage.label(tumor, structure=_FULL)
@@ -130,6 +129,9 @@ def measure(labels: np.ndarray, spacing: Sequence[float] | None = None,
     diameter in mm (largest distance between two pixel centres of the lesion in any axial slice) and
     the centre slice (the lesion's slice nearest its centroid, as the file numbers it via `file_slice`).
     Without spacing (2D images): areas and diameters in pixels. Tumor burden = tumor / liver in %."""
+    block = nonzero_box(labels) or (slice(0, None),) * labels.ndim  # numbers count nonzero voxels only
+    z_off = block[0].start
+    labels = labels[block]
     region, tumor = labels >= 1, labels == 2
     comps, n = ndimage.label(tumor, structure=_FULL)
     boxes = ndimage.find_objects(comps)
@@ -148,7 +150,7 @@ def measure(labels: np.ndarray, spacing: Sequence[float] | None = None,
         if unit == "ml":
             zs = np.flatnonzero(sub.any(axis=(1, 2)))
             centroid = np.nonzero(sub)[0].mean()
-            z = int(zs[np.argmin(np.abs(zs - centroid))]) + box[0].start
+            z = int(zs[np.argmin(np.abs(zs - centroid))]) + box[0].start + z_off
             numbers["centre_slice"] = file_slice(z) if file_slice else z
         numbers["voxels" if unit == "ml" else "pixels"] = count
         found.append(numbers)
@@ -222,6 +224,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=Path, default=None,
                    help="also write the report as JSON to this file; volumes in mL and mm, 2D slices in "
                         "pixels (default: printed only)")
+    p.add_argument("--exact", action="store_true",
+                   help="the reference path: every slice through the network at the checkpoint's full resolution, "
+                        "float32 on a CPU (default: off, the fast path: a coarse pass finds the liver, the network "
+                        "runs at full resolution only on its slices, each on a crop around it plus a margin, "
+                        "background elsewhere, in bf16 on CPUs with native bf16; see README and BENCHMARKS.md)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: the cores this process may run on, as torch counts them)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto takes CUDA when available (default: auto)")
     p.add_argument("--batch-size", type=int, default=None,
@@ -292,16 +301,20 @@ def _predict_volume(job: _Job, args: argparse.Namespace, hp: dict, device: torch
     if args.ground_truth is not None:
         image_path = source.folder if isinstance(source, DicomSeries) else source
         truth, _ = load_label_volume(args.ground_truth, expected_shape=geom.shape, image_path=image_path)
-    labels = segment_slices(get_net(), hu, hp, device, args.batch_size, which, desc=stem)
+    found: list = []
+    labels = segment(get_net(), hu, hp, device, fast=not args.exact, batch_size=args.batch_size, which=which,
+                     desc=stem, info=found)
     if args.postprocess:
         labels = postprocess(labels)
     write_labels(labels, geom if which is None else geom.one_slice(args.slice), job.outputs[0])
     report = {"input": str(source.folder if isinstance(source, DicomSeries) else source),
               "output": str(job.outputs[0]), "kind": "volume",
               "shape": list(geom.shape), "spacing_mm": [float(s) for s in geom.spacing],
-              "slice": args.slice, "postprocess": bool(args.postprocess)}
+              "slice": args.slice, "postprocess": bool(args.postprocess), "exact": bool(args.exact)}
     if isinstance(source, DicomSeries):
         report["series_instance_uid"] = source.uid
+    if found:
+        report["fast_path"] = fast_path_summary(found[0], hp, len(hu))
     to_file = geom.file_slice_index if which is None else (lambda z: args.slice)
     report.update(measure(labels, geom.spacing, to_file))
     if truth is not None:
@@ -309,6 +322,17 @@ def _predict_volume(job: _Job, args: argparse.Namespace, hp: dict, device: torch
         report["ground_truth"] = str(args.ground_truth)
         report["metrics"] = score(labels, ref, geom.spacing)
     return report
+
+
+def fast_path_summary(info, hp: dict, num_slices: int) -> dict:
+    """What the fast path did, for the report: slices through each pass, the share of the volume's
+    model-grid voxels the full-resolution network saw, and whether the block had to grow."""
+    grid = int(hp["image_size"])
+    box = info.box
+    area = 1.0 if box is None else (box.y1 - box.y0) * (box.x1 - box.x0) / grid ** 2
+    return {"slices": num_slices, "coarse_slices": info.coarse_slices, "full_resolution_slices": info.full_slices,
+            "share_of_volume": round(info.full_slices * area / max(1, num_slices), 4),
+            "liver_found": box is not None, "grown": info.grown, "bf16": info.bf16}
 
 
 def _predict_images(jobs: list[_Job], args: argparse.Namespace, hp: dict, device: torch.device, get_net) -> list[dict]:
@@ -321,8 +345,8 @@ def _predict_images(jobs: list[_Job], args: argparse.Namespace, hp: dict, device
     reports: list[dict] = [{}] * len(jobs)
     for size, members in by_size.items():
         stack = np.stack([images[i] for i in members])  # (N, H, W)
-        labels = segment_slices(get_net(), stack, hp, device, args.batch_size, windowed=True, lone=True,
-                                desc=f"{len(members)} slice(s) {size[0]}x{size[1]}")
+        labels = segment(get_net(), stack, hp, device, fast=not args.exact, batch_size=args.batch_size,
+                         windowed=True, lone=True, desc=f"{len(members)} slice(s) {size[0]}x{size[1]}")
         for i, lab in zip(members, labels):
             lab = postprocess(lab[None])[0] if args.postprocess else lab
             write_mask_and_overlay(images[i], lab, *jobs[i].outputs)
@@ -344,6 +368,12 @@ def print_report(report: dict) -> None:
                      f"(burden {report['tumor_burden_percent']:.2f} %), {report['num_lesions']} lesion(s){where}")
         lines += [f"    lesion {d['id']}: {d['volume_ml']:.2f} mL, largest axial diameter "
                   f"{d['largest_axial_diameter_mm']:.1f} mm, centre slice {d['centre_slice']}" for d in report["lesions"]]
+        if "fast_path" in report:
+            f = report["fast_path"]
+            lines.append(f"  fast path: {f['full_resolution_slices']} of {f['slices']} slices at full resolution, "
+                         f"{100 * f['share_of_volume']:.0f} % of the volume" +
+                         ("" if f["liver_found"] else " (the coarse pass found no liver: every slice)") +
+                         (", bf16" if f["bf16"] else "") + "; --exact for the reference path")
     else:
         lines.append(f"  liver {report['liver_area_px']:.0f} px, tumor {report['tumor_area_px']:.0f} px "
                      f"(burden {report['tumor_burden_percent']:.2f} %), {report['num_lesions']} lesion(s)")
@@ -358,6 +388,10 @@ def print_report(report: dict) -> None:
 def main(args: argparse.Namespace) -> dict:
     if args.batch_size is not None and args.batch_size < 1:
         raise DataError(f"found --batch-size {args.batch_size}; expected 1 or more")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise DataError(f"found --threads {args.threads}; expected 1 or more")
+        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     if args.batch_size is None:
         args.batch_size = 32 if device.type == "cuda" else 8

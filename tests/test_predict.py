@@ -139,8 +139,10 @@ def test_oracle_labels_line_up_with_the_input(kind, phantoms, ckpts, tmp_path, m
     truth_slices, _ = volumes.load_label_volume(segmentation)  # (Z, H, W) in slices order
     use_oracle(monkeypatch, Oracle(unit_slices(volume, 48), torch.from_numpy(truth_slices)))
     out = tmp_path / "out" / "pred.nii.gz"
+    # The oracle knows whole slices at the model's size, which only the exact path shows it; the fast
+    # path is held to the exact one's answer voxel for voxel in test_fast_path_writes_the_exact_answer.
     ps.main(seg_args("--checkpoint", ckpts["seg48"], "--input", volume, "--output", out, "--no-postprocess",
-                     "--device", "cpu", "--batch-size", 3))
+                     "--device", "cpu", "--batch-size", 3, "--exact"))
     pred_img, in_img = nib.load(out), nib.load(volume)
     pred, truth = np.asarray(pred_img.dataobj), np.asarray(nib.load(segmentation).dataobj)  # file order
     assert pred.shape == in_img.shape
@@ -160,7 +162,7 @@ def test_default_output_beside_the_input_and_postprocess_keeps_a_clean_answer(ph
     truth_slices, _ = volumes.load_label_volume(phantoms["flipped"][1])
     use_oracle(monkeypatch, Oracle(unit_slices(volume, 48), torch.from_numpy(truth_slices)))
     result = ps.main(seg_args("--checkpoint", ckpts["seg48"], "--input", volume, "--device", "cpu",
-                              "--report", tmp_path / "report.json"))
+                              "--report", tmp_path / "report.json", "--exact"))
     out = tmp_path / "volume-0_seg.nii.gz"
     assert result["cases"][0]["output"] == str(out)
     pred = np.asarray(nib.load(out).dataobj)
@@ -171,6 +173,36 @@ def test_default_output_beside_the_input_and_postprocess_keeps_a_clean_answer(ph
     assert report["num_lesions"] == len(report["lesions"]) >= 1
     expected_ml = float((truth >= 1).sum()) * np.prod(nib.load(volume).header.get_zooms()[:3]) / 1000
     assert report["liver_volume_ml"] == pytest.approx(expected_ml, rel=1e-5)
+
+
+def test_fast_path_writes_the_exact_answer(ckpts, tmp_path, monkeypatch):
+    """The default (fast) path and --exact write the same file on the input's grid, with a network that
+    answers any crop or size of a slice alike (tests/test_inference.py's NearestLevel) on a volume
+    whose intensities spell out a phantom's labels; the fast path's block leaves slices out."""
+    from tests.test_inference import LEVELS_HU, NearestLevel
+    monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: False)  # float32 both: equality is due
+    src_vol, src_seg = phantom.write_phantom_case(tmp_path / "src", 0, size=96, seed=4, num_slices=48,
+                                                  flips=(True, False, True), num_tumors=2)
+    seg_img = nib.load(src_seg)
+    truth = np.asarray(seg_img.dataobj)
+    volume = tmp_path / "coded.nii"
+    nib.save(nib.Nifti1Image(np.asarray(LEVELS_HU, dtype=np.float32)[truth].astype(np.int16), seg_img.affine,
+                             seg_img.header), volume)
+    use_oracle(monkeypatch, NearestLevel())
+    outs, reports = {}, {}
+    for name, extra in (("fast", ()), ("exact", ("--exact",))):
+        outs[name] = tmp_path / f"{name}.nii.gz"
+        result = ps.main(seg_args("--checkpoint", ckpts["seg48"], "--input", volume, "--output", outs[name],
+                                  "--no-postprocess", "--device", "cpu", *extra))
+        reports[name] = result["cases"][0]
+        assert reports[name]["exact"] is (name == "exact") and ("fast_path" in reports[name]) is (name == "fast")
+    fast, exact = nib.load(outs["fast"]), nib.load(outs["exact"])
+    assert fast.shape == exact.shape == truth.shape
+    np.testing.assert_allclose(fast.affine, seg_img.affine, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(fast.dataobj), np.asarray(exact.dataobj))
+    assert dice(np.asarray(fast.dataobj) >= 1, truth >= 1) > 0.95  # 96 -> 48 -> 96 blurs the edges only
+    summary = reports["fast"]["fast_path"]
+    assert 0 < summary["full_resolution_slices"] < truth.shape[2] and summary["bf16"] is False
 
 
 def test_slice_option_predicts_the_files_own_slice(phantoms, ckpts, tmp_path, monkeypatch):
@@ -457,7 +489,7 @@ def test_dicom_series_labels_lie_on_the_series_grid(series, phantoms, ckpts, mon
     truth_slices, _ = volumes.load_label_volume(segmentation)
     use_oracle(monkeypatch, Oracle(unit_slices(volume, 48), torch.from_numpy(truth_slices)))
     result = ps.main(seg_args("--checkpoint", ckpts["seg48"], "--input", series["folder"], "--no-postprocess",
-                              "--device", "cpu"))
+                              "--device", "cpu", "--exact"))
     out = series["folder"].parent / "patient-0_seg.nii.gz"  # beside the series folder, named after it
     report = result["cases"][0]
     assert report["output"] == str(out) and report["input"] == str(series["folder"])
@@ -480,7 +512,7 @@ def test_dicom_seg_output_holds_the_answer_slice_by_slice(series, phantoms, ckpt
     use_oracle(monkeypatch, Oracle(unit_slices(volume, 48), torch.from_numpy(truth_slices)))
     out = tmp_path / "pred.dcm"
     ps.main(seg_args("--checkpoint", ckpts["seg48"], "--input", series["folder"], "--output", out,
-                     "--no-postprocess", "--device", "cpu"))
+                     "--no-postprocess", "--device", "cpu", "--exact"))
     frames, seg = seg_label_frames(out)
     datasets = [pydicom.dcmread(p) for p in series["files"]]
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == datasets[0].SeriesInstanceUID
@@ -541,6 +573,22 @@ def test_folder_with_two_series_and_the_series_flag(series, phantoms, ckpts, tmp
 # --------------------------------------------------------------------------------------------
 # Classification
 # --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_classification_precision_bf16_by_default_where_native_float32_with_exact(native_bf16, phantoms, ckpts,
+                                                                                   monkeypatch):
+    monkeypatch.setattr(pc, "cpu_has_fast_bf16", lambda: native_bf16)
+    seen = []
+    real = pc.infer_batched
+    monkeypatch.setattr(pc, "infer_batched", lambda *a, **k: seen.append(k["cpu_bf16"]) or real(*a, **k))
+    volume, _ = phantoms["flipped"]
+    default = pc.main(cls_args("--checkpoint", ckpts["cls"], "--input", volume, "--device", "cpu"))
+    exact = pc.main(cls_args("--checkpoint", ckpts["cls"], "--input", volume, "--device", "cpu", "--exact"))
+    assert seen == [native_bf16, False]
+    # An untrained VGG16 of width 16 answers alike in both precisions, to bf16's rounding.
+    np.testing.assert_allclose([r["probability"] for r in default["rows"]],
+                               [r["probability"] for r in exact["rows"]], atol=0.02)
+
 
 def test_classification_table_csv_json_in_the_files_slice_order(phantoms, ckpts, tmp_path, monkeypatch, capsys):
     volume, segmentation = phantoms["flipped"]
@@ -704,6 +752,7 @@ def test_more_bad_flags_in_process(phantoms, ckpts, slice_files, bad_files, tmp_
         (ps, [*seg, "--input", str(vol), "--ground-truth", str(tmp_path / "none.nii")], "ground truth not found"),
         (ps, ["--checkpoint", str(tmp_path / "none.ckpt"), "--input", str(vol)], "checkpoint not found"),
         (ps, [*seg, "--input", str(vol), "--batch-size", "0"], "expected 1 or more"),
+        (ps, [*seg, "--input", str(vol), "--threads", "0"], "found --threads 0; expected 1 or more"),
         (ps, [*seg, "--input", str(vol), "--output", str(vol)], "the input itself"),
         (pc, [*cls, "--input", str(vol), "--output", str(tmp_path / "p.txt")], "expected .csv or .json"),
         (pc, [*cls, "--input", str(vol), "--slice", "-1"], "found --slice -1; expected 0..7"),
@@ -730,7 +779,7 @@ def test_ground_truth_scoring_with_the_oracle_is_perfect(phantoms, ckpts, tmp_pa
     use_oracle(monkeypatch, Oracle(unit_slices(volume, 48), torch.from_numpy(truth_slices)))
     result = ps.main(seg_args("--checkpoint", ckpts["seg48"], "--input", volume, "--output", tmp_path / "p.nii.gz",
                               "--ground-truth", segmentation, "--no-postprocess", "--device", "cpu",
-                              "--report", tmp_path / "r.json"))
+                              "--report", tmp_path / "r.json", "--exact"))
     metrics = result["cases"][0]["metrics"]
     assert metrics["dice_liver"] == pytest.approx(1.0) and metrics["dice_tumor"] == pytest.approx(1.0)
     assert metrics["voe_liver"] == pytest.approx(0.0) and metrics["assd_liver"] == pytest.approx(0.0)

@@ -1,0 +1,244 @@
+"""inference.py: the region finding on hand-made masks, and the fast path against the exact one.
+
+The networks here are stand-ins whose answer is known: `NearestLevel` is a 1x1 convolution that
+labels each pixel by the nearest of three intensity levels, so it gives any crop or any size of a
+slice the same answer pixel for pixel, and on a volume whose intensities encode its labels it
+returns those labels. With it, whatever the fast path changes (a coarse pass, a crop of each slice,
+logits put back in place) must come out voxel for voxel as the exact path's answer.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import inference
+import phantom
+import volumes
+from inference import Box, region_from_mask
+
+WINDOW = volumes.WINDOW_HU
+LEVELS_HU = (-100.0, 100.0, 200.0)  # background, liver, tumour: a volume that spells out its labels
+
+
+class NearestLevel(nn.Module):
+    """(B, C, h, w) stacks -> logits (B, 3, h, w): logit_k = 2 c_k x - c_k^2 of the centre slice x, the
+    nearest-centre rule for levels c_k (x^2, common to all k, drops out of the argmax)."""
+
+    def __init__(self, channels: int = 3):
+        super().__init__()
+        levels = volumes.window_hu(np.array(LEVELS_HU), WINDOW)
+        self.conv = nn.Conv2d(channels, 3, kernel_size=1)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[:, channels // 2, 0, 0] = torch.as_tensor(2 * levels)
+            self.conv.bias.copy_(torch.as_tensor(-levels ** 2))
+        self.dtypes: set[torch.dtype] = set()
+        self.sizes: set[tuple[int, int]] = set()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv(x)
+        self.dtypes.add(out.dtype)
+        self.sizes.add(tuple(x.shape[-2:]))
+        return out
+
+
+def hparams(image_size: int) -> dict:
+    return {"task": "segmentation", "image_size": image_size, "window": WINDOW, "context_slices": 1, "depth": 4}
+
+
+def coded_volume(size: int = 160, num_slices: int = 48, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """A phantom's labels (Z, H, W) and HU slices that encode them (LEVELS_HU)."""
+    _, labels, _ = phantom.make_phantom(size, num_slices, seed=seed, num_tumors=2)
+    labels = np.ascontiguousarray(labels.transpose(2, 1, 0))  # (Z, Y, X): any order will do here
+    hu = np.asarray(LEVELS_HU, dtype=np.float32)[labels]
+    return labels, hu
+
+
+# --------------------------------------------------------------------------------------------
+# Region finding on hand-made masks
+# --------------------------------------------------------------------------------------------
+
+def test_region_of_a_block_with_margins():
+    mask = np.zeros((10, 64, 64), dtype=bool)
+    mask[3:6, 10:20, 20:30] = True
+    box = region_from_mask(mask, np.arange(10), 10, 64, margin_px=4, margin_slices=1)
+    assert box == Box(2, 7, 6, 24, 16, 34)  # slices 3..5 +- 1, rows 10..19 +- 4, columns 20..29 +- 4
+
+
+def test_region_is_aligned_outward_and_clipped_at_the_volume_edges():
+    mask = np.zeros((6, 64, 64), dtype=bool)
+    mask[0:2, 2:20, 50:63] = True
+    box = region_from_mask(mask, np.arange(6), 6, 64, margin_px=4, margin_slices=3, align=16)
+    # slices 0..1 - 3 clipped at 0, + 3 -> 5; rows [2 - 4, 20 + 4) -> [0, 32); columns [46, 67) -> [32, 64)
+    assert box == Box(0, 5, 0, 32, 32, 64)
+    assert all(v % 16 == 0 for v in (box.y0, box.y1, box.x0, box.x1))
+
+
+def test_region_of_a_strided_coarse_mask_covers_the_unseen_slices():
+    zs = np.array([1, 4, 7, 10, 13])  # every third slice of 16
+    mask = np.zeros((5, 32, 32), dtype=bool)
+    mask[1:3, 8:12, 8:12] = True  # liver seen on slices 4 and 7, at half the model's size
+    box = region_from_mask(mask, zs, 16, 64, scale=2, margin_px=0, margin_slices=1)
+    # Slices 2..3 and 8..9 are unseen neighbours of the liver: in, plus one more slice each side.
+    assert (box.z0, box.z1) == (1, 11)
+    assert (box.y0, box.y1, box.x0, box.x1) == (16, 24, 16, 24)  # pixels 8..11 cover 16..23
+
+
+def test_region_with_a_fractional_scale_rounds_outward():
+    mask = np.zeros((1, 10, 10), dtype=bool)
+    mask[0, 3, 4:6] = True
+    box = region_from_mask(mask, [0], 1, 25, scale=2.5, margin_px=0, margin_slices=0)
+    assert (box.y0, box.y1, box.x0, box.x1) == (7, 10, 10, 15)  # [7.5, 10) and [10, 15) rounded outward
+
+
+def test_slice_boxes_follow_the_nearest_sampled_slices():
+    zs = np.array([2, 6, 10])
+    mask = np.zeros((3, 32, 32), dtype=bool)
+    mask[0, 4:8, 4:8] = True     # slice 2: a small liver
+    mask[1, 2:12, 10:20] = True  # slice 6: a larger one; slice 10 shows none
+    boxes = inference.slice_boxes(mask, zs, 0, 12, 32, margin_px=1)
+    expected = {0: (3, 9, 3, 9), 2: (3, 9, 3, 9),                 # at and below the first sample: its box
+                3: (1, 13, 3, 21), 5: (1, 13, 3, 21),             # between two samples: their union
+                6: (1, 13, 9, 21), 7: (1, 13, 9, 21), 11: (1, 13, 9, 21)}  # past the last liver: its box
+    for z, box in expected.items():
+        assert tuple(boxes[z]) == box, z
+
+
+def test_slice_boxes_scale_align_and_clip():
+    mask = np.zeros((1, 16, 16), dtype=bool)
+    mask[0, 1:3, 10:16] = True
+    box = inference.slice_boxes(mask, [0], 0, 1, 64, scale=4, margin_px=2, align=16)[0]
+    # rows [4, 12) - 2 -> 2 -> 0; + 2 -> 14 -> 16; columns [40, 64) -> [38, 66) -> [32, 64) clipped
+    assert tuple(box) == (0, 16, 32, 64)
+    with pytest.raises(ValueError, match="holds liver"):
+        inference.slice_boxes(np.zeros((2, 4, 4), dtype=bool), [0, 1], 0, 2, 4)
+
+
+def test_empty_mask_has_no_region():
+    assert region_from_mask(np.zeros((4, 8, 8), dtype=bool), np.arange(4), 4, 8) is None
+
+
+def test_region_rejects_a_mask_and_slice_list_of_different_lengths():
+    with pytest.raises(ValueError, match="N slice indices"):
+        region_from_mask(np.zeros((4, 8, 8), dtype=bool), np.arange(3), 4, 8)
+
+
+# --------------------------------------------------------------------------------------------
+# The fast path against the exact one
+# --------------------------------------------------------------------------------------------
+
+def test_exact_path_returns_the_labels_a_volume_spells_out():
+    labels, hu = coded_volume(size=64, num_slices=8)
+    net = NearestLevel()
+    pred = inference.segment(net, hu, hparams(64), fast=False)
+    np.testing.assert_array_equal(pred, labels)
+    assert net.dtypes == {torch.float32} and net.sizes == {(64, 64)}
+
+
+@pytest.mark.parametrize("image_size", [128, 96])  # the model's grid the same size as the slices, and smaller
+def test_fast_path_gives_the_exact_answer_voxel_for_voxel(image_size, monkeypatch):
+    monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: False)  # float32: exact equality is due
+    labels, hu = coded_volume(size=128)
+    exact = inference.segment(NearestLevel(), hu, hparams(image_size), fast=False)
+    net = NearestLevel()
+    info: list = []
+    fast = inference.segment(net, hu, hparams(image_size), fast=True, info=info)
+    np.testing.assert_array_equal(fast, exact)
+    found = info[0]
+    box = found.box
+    # The block covers the liver and leaves out part of the volume, or this test would prove nothing.
+    assert found.bf16 is False
+    z_liver = np.flatnonzero((labels >= 1).any(axis=(1, 2)))
+    assert box.z0 <= z_liver[0] and z_liver[-1] < box.z1 < len(hu)
+    assert found.share < 0.7 and found.full_slices >= box.z1 - box.z0
+    step = inference.COARSE_STRIDE  # every step-th slice from step // 2: the samples centred in their runs
+    assert found.coarse_slices == len(range(step // 2, len(hu), step))
+    coarse = image_size // inference.COARSE_FACTOR
+    crops = net.sizes - {(coarse, coarse)}
+    assert (coarse, coarse) in net.sizes and any(h < image_size or w < image_size for h, w in crops)
+    assert all(h % 16 == 0 and w % 16 == 0 for h, w in crops)  # on the pooling grid
+
+
+def test_block_grows_from_a_seed_until_the_liver_ends_inside_it(monkeypatch):
+    """A coarse pass that saw only a sliver of the liver: the block must grow to the whole of it."""
+    monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: False)
+    labels, hu = coded_volume(size=128)
+    z_mid = int(np.flatnonzero((labels >= 1).any(axis=(1, 2))).mean())
+    rows, cols = np.nonzero(labels[z_mid] >= 1)
+    y, x = int(rows.mean()) // 16 * 16, int(cols.mean()) // 16 * 16
+    monkeypatch.setattr(inference, "region_from_mask", lambda *a, **k: Box(z_mid, z_mid + 1, y, y + 16, x, x + 16))
+    net = NearestLevel()
+    info: list = []
+    fast = inference.segment(net, hu, hparams(128), fast=True, info=info)
+    np.testing.assert_array_equal(fast, inference.segment(net, hu, hparams(128), fast=False))
+    assert info[0].grown >= 2  # in z and in-plane
+
+
+def test_volume_without_liver_is_segmented_whole(monkeypatch):
+    """No liver in the coarse pass: every slice goes through at full resolution (stated behaviour),
+    so a liver the coarse pass missed is not lost; here the answer is all background."""
+    monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: False)
+    hu = np.full((6, 64, 64), LEVELS_HU[0], dtype=np.float32)
+    net = NearestLevel()
+    info: list = []
+    pred = inference.segment(net, hu, hparams(64), fast=True, info=info)
+    assert info[0].box is None and info[0].full_slices == 6
+    assert pred.shape == (6, 64, 64) and not pred.any()
+    assert (64, 64) in net.sizes
+
+
+def test_chosen_slices_and_lone_images_take_the_full_resolution_pass(monkeypatch):
+    monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: False)
+    labels, hu = coded_volume(size=64, num_slices=8)
+    net = NearestLevel()
+    info: list = []
+    np.testing.assert_array_equal(inference.segment(net, hu, hparams(64), which=[5, 2], info=info), labels[[5, 2]])
+    np.testing.assert_array_equal(inference.segment(net, hu, hparams(64), lone=True, info=info), labels)
+    assert info == [] and net.sizes == {(64, 64)}
+
+
+def test_cpu_without_native_bf16_stays_float32(monkeypatch):
+    monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: False)
+    _, hu = coded_volume(size=64, num_slices=8)
+    net = NearestLevel()
+    inference.segment(net, hu, hparams(64), fast=True)
+    assert net.dtypes == {torch.float32}
+
+
+@pytest.mark.skipif(not inference.cpu_has_fast_bf16(), reason="this CPU has no native bf16 (AVX512-BF16 or AMX)")
+def test_fast_path_runs_bf16_on_a_cpu_that_has_it_and_agrees():
+    labels, hu = coded_volume(size=128)
+    net = NearestLevel()
+    info: list = []
+    fast = inference.segment(net, hu, hparams(96), fast=True, info=info)
+    assert info[0].bf16 is True and net.dtypes == {torch.bfloat16}
+    exact = inference.segment(NearestLevel(), hu, hparams(96), fast=False)
+    # bf16 rounds the logits (8 bits of mantissa): only pixels near a tie may change.
+    assert (fast == exact).mean() > 0.999
+    for region in (lambda a: a >= 1, lambda a: a == 2):
+        a, b = region(fast), region(exact)
+        assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.99
+
+
+# --------------------------------------------------------------------------------------------
+# Preprocessing and the Lightning-free network builder
+# --------------------------------------------------------------------------------------------
+
+def test_chunked_preprocessing_equals_the_whole_volume_at_once():
+    rng = np.random.default_rng(0)
+    hu = rng.uniform(-1000, 1000, size=(7, 40, 30)).astype(np.float32)
+    expected = volumes.resize_slices(torch.from_numpy(volumes.window_hu(hu, WINDOW)), 24)
+    got = inference.preprocess_volume(hu, {"window": WINDOW, "image_size": 24}, chunk=3)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("task", ["segmentation", "classification"])
+def test_network_built_without_lightning_matches_lit_model(task):
+    from lit_model import LIT_MODULES, build_network
+    hp = dict(LIT_MODULES[task](**({"base_width": 4} if task == "segmentation" else {"hidden": 16})).hparams)
+    ours = {k: v.shape for k, v in inference.build_network(hp).state_dict().items()}
+    theirs = {k: v.shape for k, v in build_network(hp).state_dict().items()}
+    assert ours == theirs
+    assert type(inference.build_network(hp)) is type(build_network(hp))
