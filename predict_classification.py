@@ -81,7 +81,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="slices per forward pass (default: 32)")
     p.add_argument("--exact", action="store_true",
                    help="float32 on a CPU, the reference (default: off: bf16 on CPUs with native bf16, AVX512-BF16 "
-                        "or AMX, about twice as fast; agreement measured in BENCHMARKS.md)")
+                        "or AMX, about twice as fast)")
     return p
 
 

@@ -228,7 +228,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="the reference path: every slice through the network at the checkpoint's full resolution, "
                         "float32 on a CPU (default: off, the fast path: a coarse pass finds the liver, the network "
                         "runs at full resolution only on its slices, each on a crop around it plus a margin, "
-                        "background elsewhere, in bf16 on CPUs with native bf16; see README and BENCHMARKS.md)")
+                        "background elsewhere, in bf16 on CPUs with native bf16; see the README)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: the cores this process may run on, as torch counts them)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
