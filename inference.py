@@ -57,9 +57,8 @@ class Checkpoint:
 def build_network(hparams: dict) -> nn.Module:
     """The bare network of a task from a checkpoint's hyperparameters, without Lightning.
 
-    The same constructors and arguments as `lit_model.build_network` (a test holds the two to the
-    same parameters); prediction builds here because importing Lightning costs about 2 s of start-up
-    on a CPU, a tenth of the fast path's whole run."""
+    The one definition: `lit_model` builds its networks with it too. It lives here, Lightning-free,
+    because importing Lightning costs about 2 s of start-up on a CPU, a tenth of the fast path's run."""
     hp = dict(hparams)
     if hp["task"] == "classification":
         from vgg16 import VGG16

@@ -33,10 +33,9 @@ from torchmetrics.functional.classification import binary_auroc, binary_roc
 from torchmetrics.utilities import dim_zero_cat
 
 from evaluate import dice_from_counts, mean_case_dice, pooled_dice
-from inference import volume_score
+from inference import build_network, volume_score
 from volumes import CLS_CLASSES, SEG_CLASSES, WINDOW_HU
-from unet import UNet
-from vgg16 import VGG16, load_imagenet_weights
+from vgg16 import load_imagenet_weights
 
 REGIONS = ("liver", "tumor")
 
@@ -493,20 +492,6 @@ def overlay(ct: torch.Tensor, labels: torch.Tensor | None, alpha: float = 0.45) 
         for c in range(3):
             rgb[c][m] = (1 - alpha) * rgb[c][m] + alpha * colour[c]
     return rgb
-
-
-def build_network(hparams) -> nn.Module:
-    """The bare network of a task from recorded hyperparameters (a checkpoint's `hyper_parameters`)."""
-    hp = dict(hparams)
-    if hp["task"] == "classification":
-        # Checkpoints from before the evidence head have the classic head.
-        return VGG16(in_channels=hp["in_channels"], num_classes=hp["num_classes"], batch_norm=hp["batch_norm"],
-                     dropout=hp["dropout"], hidden=hp["hidden"], head=hp.get("head", "fc"),
-                     pool_sharpness=hp.get("pool_sharpness", 5.0))
-    if hp["task"] == "segmentation":
-        return UNet(in_channels=hp["in_channels"], num_classes=hp["num_classes"], base_width=hp["base_width"],
-                    depth=hp["depth"], upsampling=hp["upsampling"], attention=hp["attention"])
-    raise ValueError(f"unknown task {hp['task']!r}; expected 'classification' or 'segmentation'")
 
 
 LIT_MODULES = {"classification": LitClassifier, "segmentation": LitSegmenter}

@@ -29,6 +29,7 @@ from pytorch_lightning.utilities import rank_zero_info
 
 import dataset
 from evaluate import json_safe
+from inference import cpu_has_fast_bf16
 from phantom import write_synthetic_lits
 from volumes import CLS_CLASSES, SEG_CLASSES, WINDOW_HU, DataError, atomic_output, atomic_write_text, run_cli
 from lit_model import LitClassifier, LitSegmenter, overlay
@@ -185,17 +186,6 @@ def parse_duration(text: str) -> float:
     if not 1 <= len(fields) <= 4 or any(f < 0 for f in fields) or not any(fields):
         raise DataError(f"found --max-time {text!r}; expected a positive duration DD:HH:MM:SS, e.g. 00:00:10:00")
     return sum(f * m for f, m in zip(reversed(fields), (1, 60, 3600, 86400)))
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX). There, bf16 autocast trains
-    VGG16 and the U-Net about twice as fast as float32 (BENCHMARKS.md); elsewhere bf16 is emulated
-    and slower, so float32 stays."""
-    try:
-        caps = torch._C._cpu._get_cpu_capability()  # private, hence the guard: absent means no
-    except Exception:
-        return False
-    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
 def ensure_data(args: argparse.Namespace) -> bool:
