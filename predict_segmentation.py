@@ -314,7 +314,7 @@ def _predict_volume(job: _Job, args: argparse.Namespace, hp: dict, device: torch
     if isinstance(source, DicomSeries):
         report["series_instance_uid"] = source.uid
     if found:
-        report["fast_path"] = fast_path_summary(found[0], hp, len(hu))
+        report["fast_path"] = fast_path_summary(found[0], len(hu))
     to_file = geom.file_slice_index if which is None else (lambda z: args.slice)
     report.update(measure(labels, geom.spacing, to_file))
     if truth is not None:
@@ -324,15 +324,12 @@ def _predict_volume(job: _Job, args: argparse.Namespace, hp: dict, device: torch
     return report
 
 
-def fast_path_summary(info, hp: dict, num_slices: int) -> dict:
+def fast_path_summary(info, num_slices: int) -> dict:
     """What the fast path did, for the report: slices through each pass, the share of the volume's
-    model-grid voxels the full-resolution network saw, and whether the block had to grow."""
-    grid = int(hp["image_size"])
-    box = info.box
-    area = 1.0 if box is None else (box.y1 - box.y0) * (box.x1 - box.x0) / grid ** 2
+    model-grid voxels inside the full-resolution crops, and how often the block had to grow."""
     return {"slices": num_slices, "coarse_slices": info.coarse_slices, "full_resolution_slices": info.full_slices,
-            "share_of_volume": round(info.full_slices * area / max(1, num_slices), 4),
-            "liver_found": box is not None, "grown": info.grown, "bf16": info.bf16}
+            "share_of_volume": round(info.share, 4), "liver_found": info.box is not None, "grown": info.grown,
+            "bf16": info.bf16}
 
 
 def _predict_images(jobs: list[_Job], args: argparse.Namespace, hp: dict, device: torch.device, get_net) -> list[dict]:
