@@ -1,0 +1,67 @@
+"""The peer baseline for segmentation quality: MONAI's tutorial U-Net, trained by this project's
+train.py on the same data, split, preprocessing, augmentation and time budget as our U-Net.
+
+    pip install monai          # not a dependency of the project; only this script needs it
+    python benchmarks/monai_baseline.py --data-dir ../shared/data/real-liver-slices --image-size 128 \
+        --context-slices 0 --max-time 00:00:10:00 --output-dir runs/monai --graphs-dir runs/monai/graphs
+
+Every train.py flag is accepted and means what it means there; the model differs, as in MONAI's
+3D spleen-segmentation tutorial made 2D: `monai.networks.nets.UNet(spatial_dims=2, channels=(16, 32,
+64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2, norm=BATCH)`, `DiceLoss(to_onehot_y=True,
+softmax=True)` (background included), Adam at a constant 1e-4 (`--lr` changes it). The test metrics
+(pooled, per patient, per slice) are computed by our LitSegmenter, so both models are scored by the
+same code. The checkpoint it writes holds MONAI's network and is not for the predict scripts.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import train  # noqa: E402
+from lit_model import LitSegmenter  # noqa: E402
+
+
+class MonaiTutorialSegmenter(LitSegmenter):
+    """LitSegmenter's metrics and logging around MONAI's tutorial network, loss and optimiser."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from monai.losses import DiceLoss
+        from monai.networks.layers import Norm
+        from monai.networks.nets import UNet
+        self.net = UNet(spatial_dims=2, in_channels=self.hparams.in_channels, out_channels=self.hparams.num_classes,
+                        channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2, norm=Norm.BATCH)
+        self.dice_loss = DiceLoss(to_onehot_y=True, softmax=True)
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.dice_loss(logits.float(), target[:, None])  # (N, 3, H, W) logits, (N, 1, H, W) labels
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+
+def build_model(args):
+    model = MonaiTutorialSegmenter(base_width=args.base_width, in_channels=2 * args.context_slices + 1, lr=args.lr,
+                                   window=tuple(args.window), image_size=args.image_size,
+                                   context_slices=args.context_slices)
+    model.time_budget_s = None
+    return model
+
+
+def main(argv=None) -> dict:
+    parser = train.get_args_parser()
+    parser.set_defaults(lr=1e-4)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv if "--task" in argv else ["--task", "segmentation", *argv])
+    if args.task != "segmentation":
+        parser.error("the MONAI baseline is a segmentation model; expected --task segmentation")
+    train.build_model = build_model
+    return train.main(args)
+
+
+if __name__ == "__main__":
+    main()
