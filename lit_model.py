@@ -112,16 +112,22 @@ class SliceCounts(Metric):
                             dtype=torch.float32)
 
 
-def soft_region_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """1 - soft Dice of the liver and tumor regions over the whole batch, averaged over the two.
+def soft_region_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0,
+                          per_slice: bool = False) -> torch.Tensor:
+    """1 - soft Dice of the liver and tumor regions, averaged over the two.
 
     logits (N, 3, H, W); target (N, H, W). Region probabilities: liver = p1 + p2, tumor = p2,
-    the same regions the metrics score."""
+    the same regions the metrics score. By default one Dice over the whole batch (a region's Dice
+    weighs slices by their area, as the pooled metric does). `per_slice`: one Dice per slice and
+    region, then their mean, as the "Dice per slice" metric weighs them: a slice with a small liver
+    counts as much as a large one; a region absent from a slice scores 1 / (1 + its predicted area),
+    which punishes any prediction there (MONAI's `DiceLoss(batch=False)` rule, with eps = 1)."""
     prob = logits.float().softmax(dim=1)
     p = torch.stack([prob[:, 1] + prob[:, 2], prob[:, 2]], dim=1)  # (N, 2, H, W)
     t = region_masks(target).float()
-    inter = (p * t).sum((0, 2, 3))
-    dice = (2 * inter + eps) / (p.sum((0, 2, 3)) + t.sum((0, 2, 3)) + eps)
+    dims = (2, 3) if per_slice else (0, 2, 3)
+    inter = (p * t).sum(dims)
+    dice = (2 * inter + eps) / (p.sum(dims) + t.sum(dims) + eps)  # (N, 2) per slice, else (2,)
     return 1 - dice.mean()
 
 
@@ -399,7 +405,8 @@ class LitSegmenter(_Base):
     def __init__(self, in_channels: int = 3, num_classes: int = 3, base_width: int = 64, depth: int = 4,
                  upsampling: str = "transpose", attention: bool = False, lr: float = 1e-3,
                  weight_decay: float = 1e-4, warmup_fraction: float = 0.05, dice_weight: float = 1.0,
-                 class_weights: Sequence[float] | None = None, window: Sequence[float] = WINDOW_HU,
+                 dice_per_slice: bool = False, class_weights: Sequence[float] | None = None,
+                 window: Sequence[float] = WINDOW_HU,
                  image_size: int = 256, context_slices: int = 1, class_names: Sequence[str] = SEG_CLASSES,
                  task: str = "segmentation", num_overlays: int = 4):
         super().__init__()
@@ -417,7 +424,8 @@ class LitSegmenter(_Base):
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         ce = F.cross_entropy(logits.float(), target, weight=self.class_weight)
-        return ce + self.hparams.dice_weight * soft_region_dice_loss(logits, target)
+        per_slice = self.hparams.get("dice_per_slice", False)  # absent from older checkpoints
+        return ce + self.hparams.dice_weight * soft_region_dice_loss(logits, target, per_slice=per_slice)
 
     def _step(self, batch, split: str) -> torch.Tensor:
         images, target = batch[0], batch[1]  # (N, C, H, W), (N, H, W)

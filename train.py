@@ -102,6 +102,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-width", type=int, default=None,
                    help="U-Net channels at the top level " + _default_help("base_width"))
     p.add_argument("--attention", action="store_true", help="U-Net with attention gates on the skips (default: off)")
+    p.add_argument("--dice-per-slice", action="store_true",
+                   help="segmentation: the soft Dice term per slice, then averaged, instead of one Dice over the "
+                        "batch (default: off)")
     p.add_argument("--head", choices=["evidence", "fc"], default="evidence",
                    help="VGG16 head: 'evidence' scores each location of the last feature map and pools them "
                         "(smooth maximum) into the slice logit; 'fc' is the classic fully connected head")
@@ -209,7 +212,8 @@ def build_model(args: argparse.Namespace):
                               target_sensitivity=args.target_sensitivity, pretrained=args.pretrained,
                               class_names=CLS_CLASSES, **common)
     else:
-        model = LitSegmenter(base_width=args.base_width, attention=args.attention, class_names=SEG_CLASSES, **common)
+        model = LitSegmenter(base_width=args.base_width, attention=args.attention, dice_per_slice=args.dice_per_slice,
+                             class_names=SEG_CLASSES, **common)
     model.time_budget_s = args.time_budget_s
     return model
 

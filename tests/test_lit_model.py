@@ -91,6 +91,23 @@ def test_soft_dice_loss_near_zero_for_confident_correct_logits_and_high_for_wron
     assert soft_region_dice_loss(bad, target).item() == pytest.approx(0.625, abs=1e-4)
 
 
+def test_soft_dice_loss_per_slice_weighs_a_small_liver_like_a_large_one():
+    # Slice A: liver on 4 pixels, predicted exactly; slice B: liver on 1 pixel, predicted nowhere.
+    target = labels([[[1, 1, 1, 1]], [[1, 0, 0, 0]]])
+    pred = labels([[[1, 1, 1, 1]], [[0, 0, 0, 0]]])
+    logits = torch.nn.functional.one_hot(pred, 3).permute(0, 3, 1, 2).float() * 50
+    # Pooled (eps = 1): liver (2*4 + 1) / (4 + 5 + 1) = 0.9, tumour absent everywhere 1/1 -> 1 - 0.95.
+    assert soft_region_dice_loss(logits, target).item() == pytest.approx(0.05, abs=1e-4)
+    # Per slice: liver A 9/9 = 1, liver B 1/(0 + 1 + 1) = 0.5, tumour 1 in both -> 1 - 3.5 / 4.
+    assert soft_region_dice_loss(logits, target, per_slice=True).item() == pytest.approx(0.125, abs=1e-4)
+    # A region absent from a slice punishes whatever is predicted there: 1 / (1 + area).
+    fp = torch.nn.functional.one_hot(labels([[[0, 0, 0, 0]], [[2, 0, 0, 0]]]), 3).permute(0, 3, 1, 2).float() * 50
+    # liver region (tumour counts as liver): A 1/(0+4+1) = 0.2, B (2+1)/(1+1+1) = 1; tumour: A 1/1,
+    # B absent from the reference, 1 predicted pixel: 1/(1+0+1) = 0.5
+    expected = 1 - (0.2 + 1 + 1 + 0.5) / 4
+    assert soft_region_dice_loss(fp, target, per_slice=True).item() == pytest.approx(expected, abs=1e-4)
+
+
 def test_warmup_cosine_schedule_shape():
     f = warmup_cosine(total_steps=100, warmup_steps=10)
     assert f(0) == pytest.approx(0.1)
