@@ -33,7 +33,7 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
 WINDOW_HU: tuple[float, float] = (-200.0, 250.0)
 SEG_CLASSES: tuple[str, ...] = ("background", "liver", "tumor")  # label values 0, 1, 2 of every label volume
@@ -248,6 +248,13 @@ class Geometry:
         `slice_index` (reports name slices as the file numbers them)."""
         axis, flip = int(self._to_file[0, 0]), self._to_file[0, 1] < 0
         return int(self.shape[axis] - 1 - z) if flip else int(z)
+
+    @property
+    def slices_affine(self) -> np.ndarray:
+        """(4, 4) the slices array's voxel -> world matrix: (z, row, column, 1) of the (Z, H, W) slices
+        `to_slices` gives -> (x, y, z, 1) in the file's world coordinates (RAS, mm; for a DICOM series
+        its tags' LPS turned into RAS). Where a report puts a point it measured on the slices."""
+        return self.affine @ inv_ornt_aff(self._to_slices, self.shape)
 
     def one_slice(self, k: int) -> Geometry:
         """The geometry of the file's slice k alone: shape (X, Y, 1), placed where slice k lies in the

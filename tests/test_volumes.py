@@ -95,6 +95,23 @@ def test_slice_index_maps_file_slice_to_the_same_data(tmp_path, flips):
             geom.slice_index(bad)
 
 
+@pytest.mark.parametrize("flips", [(False, False, False), (True, False, True), (True, True, True)])
+def test_slices_affine_puts_a_slices_voxel_where_the_file_puts_it(tmp_path, flips):
+    """Checked against nibabel's canonical image (tests/dicom_helpers.py), for a NIfTI file and for
+    its DICOM twin: a report's positions, measured on the slices, are the file's world positions."""
+    vol, _ = phantom.write_phantom_case(tmp_path, 1, size=16, seed=2, flips=flips, num_slices=6)
+    dicom_twin(tmp_path / "ct", vol)
+    img = nib.load(str(vol))
+    _, canon = canonical_slices(np.zeros(img.shape), img.affine)
+    x, y, _ = nib.as_closest_canonical(img).shape
+    for source in (vol, tmp_path / "ct"):
+        hu, geom = volumes.read_volume(source)
+        for z, r, c in ([0, 0, 0], [5, 3, 11], [2, 15, 0]):
+            # canonical_slices: slices[z, r, c] is the canonical array's [x - 1 - c, y - 1 - r, z]
+            np.testing.assert_allclose(geom.slices_affine @ [z, r, c, 1], canon @ [x - 1 - c, y - 1 - r, z, 1],
+                                       atol=1e-3)
+
+
 @pytest.mark.parametrize("affine, expected", [
     # RAS+ (x to the patient's right): columns run R -> L, so the file's x is reversed, and rows run
     # A -> P, so y is reversed: slices[z, r, c] = data[X-1-c, Y-1-r, z]
