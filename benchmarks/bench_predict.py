@@ -161,7 +161,7 @@ def fast_settings(args: argparse.Namespace) -> dict:
     """segment() in this process (no start-up, no file writing): the exact path once, then the fast
     path with each setting, each timed once; Dice after `postprocess`, as the script writes it."""
     import inference
-    from predict_segmentation import postprocess
+    from inference import postprocess
     from volumes import load_label_volume
     if args.checkpoint is None:
         raise DataError("--fast-settings needs --checkpoint: a trained segmentation checkpoint")
