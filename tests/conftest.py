@@ -34,5 +34,7 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
         # image size = the phantoms' in-plane size: no resampling, so an oracle's answer comes back exactly
         "seg48": save_checkpoint(LitSegmenter(in_channels=3, base_width=4, image_size=48, context_slices=1),
                                  root / "seg48.ckpt"),
+        "seg64": save_checkpoint(LitSegmenter(in_channels=3, base_width=4, image_size=64, context_slices=1),
+                                 root / "seg64.ckpt"),
         "cls": save_checkpoint(LitClassifier(in_channels=3, hidden=16, image_size=32), root / "cls.ckpt"),
     }

@@ -542,3 +542,23 @@ def test_seg_of_a_nifti_input_is_a_data_error(tmp_path):
         volumes.write_labels(labels, geom, tmp_path / "out.dcm")
     assert_one_line_naming(exc, "out.dcm", "expected .nii or .nii.gz")
     assert not list(tmp_path.glob("*out*"))
+
+
+def test_atomic_folder_appears_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "made" / "for" / "it"
+    with pytest.raises(RuntimeError):
+        with volumes.atomic_folder(target) as tmp:
+            (tmp / "half.txt").write_text("half")
+            raise RuntimeError("stopped midway")
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor the parents made for it
+    with volumes.atomic_folder(target) as tmp:
+        (tmp / "a.txt").write_text("a")
+        assert not target.exists()
+    assert [p.name for p in target.iterdir()] == ["a.txt"] and oct(target.stat().st_mode & 0o777) != "0o700"
+    with pytest.raises(DataError, match="expected a new or empty folder"):
+        with volumes.atomic_folder(target) as tmp:  # not empty, and not to be replaced
+            (tmp / "b.txt").write_text("b")
+    with volumes.atomic_folder(target, replace=True) as tmp:
+        (tmp / "b.txt").write_text("b")
+    assert [p.name for p in target.iterdir()] == ["b.txt"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["it"]  # no temporary or old folder left
