@@ -200,10 +200,19 @@ def slice_table(labels: np.ndarray, probs: np.ndarray, geom, uids: bool = False)
     liver = np.count_nonzero(labels >= 1, axis=(1, 2)) * dy * dx
     rows = [{"slice": geom.file_slice_index(z), "tumor_probability": float(probs[z]),
              "tumor_area_mm2": float(tumor[z]), "liver_area_mm2": float(liver[z])} for z in range(len(labels))]
-    if uids and geom.dicom:  # the DICOM file of slice k, by the file's own order (the series' order)
+    if uids and geom.dicom and _axial_files(geom):  # the DICOM file of slice k: the series' k-th by position
         for row in rows:
             row["sop_instance_uid"] = str(geom.dicom[row["slice"]].get("SOPInstanceUID", ""))
     return sorted(rows, key=lambda r: r["slice"])
+
+
+def _axial_files(geom) -> bool:
+    """Whether each of the file's slices (its third axis) is an axial slice, so a slice number names a file."""
+    try:
+        geom.slice_index(0)
+    except DataError:
+        return False
+    return True
 
 
 def disagreements(rows: list[dict], threshold: float) -> tuple[dict, list[dict]]:
@@ -268,11 +277,16 @@ def key_image(ct: np.ndarray, labels: np.ndarray, lesion_mask: np.ndarray, lesio
     short_mm = lesion.axes.short_ends[:, ::-1] * [dx, dy]
     cy, cx = lesion.centre[0] * dy, lesion.centre[1] * dx
     half = max(15.0, 0.85 * lesion.axes.long)  # mm: the lesion fills about half of the enlarged box
-    for ax in (full, zoom):
-        ax.imshow(window_hu(ct, window), cmap="gray", vmin=0, vmax=1, extent=extent, interpolation="antialiased")
-        for mask, colour, width in ((labels >= 1, "#2ecc40", 1.0), (labels == 2, "#ff4136", 1.0)):
-            if mask.any():
-                ax.contour(xs, ys, mask.astype(np.float32), levels=[0.5], colors=colour, linewidths=width)
+    # The enlarged panel draws only its window (plus a pixel), so its contours cost what it shows.
+    rows = slice(max(0, int((cy - half) / dy) - 1), min(h, int((cy + half) / dy) + 2))
+    cols = slice(max(0, int((cx - half) / dx) - 1), min(w, int((cx + half) / dx) + 2))
+    window_box = ((cols.start - 0.5) * dx, (cols.stop - 0.5) * dx, (rows.stop - 0.5) * dy, (rows.start - 0.5) * dy)
+    for ax, part, box in ((full, (slice(None), slice(None)), extent), (zoom, (rows, cols), window_box)):
+        ax.imshow(window_hu(ct[part], window), cmap="gray", vmin=0, vmax=1, extent=box, interpolation="antialiased")
+        for mask, colour in ((labels[part] >= 1, "#2ecc40"), (labels[part] == 2, "#ff4136")):
+            if mask.any() and not mask.all():  # an outline to draw
+                ax.contour(xs[part[1]], ys[part[0]], mask.astype(np.float32), levels=[0.5], colors=colour,
+                           linewidths=1.0)
         ax.set_xticks([])
         ax.set_yticks([])
     full.add_patch(Rectangle((cx - half, cy - half), 2 * half, 2 * half, fill=False, edgecolor="#ffdc00",
@@ -280,7 +294,8 @@ def key_image(ct: np.ndarray, labels: np.ndarray, lesion_mask: np.ndarray, lesio
     for text, (x, y, ha, va) in {"R": (0.02, 0.5, "left", "center"), "L": (0.98, 0.5, "right", "center"),
                                  "A": (0.5, 0.98, "center", "top"), "P": (0.5, 0.02, "center", "bottom")}.items():
         full.text(x, y, text, transform=full.transAxes, color="white", ha=ha, va=va, fontsize=9, fontweight="bold")
-    zoom.contour(xs, ys, lesion_mask.astype(np.float32), levels=[0.5], colors="#ffdc00", linewidths=1.8)
+    zoom.contour(xs[cols], ys[rows], lesion_mask[rows, cols].astype(np.float32), levels=[0.5], colors="#ffdc00",
+                 linewidths=1.8)
     zoom.plot(long_mm[:, 0], long_mm[:, 1], "-o", color="#00e5ff", linewidth=2, markersize=3,
               label=f"long axis {lesion.axes.long:.1f} mm")
     zoom.plot(short_mm[:, 0], short_mm[:, 1], "-o", color="#ff4dff", linewidth=2, markersize=3,
@@ -561,7 +576,7 @@ def main(args: argparse.Namespace) -> dict:
     timing = {}
     hu, geom = read_volume(source)  # (Z, H, W) HU in slices order
     name, _ = input_name(source)
-    timing["read"] = time.perf_counter() - started
+    timing["load"] = time.perf_counter() - started  # the checkpoints and the volume
 
     tick = time.perf_counter()
     found_fast: list = []
