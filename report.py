@@ -49,6 +49,8 @@ from volumes import (CLS_CLASSES, DataError, DicomSeries, atomic_folder, find_in
 
 __version__ = "0.12.0"  # reported where git cannot say (a copy of the project without its history)
 REPORT_FORMAT = 1       # report.json's layout; raised when a key changes meaning
+TABLE_ROWS = 100        # lesions listed on the page (report.json lists every one): a model still learning
+                        # can leave thousands of specks, which a reader cannot use as rows
 ROOT = Path(__file__).resolve().parent
 NOT_A_DEVICE = ("Research software, not a medical device.", "It is not cleared or approved for clinical use and must "
                 "not be used to diagnose, treat or triage anyone. Every number here comes from two neural networks "
@@ -442,11 +444,15 @@ def render_html(report: dict, key_images: dict[int, str], plot: str) -> str:
         f"<td class=n>{d['short_axis_mm']:.1f}</td><td class=n>{_num(d.get('mean_hu'), 0)}</td>"
         f"<td class=n>{d['slice']}</td><td class=n>{d['first_slice']}–{d['last_slice']}</td>"
         f"<td class=n>{', '.join(f'{v:.1f}' for v in d['centre_ras_mm'])}</td></tr>"
-        for d in report["lesions"])
+        for d in report["lesions"][:TABLE_ROWS])
     lesion_table = ("<p>No tumour was segmented.</p>" if not report["lesions"] else
                     "<table><tr><th>lesion</th><th>volume (mL)</th><th>long axis (mm)</th><th>short axis (mm)</th>"
                     "<th>mean HU</th><th>key slice</th><th>slices</th><th>centre, RAS (mm)</th></tr>"
                     + lesion_rows + "</table>")
+    rest = report["lesions"][TABLE_ROWS:]
+    if rest:
+        lesion_table += (f"<p class=small>{len(rest)} smaller lesion(s), {sum(d['volume_ml'] for d in rest):.2f} mL "
+                         f"together, are listed in report.json only.</p>")
     shown = [d for d in report["lesions"] if d["id"] in key_images]
     figures = "".join(
         f"<figure><img alt=\"lesion {d['id']}, slice {d['slice']}\" src=\"data:image/png;base64,{key_images[d['id']]}\">"

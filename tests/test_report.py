@@ -171,6 +171,7 @@ def test_dicom_series_report_withholds_identifiers_unless_asked(study, ckpts, tm
     common = ["--input", study["series"], "--segmentation-checkpoint", ckpts["seg64"], "--classification-checkpoint",
               ckpts["cls"], "--device", "cpu", "--exact"]
     out = tmp_path / "dicom"
+    monkeypatch.setattr(report, "TABLE_ROWS", 1)  # the page lists the largest lesions, the JSON all
     saved = run(*common, "--output-dir", out, "--dicom-seg", "--key-images", 1)
     assert sorted(p.name for p in out.iterdir()) == ["patient-0_seg.dcm", "patient-0_seg.nii.gz", "report.html",
                                                       "report.json"]
@@ -193,6 +194,8 @@ def test_dicom_series_report_withholds_identifiers_unless_asked(study, ckpts, tm
     assert saved["study"]["identifiers"].startswith("withheld")
     page = check_page(out, saved, key_images=1)
     assert "withheld" in page and html_escaped(STUDY_DESCRIPTION) in page and STUDY_DESCRIPTION not in page
+    rows = [f"<tr><td class=n>{d['id']}</td><td class=n>{d['volume_ml']:.2f}</td>" for d in saved["lesions"]]
+    assert [row in page for row in rows] == [True, False] and "1 smaller lesion(s)" in page
 
     shown = tmp_path / "shown"
     saved = run(*common, "--output-dir", shown, "--show-identifiers")
