@@ -17,7 +17,9 @@ means, Dice global, detection precision/recall/F1 at IoU > 0.5 and > 0, the Dice
 lesions, recall by lesion size, and the tumor burden error (`summarize`).
 
 This module is the one home of these rules: `predict_segmentation.py --ground-truth` and the
-training-time Dice of `lit_model.py` call its functions.
+training-time Dice of `lit_model.py` call its functions. The lesion labelling (face-connected), the
+largest axial diameter and the tumor burden are `lesions.py`'s, the very functions the prediction and
+diagnostic reports measure with.
 """
 from __future__ import annotations
 
@@ -34,8 +36,9 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
-from scipy.spatial.distance import pdist
 
+# The lesion and burden rules live with the measurements, so a report and a score count alike.
+from lesions import label_lesions, largest_axial_diameters, tumor_burden
 from volumes import DataError, atomic_write_text, check_labels, read_nifti, run_cli, visible_files
 
 REGIONS: tuple[str, ...] = ("liver", "tumor")
@@ -219,14 +222,6 @@ def dice_global(counts: Sequence[dict[str, int]], region: str) -> float:
     return pooled_dice(*(sum(c[f"{k}_{region}"] for c in counts) for k in ("intersection", "pred", "gt")))
 
 
-def tumor_burden(labels: np.ndarray) -> float:
-    """Tumor burden as the scorer defines it: |label == 2| / |label >= 1| (a fraction of the liver,
-    tumor included). NaN when there is no liver."""
-    labels = np.asarray(labels)
-    liver = int(np.count_nonzero(labels >= 1))
-    return int(np.count_nonzero(labels == 2)) / liver if liver else NAN
-
-
 def burden_error(pred: np.ndarray, gt: np.ndarray) -> float:
     """Reference burden minus predicted burden (the scorer's sign). A prediction without liver claims
     no tumor: burden 0 (the scorer instead sets 9001 when the prediction has no voxel of label 1, even
@@ -236,16 +231,8 @@ def burden_error(pred: np.ndarray, gt: np.ndarray) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# Lesions: the scorer's labelling, merging and matching
+# Lesions: the scorer's merging and matching (labelling: lesions.label_lesions)
 # --------------------------------------------------------------------------------------------
-
-def label_lesions(labels: np.ndarray) -> tuple[np.ndarray, int]:
-    """Lesions: the connected components of label == 2 with scipy.ndimage.label's default structure, as
-    the scorer labels them: face-connected (6-neighbourhood in 3D), so voxels that touch only at an
-    edge or a corner belong to different lesions. Returns (lesion ids 1..n, 0 elsewhere; n)."""
-    lab, n = ndimage.label(np.asarray(labels) == 2)
-    return lab, int(n)
-
 
 @dataclass(frozen=True)
 class LesionPair:
@@ -341,32 +328,6 @@ def detection_counts(match: LesionMatch, iou_threshold: float = 0.5) -> tuple[in
     predicted in k detected pieces is one TP and k - 1 FP."""
     tp = sum(1 for pair in match.pairs if pair.iou > iou_threshold)
     return tp, match.num_pred - tp, match.num_ref - tp
-
-
-def largest_axial_diameters(ids: np.ndarray, num: int, spacing: Sequence[float], axial_axis: int) -> np.ndarray:
-    """Largest axial diameter in mm of lesions 1..num: the largest distance between the centres of two
-    of the lesion's voxels lying in the same axial slice (slices are the planes normal to
-    `axial_axis`), over all its slices; 0 for a lesion of one voxel per slice. The same measure as the
-    prediction report's."""
-    ids = np.moveaxis(np.asarray(ids), axial_axis, 0)
-    in_plane = np.array([s for ax, s in enumerate(spacing) if ax != axial_axis], dtype=np.float64)
-    out = np.zeros(num, dtype=np.float64)
-    for i, box in enumerate(ndimage.find_objects(ids, max_label=num)):
-        if box is None:
-            continue
-        lesion = ids[box] == i + 1
-        for plane in lesion:
-            rows = np.flatnonzero(plane.any(axis=1))
-            if rows.size == 0:
-                continue
-            # The farthest pair of a set of grid points are hull vertices, and each hull vertex is the
-            # first or the last point of its row: two points per row are enough.
-            first = plane[rows].argmax(axis=1)
-            last = plane.shape[1] - 1 - plane[rows][:, ::-1].argmax(axis=1)
-            pts = np.concatenate([np.stack([rows, first], 1), np.stack([rows, last], 1)]) * in_plane
-            if len(pts) > 1:
-                out[i] = max(out[i], float(pdist(pts).max()))
-    return out
 
 
 def size_class(diameter_mm: float) -> str:

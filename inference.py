@@ -6,11 +6,13 @@ and segmentation's fast path.
     net = ckpt.network(device)                             # eval, batch norms folded, channels-last
     labels = segment(net, hu, ckpt.hparams, device)        # (Z, H, W) uint8: the fast path
     labels = segment(net, hu, ckpt.hparams, device, fast=False)   # every slice, float32 on a CPU
+    labels = postprocess(labels)                           # largest liver component, tumour in liver
+    probs = classify(net, hu, ckpt.hparams, device)        # (Z,) tumour probability of every slice
     volume = preprocess_volume(hu, ckpt.hparams, device)   # (Z, S, S): the checkpoint's window and size
     out = infer_batched(net, volume, ckpt.hparams["context_slices"], head)
 
-Both predict scripts are thin commands over this module (neither imports the other), and nothing here
-imports Lightning (seconds of start-up a prediction need not pay). The preprocessing is `volumes.py`'s
+Both predict scripts and report.py are thin commands over this module (none imports another), and
+nothing here imports Lightning (seconds of start-up a prediction need not pay). The preprocessing is `volumes.py`'s
 `window_hu` and `resize_slices`, the very functions training uses.
 """
 from __future__ import annotations
@@ -91,13 +93,14 @@ def prepare_for_inference(net: nn.Module, device: torch.device) -> nn.Module:
     return net.to(device).to(memory_format=torch.channels_last)
 
 
-def load_checkpoint(path: str | Path, task: str) -> Checkpoint:
+def load_checkpoint(path: str | Path, task: str, flag: str | None = None) -> Checkpoint:
     """Read a Lightning checkpoint of `task` without running any code from it.
 
     `weights_only=True` unpickles tensors and plain containers only, so a crafted file cannot execute
     anything on load (a checkpoint may come from anywhere). Raises DataError for a missing file, a file
     that is not a checkpoint of this project (random bytes, a bare state dict, a refused pickle) or a
-    checkpoint of the other task."""
+    checkpoint of the other task. `flag` names the command-line flag that gave the path, for a command
+    that takes both tasks' checkpoints (report.py): the message then names the flag, not a script."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: checkpoint not found; expected a .ckpt file written by train.py")
@@ -119,8 +122,8 @@ def load_checkpoint(path: str | Path, task: str) -> Checkpoint:
     if missing:
         raise DataError(f"{path}: hyper_parameters lack {', '.join(missing)}; expected a checkpoint written by train.py")
     if hp["task"] != task:
-        raise DataError(f"{path}: found a {hp['task']} checkpoint; expected a {task} checkpoint "
-                        f"(use predict_{hp['task']}.py for this one)")
+        hint = (f"given as {flag}" if flag else f"use predict_{hp['task']}.py for this one")
+        raise DataError(f"{path}: found a {hp['task']} checkpoint; expected a {task} checkpoint ({hint})")
     net_state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
     if not net_state:
         raise DataError(f"{path}: found no 'net.' weights in its state_dict; expected a checkpoint written by train.py")
@@ -225,6 +228,24 @@ def volume_score(probs, top_k: int = VOLUME_TOP_K) -> float:
     if p.numel() == 0:
         raise ValueError("a volume score needs at least one slice probability")
     return float(p.topk(min(top_k, p.numel())).values.mean())
+
+
+def tumor_probability(logits: torch.Tensor) -> torch.Tensor:
+    """Logits (B, 2) -> probability of class 1, tumour (B,)."""
+    return logits.softmax(dim=1)[:, 1]
+
+
+def classify(net: nn.Module, slices, hparams: dict, device: torch.device | str = "cpu", batch_size: int = 32,
+             which: Sequence[int] | None = None, windowed: bool = False, lone: bool = False,
+             desc: str | None = None, cpu_bf16: bool = False) -> np.ndarray:
+    """Slices (Z, H, W) in HU (or [0, 1] when `windowed`) -> the classifier's tumour probability of each
+    of slices `which` (default all), (len(which),) float32, preprocessed as training did (the
+    checkpoint's window, size and 2.5D stacks; `lone` 2D images stand in for their own neighbours).
+    float32 on a CPU unless `cpu_bf16` (the caller decides: about twice as fast where the CPU has
+    native bf16, BENCHMARKS.md)."""
+    volume = preprocess_volume(slices, hparams, device, windowed)  # (Z, S, S)
+    return infer_batched(net, volume, hparams["context_slices"], tumor_probability, batch_size, which, lone,
+                         desc, cpu_bf16=cpu_bf16).numpy()
 
 
 def evidence_maps(net: nn.Module, volume: torch.Tensor, context_slices: int, slices: Sequence[int],
@@ -428,6 +449,13 @@ class FastInfo:
     bf16: bool
     share: float = 1.0
 
+    def summary(self, num_slices: int) -> dict:
+        """What the fast path did, for a report: slices through each pass, the share of the volume's
+        model-grid voxels inside the full-resolution crops, and how often the block had to grow."""
+        return {"slices": num_slices, "coarse_slices": self.coarse_slices, "full_resolution_slices": self.full_slices,
+                "share_of_volume": round(self.share, 4), "liver_found": self.box is not None, "grown": self.grown,
+                "bf16": self.bf16}
+
 
 def segment(net: nn.Module, slices, hparams: dict, device: torch.device | str = "cpu", fast: bool = True,
             batch_size: int = 8, which: Sequence[int] | None = None, windowed: bool = False, lone: bool = False,
@@ -553,3 +581,49 @@ def fast_segment(net: nn.Module, volume: torch.Tensor, hparams: dict, size: Sequ
     box = Box(z0, z1, int(p[:, 0].min()), int(p[:, 1].max()), int(p[:, 2].min()), int(p[:, 3].max()))
     share = float(((p[:, 1] - p[:, 0]) * (p[:, 3] - p[:, 2])).sum()) / (num * grid * grid)
     return labels, FastInfo(box, len(zs), full_slices, grown, cpu_bf16, share)
+
+
+# --------------------------------------------------------------------------------------------
+# Segmentation: post-processing
+# --------------------------------------------------------------------------------------------
+
+_FULL = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity in 3D (8 in a single slice)
+
+
+def postprocess(labels: np.ndarray, margin: int = 2) -> np.ndarray:
+    """Clean a label volume (Z, H, W); returns a new array.
+
+    1. A tumor component (26-connected) with no liver (label 1) within `margin` pixels in-plane is
+       removed (set to 0): a liver tumor lies in the liver.
+    2. The liver region (label >= 1, tumor included) keeps its largest 3D component (26-connected);
+       everything outside it becomes background.
+    On a single slice both rules work in 2D. Both rules only look at nonzero voxels and their
+    neighbours, so they run on the block that holds them (`lesions.nonzero_box`): the fast path leaves
+    most of a volume background. The generous 26-connectivity is a cleaning rule (keep what touches
+    the liver at all); lesions are counted face-connected (`lesions.label_lesions`)."""
+    from lesions import nonzero_box
+    out = labels.copy()
+    box = nonzero_box(out)
+    if box is not None:
+        out[box] = _postprocess_block(out[box], margin)
+    return out
+
+
+def _postprocess_block(out: np.ndarray, margin: int) -> np.ndarray:
+    from scipy import ndimage
+    tumor = out == 2
+    if tumor.any():
+        comps, _ = ndimage.label(tumor, structure=_FULL)
+        inplane = np.zeros((3, 3, 3), dtype=bool)
+        inplane[1] = ndimage.generate_binary_structure(2, 2)
+        near_liver = ndimage.binary_dilation(out == 1, structure=inplane, iterations=margin)
+        keep = np.unique(comps[near_liver & tumor])
+        out[tumor & ~np.isin(comps, keep)] = 0
+    region = out >= 1
+    if region.any():
+        comps, n = ndimage.label(region, structure=_FULL)
+        if n > 1:
+            sizes = np.bincount(comps.ravel())
+            sizes[0] = 0
+            out[region & (comps != int(sizes.argmax()))] = 0
+    return out

@@ -35,18 +35,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from inference import (VOLUME_TOP_K, cpu_has_fast_bf16, evidence_maps, infer_batched, load_checkpoint, pick_device,
-                       preprocess_volume, volume_score)
+from inference import (VOLUME_TOP_K, classify, cpu_has_fast_bf16, evidence_maps, infer_batched, load_checkpoint,
+                       pick_device, preprocess_volume, tumor_probability, volume_score)
 from volumes import (CLS_CLASSES, DataError, DicomSeries, atomic_output, atomic_write_text, ensure_folder, find_inputs,
                      input_name, load_slice_image, one_volume, read_volume, run_cli, slice_of_file)
 
 COLUMNS = ("case", "slice", "probability", "prediction")
 UID_COLUMN = "sop_instance_uid"  # rows of a DICOM series only
-
-
-def tumor_probability(logits: torch.Tensor) -> torch.Tensor:
-    """Logits (B, 2) -> probability of class 1, tumor (B,)."""
-    return logits.softmax(dim=1)[:, 1]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -103,14 +98,13 @@ def classify_volume(get_net, source: Path | DicomSeries, hp: dict, device: torch
     hu, geom = read_volume(source)  # (Z, H, W) HU in slices order
     where = source.label if isinstance(source, DicomSeries) else source
     zs = np.arange(hu.shape[0]) if args.slice is None else np.array([slice_of_file(geom, args.slice, where)])
-    volume = preprocess_volume(hu, hp, device)  # (Z, S, S)
-    probs = infer_batched(get_net(), volume, hp["context_slices"], tumor_probability, args.batch_size, zs,
-                          desc=case, cpu_bf16=args.cpu_bf16).numpy()
+    probs = classify(get_net(), hu, hp, device, args.batch_size, zs, desc=case, cpu_bf16=args.cpu_bf16)
     numbers = np.array([geom.file_slice_index(int(z)) for z in zs])
     order = np.argsort(numbers)
     uids = [str(geom.dicom[k].get("SOPInstanceUID", "")) for k in numbers[order]] if geom.dicom else None
     if args.heatmap is not None:
         picked = np.argsort(-probs, kind="stable")[:max(1, args.heatmap_slices)]
+        volume = preprocess_volume(hu, hp, device)  # (Z, S, S), as `classify` saw it
         draw_heatmaps(get_net(), volume, hp, zs[picked], numbers[picked], probs[picked], case, args.heatmap)
     return _rows(case, numbers[order], probs[order], threshold, names, uids)
 

@@ -35,136 +35,24 @@ import argparse
 import functools
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage
 from tqdm import tqdm
 
-from inference import FlipTTA, load_checkpoint, pick_device, segment
+from inference import FlipTTA, load_checkpoint, pick_device, postprocess, segment
+from lesions import measure
 from volumes import (DICOM_SUFFIX, VOLUME_SUFFIXES, DataError, DicomSeries, atomic_write_text, ensure_folder,
                      find_inputs, input_name, load_label_volume, load_slice_image, one_volume, read_volume,
                      run_cli, slice_of_file, write_labels, write_png)
 
 
 # --------------------------------------------------------------------------------------------
-# Segmentation: labels at native size, post-processing, measurements
+# Scoring against ground truth
 # --------------------------------------------------------------------------------------------
-
-_FULL = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity in 3D (8 in a single slice)
-
-
-def nonzero_box(labels: np.ndarray) -> tuple[slice, ...] | None:
-    """The smallest block (one slice per axis) holding every nonzero voxel of `labels`; None if none.
-    The fast path leaves most of a volume background; work on this block instead of the whole
-    volume gives the same answer (everything outside is 0) in a fraction of the time."""
-    found = ndimage.find_objects((labels != 0).view(np.uint8))  # label 1 = nonzero
-    return found[0] if found else None
-
-
-def postprocess(labels: np.ndarray, margin: int = 2) -> np.ndarray:
-    """Clean a label volume (Z, H, W); returns a new array.
-
-    1. A tumor component (26-connected) with no liver (label 1) within `margin` pixels in-plane is
-       removed (set to 0): a liver tumor lies in the liver.
-    2. The liver region (label >= 1, tumor included) keeps its largest 3D component (26-connected);
-       everything outside it becomes background.
-    On a single slice both rules work in 2D. Both rules only look at nonzero voxels and their
-    neighbours, so they run on the block that holds them (`nonzero_box`)."""
-    out = labels.copy()
-    box = nonzero_box(out)
-    if box is not None:
-        out[box] = _postprocess_block(out[box], margin)
-    return out
-
-
-def _postprocess_block(out: np.ndarray, margin: int) -> np.ndarray:
-    tumor = out == 2
-    if tumor.any():
-        comps, _ = ndimage.label(tumor, structure=_FULL)
-        inplane = np.zeros((3, 3, 3), dtype=bool)
-        inplane[1] = ndimage.generate_binary_structure(2, 2)
-        near_liver = ndimage.binary_dilation(out == 1, structure=inplane, iterations=margin)
-        keep = np.unique(comps[near_liver & tumor])
-        out[tumor & ~np.isin(comps, keep)] = 0
-    region = out >= 1
-    if region.any():
-        comps, n = ndimage.label(region, structure=_FULL)
-        if n > 1:
-            sizes = np.bincount(comps.ravel())
-            sizes[0] = 0
-            out[region & (comps != int(sizes.argmax()))] = 0
-    return out
-
-
-def max_pixel_distance(mask: np.ndarray, spacing: Sequence[float] = (1.0, 1.0)) -> float:
-    """Largest distance between the centres of two pixels of a 2D mask, with (row, column) spacing.
-
-    Exact: the farthest pair lies on the convex hull, whose vertices are border pixels, so only border
-    pixels (some 4-neighbour outside the mask) are compared; many of them are first cut down to their
-    convex hull. One pixel -> 0; an empty mask -> 0."""
-    from scipy.spatial import ConvexHull
-    from scipy.spatial.distance import pdist
-    border = mask & ~ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(2, 1))
-    pts = np.argwhere(border) * np.asarray(spacing, dtype=np.float64)  # (P, 2) in mm (or pixels)
-    if len(pts) < 2:
-        return 0.0
-    if len(pts) > 512:
-        try:
-            pts = pts[ConvexHull(pts).vertices]
-        except Exception:  # collinear points have no 2D hull; the border of a line is short anyway
-            pass
-    return float(pdist(pts).max())
-
-
-def measure(labels: np.ndarray, spacing: Sequence[float] | None = None,
-            file_slice: Callable[[int], int] | None = None) -> dict:
-    """Liver, tumor and per-lesion numbers of a label volume (Z, H, W) in slices order.
-
-    Liver = label >= 1 (tumor included, as LiTS scores it); lesions = 3D components of label 2,
-    26-connected, largest first. With `spacing` (dz, dy, dx) in mm: volumes in mL, the largest axial
-    diameter in mm (largest distance between two pixel centres of the lesion in any axial slice) and
-    the centre slice (the lesion's slice nearest its centroid, as the file numbers it via `file_slice`).
-    Without spacing (2D images): areas and diameters in pixels. Tumor burden = tumor / liver in %."""
-    block = nonzero_box(labels) or (slice(0, None),) * labels.ndim  # numbers count nonzero voxels only
-    z_off = block[0].start
-    labels = labels[block]
-    region, tumor = labels >= 1, labels == 2
-    comps, n = ndimage.label(tumor, structure=_FULL)
-    boxes = ndimage.find_objects(comps)
-    if spacing is not None:
-        dz, dy, dx = (float(s) for s in spacing)
-        unit, scale, in_plane = "ml", dz * dy * dx / 1000.0, (dy, dx)
-    else:
-        unit, scale, in_plane = "px", 1.0, (1.0, 1.0)
-    size_key = "volume_ml" if unit == "ml" else "area_px"
-    diam_key = "largest_axial_diameter_mm" if unit == "ml" else "largest_diameter_px"
-    found = []
-    for i, box in enumerate(boxes, start=1):
-        sub = comps[box] == i  # (z, y, x) within the lesion's bounding box
-        count = int(sub.sum())
-        numbers = {size_key: count * scale, diam_key: max(max_pixel_distance(s, in_plane) for s in sub)}
-        if unit == "ml":
-            zs = np.flatnonzero(sub.any(axis=(1, 2)))
-            centroid = np.nonzero(sub)[0].mean()
-            z = int(zs[np.argmin(np.abs(zs - centroid))]) + box[0].start + z_off
-            numbers["centre_slice"] = file_slice(z) if file_slice else z
-        numbers["voxels" if unit == "ml" else "pixels"] = count
-        found.append(numbers)
-    found.sort(key=lambda d: -d[size_key])
-    lesions = [{"id": rank, **numbers} for rank, numbers in enumerate(found, start=1)]
-    liver_n, tumor_n = int(region.sum()), int(tumor.sum())
-    return {
-        f"liver_{size_key}": liver_n * scale,
-        f"tumor_{size_key}": tumor_n * scale,
-        "tumor_burden_percent": 100.0 * tumor_n / liver_n if liver_n else 0.0,
-        "num_lesions": n,
-        "lesions": lesions,
-    }
-
 
 def score(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> dict:
     """LiTS metrics of a prediction against ground truth (both (Z, H, W) in slices order, so axial is
@@ -314,22 +202,17 @@ def _predict_volume(job: _Job, args: argparse.Namespace, hp: dict, device: torch
     if isinstance(source, DicomSeries):
         report["series_instance_uid"] = source.uid
     if found:
-        report["fast_path"] = fast_path_summary(found[0], len(hu))
+        report["fast_path"] = found[0].summary(len(hu))
     to_file = geom.file_slice_index if which is None else (lambda z: args.slice)
-    report.update(measure(labels, geom.spacing, to_file))
+    world = geom.slices_affine.copy()
+    if which is not None:
+        world[:, 3] = world @ [which[0], 0, 0, 1]  # the one slice's (0, row, column) is the volume's (z, ...)
+    report.update(measure(labels, geom.spacing, to_file, hu=hu if which is None else hu[which], affine=world))
     if truth is not None:
         ref = truth if which is None else truth[which]
         report["ground_truth"] = str(args.ground_truth)
         report["metrics"] = score(labels, ref, geom.spacing)
     return report
-
-
-def fast_path_summary(info, num_slices: int) -> dict:
-    """What the fast path did, for the report: slices through each pass, the share of the volume's
-    model-grid voxels inside the full-resolution crops, and how often the block had to grow."""
-    return {"slices": num_slices, "coarse_slices": info.coarse_slices, "full_resolution_slices": info.full_slices,
-            "share_of_volume": round(info.share, 4), "liver_found": info.box is not None, "grown": info.grown,
-            "bf16": info.bf16}
 
 
 def _predict_images(jobs: list[_Job], args: argparse.Namespace, hp: dict, device: torch.device, get_net) -> list[dict]:
@@ -363,8 +246,9 @@ def print_report(report: dict) -> None:
         where = f" (slice {report['slice']})" if report["slice"] is not None else ""
         lines.append(f"  liver {report['liver_volume_ml']:.1f} mL, tumor {report['tumor_volume_ml']:.2f} mL "
                      f"(burden {report['tumor_burden_percent']:.2f} %), {report['num_lesions']} lesion(s){where}")
-        lines += [f"    lesion {d['id']}: {d['volume_ml']:.2f} mL, largest axial diameter "
-                  f"{d['largest_axial_diameter_mm']:.1f} mm, centre slice {d['centre_slice']}" for d in report["lesions"]]
+        lines += [f"    lesion {d['id']}: {d['volume_ml']:.2f} mL, long axis {d['long_axis_mm']:.1f} mm, short axis "
+                  f"{d['short_axis_mm']:.1f} mm (slice {d['slice']}; slices {d['first_slice']}-{d['last_slice']})"
+                  for d in report["lesions"]]
         if "fast_path" in report:
             f = report["fast_path"]
             lines.append(f"  fast path: {f['full_resolution_slices']} of {f['slices']} slices at full resolution, "
@@ -374,8 +258,8 @@ def print_report(report: dict) -> None:
     else:
         lines.append(f"  liver {report['liver_area_px']:.0f} px, tumor {report['tumor_area_px']:.0f} px "
                      f"(burden {report['tumor_burden_percent']:.2f} %), {report['num_lesions']} lesion(s)")
-        lines += [f"    lesion {d['id']}: {d['area_px']:.0f} px, largest diameter {d['largest_diameter_px']:.1f} px"
-                  for d in report["lesions"]]
+        lines += [f"    lesion {d['id']}: {d['area_px']:.0f} px, long axis {d['long_axis_px']:.1f} px, short axis "
+                  f"{d['short_axis_px']:.1f} px" for d in report["lesions"]]
     if "metrics" in report:
         lines.append("  against " + report["ground_truth"] + ": " +
                      ", ".join(f"{k} {_fmt(v)}" for k, v in report["metrics"].items()))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import shutil
 import sys
 import tempfile
 import warnings
@@ -33,7 +34,7 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
 WINDOW_HU: tuple[float, float] = (-200.0, 250.0)
 SEG_CLASSES: tuple[str, ...] = ("background", "liver", "tumor")  # label values 0, 1, 2 of every label volume
@@ -92,6 +93,49 @@ def atomic_output(path: str | Path):
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_output(path) as tmp:
         tmp.write_text(text)
+
+
+@contextmanager
+def atomic_folder(path: str | Path, replace: bool = False):
+    """Yield a new temporary folder beside `path` to fill; on success it is renamed to `path`, on any
+    error removed with the parent folders this created, so a reader sees the whole folder or none.
+
+    `path` may be absent or an empty folder; with `replace` an existing folder is swapped out and
+    deleted once the new one is in place. OS errors become a one-line DataError."""
+    path = Path(path)
+    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # deepest first
+    tmp = None
+    try:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial"))
+        except OSError as exc:
+            raise DataError(f"{path}: cannot create the output folder ({exc.strerror or type(exc).__name__}); "
+                            f"expected a folder that can be written") from None
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700; give the folder the usual permissions
+        try:
+            if replace and path.is_dir() and any(path.iterdir()):
+                old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+                os.replace(path, old)  # onto the empty folder just made
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)  # onto nothing, or onto an empty folder
+        except OSError as exc:
+            raise DataError(f"{path}: cannot put the output folder in place ({exc.strerror or type(exc).__name__}); "
+                            f"expected a new or empty folder") from None
+    except BaseException:
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
 
 
 @contextmanager
@@ -248,6 +292,13 @@ class Geometry:
         `slice_index` (reports name slices as the file numbers them)."""
         axis, flip = int(self._to_file[0, 0]), self._to_file[0, 1] < 0
         return int(self.shape[axis] - 1 - z) if flip else int(z)
+
+    @property
+    def slices_affine(self) -> np.ndarray:
+        """(4, 4) the slices array's voxel -> world matrix: (z, row, column, 1) of the (Z, H, W) slices
+        `to_slices` gives -> (x, y, z, 1) in the file's world coordinates (RAS, mm; for a DICOM series
+        its tags' LPS turned into RAS). Where a report puts a point it measured on the slices."""
+        return self.affine @ inv_ornt_aff(self._to_slices, self.shape)
 
     def one_slice(self, k: int) -> Geometry:
         """The geometry of the file's slice k alone: shape (X, Y, 1), placed where slice k lies in the

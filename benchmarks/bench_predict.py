@@ -161,7 +161,7 @@ def fast_settings(args: argparse.Namespace) -> dict:
     """segment() in this process (no start-up, no file writing): the exact path once, then the fast
     path with each setting, each timed once; Dice after `postprocess`, as the script writes it."""
     import inference
-    from predict_segmentation import postprocess
+    from inference import postprocess
     from volumes import load_label_volume
     if args.checkpoint is None:
         raise DataError("--fast-settings needs --checkpoint: a trained segmentation checkpoint")
@@ -242,11 +242,17 @@ def width_speed(args: argparse.Namespace, seconds: float = 8.0) -> dict:
 
 
 def run_predict(argv: list[str], task: str = "segmentation") -> tuple[float, float]:
-    """Run predict_<task>.py in a child process: (seconds from start to exit, its peak RSS in MB).
+    """Run predict_<task>.py in a child process: (seconds from start to exit, its peak RSS in MB)."""
+    return run_script(f"predict_{task}.py", argv)
+
+
+def run_script(script: str, argv: list[str]) -> tuple[float, float]:
+    """Run one of the project's commands in a child process, as a user runs it: (seconds from start to
+    exit, its peak RSS in MB).
 
     The peak comes from GNU time, whose own child is forked from a small process: the rusage of a
     child forked straight from this one counts this process's pages at the fork (phantoms of GBs)."""
-    cmd = [sys.executable, str(ROOT / f"predict_{task}.py"), *argv]
+    cmd = [sys.executable, str(ROOT / script), *argv]
     with tempfile.NamedTemporaryFile("r", suffix=".txt") as peak:
         gnu_time = Path("/usr/bin/time").is_file()
         if gnu_time:
@@ -255,7 +261,7 @@ def run_predict(argv: list[str], task: str = "segmentation") -> tuple[float, flo
         proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
         took = time.perf_counter() - start
         if proc.returncode:
-            raise RuntimeError(f"predict_{task}.py {' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip()[-400:]}")
+            raise RuntimeError(f"{script} {' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip()[-400:]}")
         kb = float(peak.read().split()[-1]) if gnu_time else resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return took, kb / 1024  # Linux reports kB
 

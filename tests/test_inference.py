@@ -242,3 +242,21 @@ def test_network_built_without_lightning_matches_lit_model(task):
     theirs = {k: v.shape for k, v in build_network(hp).state_dict().items()}
     assert ours == theirs
     assert type(inference.build_network(hp)) is type(build_network(hp))
+
+
+def test_postprocess_removes_a_detached_island_and_a_far_tumor_voxel():
+    labels = np.zeros((6, 32, 32), dtype=np.uint8)
+    labels[1:5, 4:20, 4:20] = 1
+    labels[1:5, 5:19, 5:19] = 2  # a large tumor filling the liver: its core is far from parenchyma, kept
+    labels[2:4, 25:28, 25:28] = 1  # small detached liver island
+    labels[5, 30, 1] = 2  # tumor voxel far from any liver
+    expected = labels.copy()
+    expected[2:4, 25:28, 25:28] = 0
+    expected[5, 30, 1] = 0
+    np.testing.assert_array_equal(inference.postprocess(labels), expected)
+    # A tumor blob next to no liver parenchyma goes even when it is the largest piece.
+    lone_tumor = np.zeros((3, 20, 20), dtype=np.uint8)
+    lone_tumor[:, 2:10, 2:10] = 2
+    lone_tumor[1, 15:17, 15:17] = 1
+    cleaned = inference.postprocess(lone_tumor)
+    assert (cleaned == 2).sum() == 0 and (cleaned == 1).sum() == 4

@@ -20,7 +20,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -31,33 +30,10 @@ import predict_segmentation as ps
 import pydicom
 import volumes
 from tests.dicom_helpers import canonical_slices, dicom_twin, read_series_by_tags, seg_label_frames
+from tests.helpers import Oracle, save_checkpoint, unit_slices, use_oracle
 
 ROOT = Path(__file__).resolve().parents[1]
 WINDOW = volumes.WINDOW_HU
-
-
-def save_checkpoint(model, path: Path) -> Path:
-    """A real Lightning checkpoint of an untrained model, as trainer.save_checkpoint writes it."""
-    import pytorch_lightning as pl
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, max_epochs=0, accelerator="cpu",
-                         enable_progress_bar=False, enable_model_summary=False)
-    trainer.strategy.connect(model)
-    trainer.save_checkpoint(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory) -> dict[str, Path]:
-    from lit_model import LitClassifier, LitSegmenter
-    root = tmp_path_factory.mktemp("ckpts")
-    torch.manual_seed(0)
-    return {
-        "seg": save_checkpoint(LitSegmenter(in_channels=3, base_width=4, image_size=32, context_slices=1), root / "seg.ckpt"),
-        # image size = the phantoms' in-plane size: no resampling, so an oracle's answer comes back exactly
-        "seg48": save_checkpoint(LitSegmenter(in_channels=3, base_width=4, image_size=48, context_slices=1),
-                                 root / "seg48.ckpt"),
-        "cls": save_checkpoint(LitClassifier(in_channels=3, hidden=16, image_size=32), root / "cls.ckpt"),
-    }
 
 
 @pytest.fixture(scope="module")
@@ -80,41 +56,6 @@ def phantoms(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     for vol, seg in out.values():
         assert (np.asarray(nib.load(seg).dataobj) == 2).any(), "each phantom needs tumor for the tests to bite"
     return out
-
-
-class Oracle(nn.Module):
-    """Stands in for a network: recognises the centre slice of each 2.5D stack among the volume's
-    preprocessed slices, checks the neighbours are the ones `context_indices` names, and returns
-    one-hot logits of that slice's answer (segmentation (B, 3, S, S), or classification (B, 2))."""
-
-    def __init__(self, unit: torch.Tensor, answers: torch.Tensor, context: int = 1, lone: bool = False):
-        super().__init__()
-        self.unit, self.answers, self.context, self.lone = unit, answers, context, lone  # (Z, S, S), (Z, ...)
-        self.seen: list[int] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        centre = x[:, x.shape[1] // 2]  # (B, S, S)
-        dist = (centre[:, None] - self.unit[None]).abs().flatten(2).amax(2)  # (B, Z)
-        z = dist.argmin(dim=1)
-        assert float(dist.min(dim=1).values.max()) < 1e-5, "a stack's centre is none of the volume's slices"
-        for b, zb in enumerate(z.tolist()):
-            near = [zb] * x.shape[1] if self.lone else volumes.context_indices(zb, len(self.unit), self.context)
-            torch.testing.assert_close(x[b], self.unit[near], atol=1e-5, rtol=0)
-        self.seen += z.tolist()
-        ans = self.answers[z]
-        if ans.ndim == 1:  # classification: tumor or not
-            return torch.stack([-5 * ans.float() + 2.5, 5 * ans.float() - 2.5], dim=1)  # (B, 2)
-        return F.one_hot(ans.long(), 3).permute(0, 3, 1, 2).float()  # (B, 3, S, S)
-
-
-def unit_slices(volume: Path, size: int) -> torch.Tensor:
-    """The model input the oracle expects, made with volumes.py directly (not the predict scripts)."""
-    hu, _ = volumes.load_volume(volume)
-    return volumes.resize_slices(torch.from_numpy(volumes.window_hu(hu, WINDOW)), size)
-
-
-def use_oracle(monkeypatch, oracle: nn.Module) -> None:
-    monkeypatch.setattr(inference.Checkpoint, "network", lambda self, device: oracle)
 
 
 def seg_args(*argv) -> object:
@@ -225,78 +166,12 @@ def test_slice_option_predicts_the_files_own_slice(phantoms, ckpts, tmp_path, mo
     np.testing.assert_allclose(img.affine[:, :3], in_img.affine[:, :3], atol=1e-6)
     np.testing.assert_allclose(img.affine[:, 3], in_img.affine @ [0, 0, k, 1], atol=1e-5)
     report = result["cases"][0]
-    assert report["slice"] == k and all(d["centre_slice"] == k for d in report["lesions"])
+    assert report["slice"] == k and report["lesions"]
+    assert all(d["slice"] == d["first_slice"] == d["last_slice"] == k for d in report["lesions"])
 
     default = Path(shutil.copy(volume, tmp_path / "v.nii"))
     ps.main(seg_args("--checkpoint", ckpts["seg48"], "--input", default, "--slice", k, "--device", "cpu"))
     assert (tmp_path / f"v_slice{k}_seg.nii.gz").is_file()
-
-
-# --------------------------------------------------------------------------------------------
-# Report numbers and post-processing against hand-computed cases
-# --------------------------------------------------------------------------------------------
-
-def test_report_numbers_by_hand():
-    labels = np.zeros((10, 40, 40), dtype=np.uint8)
-    labels[1:9, 5:35, 5:35] = 1  # liver region: 8 * 30 * 30 = 7200 voxels
-    labels[2:7, 10:14, 10:14] = 2  # lesion A: 5 slices of 4 x 4 = 80 voxels, centre slice 4
-    labels[7, 25:27, 20:23] = 2  # lesion B: 1 slice of 2 x 3 = 6 voxels
-    spacing = (2.5, 0.8, 0.7)  # (slice, row, column) mm
-    voxel_ml = 2.5 * 0.8 * 0.7 / 1000
-    r = ps.measure(labels, spacing, file_slice=lambda z: 9 - z)  # a file stored upside down
-    assert r["num_lesions"] == 2
-    assert r["liver_volume_ml"] == pytest.approx(7200 * voxel_ml)
-    assert r["tumor_volume_ml"] == pytest.approx(86 * voxel_ml)
-    assert r["tumor_burden_percent"] == pytest.approx(100 * 86 / 7200)
-    a, b = r["lesions"]
-    assert (a["id"], b["id"]) == (1, 2)
-    assert a["volume_ml"] == pytest.approx(80 * voxel_ml) and a["voxels"] == 80
-    assert a["largest_axial_diameter_mm"] == pytest.approx(np.hypot(3 * 0.8, 3 * 0.7))  # corner to corner
-    assert a["centre_slice"] == 9 - 4
-    assert b["volume_ml"] == pytest.approx(6 * voxel_ml)
-    assert b["largest_axial_diameter_mm"] == pytest.approx(np.hypot(1 * 0.8, 2 * 0.7))
-    assert b["centre_slice"] == 9 - 7
-
-    # 2D: pixels, no spacing; 8-connected lesions (diagonal neighbours are one lesion).
-    flat = np.zeros((1, 20, 20), dtype=np.uint8)
-    flat[0, 2:18, 2:18] = 1
-    flat[0, 5, 5] = flat[0, 6, 6] = 2
-    r2 = ps.measure(flat)
-    assert r2["liver_area_px"] == 256 and r2["tumor_area_px"] == 2 and r2["num_lesions"] == 1
-    assert r2["lesions"][0]["largest_diameter_px"] == pytest.approx(np.sqrt(2))
-    assert ps.measure(np.zeros((3, 8, 8), np.uint8), spacing)["tumor_burden_percent"] == 0.0
-
-
-def test_largest_diameter_is_exact_on_large_and_odd_shapes():
-    yy, xx = np.mgrid[:501, :501]
-    disk = (yy - 250) ** 2 + (xx - 250) ** 2 <= 200 ** 2  # > 512 border pixels: the hull path
-    assert ps.max_pixel_distance(disk, (0.5, 0.5)) == pytest.approx(200.0)  # 2 r * 0.5 mm
-    rng = np.random.default_rng(0)
-    blob = rng.random((15, 17)) < 0.3
-    pts = np.argwhere(blob) * [0.9, 0.6]
-    brute = np.sqrt(((pts[:, None] - pts[None]) ** 2).sum(-1)).max()
-    assert ps.max_pixel_distance(blob, (0.9, 0.6)) == pytest.approx(brute)
-    line = np.zeros((5, 900), bool)
-    line[2, 10:890] = True  # collinear: no 2D hull
-    assert ps.max_pixel_distance(line) == pytest.approx(879.0)
-
-
-def test_postprocess_removes_a_detached_island_and_a_far_tumor_voxel():
-    labels = np.zeros((6, 32, 32), dtype=np.uint8)
-    labels[1:5, 4:20, 4:20] = 1
-    labels[1:5, 5:19, 5:19] = 2  # a large tumor filling the liver: its core is far from parenchyma, kept
-    labels[2:4, 25:28, 25:28] = 1  # small detached liver island
-    labels[5, 30, 1] = 2  # tumor voxel far from any liver
-    expected = labels.copy()
-    expected[2:4, 25:28, 25:28] = 0
-    expected[5, 30, 1] = 0
-    np.testing.assert_array_equal(ps.postprocess(labels), expected)
-    # A tumor blob next to no liver parenchyma goes even when it is the largest piece.
-    lone_tumor = np.zeros((3, 20, 20), dtype=np.uint8)
-    lone_tumor[:, 2:10, 2:10] = 2
-    lone_tumor[1, 15:17, 15:17] = 1
-    cleaned = ps.postprocess(lone_tumor)
-    assert (cleaned == 2).sum() == 0 and (cleaned == 1).sum() == 4
 
 
 # --------------------------------------------------------------------------------------------
@@ -579,8 +454,8 @@ def test_classification_precision_bf16_by_default_where_native_float32_with_exac
                                                                                    monkeypatch):
     monkeypatch.setattr(pc, "cpu_has_fast_bf16", lambda: native_bf16)
     seen = []
-    real = pc.infer_batched
-    monkeypatch.setattr(pc, "infer_batched", lambda *a, **k: seen.append(k["cpu_bf16"]) or real(*a, **k))
+    real = inference.infer_batched
+    monkeypatch.setattr(inference, "infer_batched", lambda *a, **k: seen.append(k["cpu_bf16"]) or real(*a, **k))
     volume, _ = phantoms["flipped"]
     default = pc.main(cls_args("--checkpoint", ckpts["cls"], "--input", volume, "--device", "cpu"))
     exact = pc.main(cls_args("--checkpoint", ckpts["cls"], "--input", volume, "--device", "cpu", "--exact"))

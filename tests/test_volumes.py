@@ -95,6 +95,23 @@ def test_slice_index_maps_file_slice_to_the_same_data(tmp_path, flips):
             geom.slice_index(bad)
 
 
+@pytest.mark.parametrize("flips", [(False, False, False), (True, False, True), (True, True, True)])
+def test_slices_affine_puts_a_slices_voxel_where_the_file_puts_it(tmp_path, flips):
+    """Checked against nibabel's canonical image (tests/dicom_helpers.py), for a NIfTI file and for
+    its DICOM twin: a report's positions, measured on the slices, are the file's world positions."""
+    vol, _ = phantom.write_phantom_case(tmp_path, 1, size=16, seed=2, flips=flips, num_slices=6)
+    dicom_twin(tmp_path / "ct", vol)
+    img = nib.load(str(vol))
+    _, canon = canonical_slices(np.zeros(img.shape), img.affine)
+    x, y, _ = nib.as_closest_canonical(img).shape
+    for source in (vol, tmp_path / "ct"):
+        hu, geom = volumes.read_volume(source)
+        for z, r, c in ([0, 0, 0], [5, 3, 11], [2, 15, 0]):
+            # canonical_slices: slices[z, r, c] is the canonical array's [x - 1 - c, y - 1 - r, z]
+            np.testing.assert_allclose(geom.slices_affine @ [z, r, c, 1], canon @ [x - 1 - c, y - 1 - r, z, 1],
+                                       atol=1e-3)
+
+
 @pytest.mark.parametrize("affine, expected", [
     # RAS+ (x to the patient's right): columns run R -> L, so the file's x is reversed, and rows run
     # A -> P, so y is reversed: slices[z, r, c] = data[X-1-c, Y-1-r, z]
@@ -525,3 +542,23 @@ def test_seg_of_a_nifti_input_is_a_data_error(tmp_path):
         volumes.write_labels(labels, geom, tmp_path / "out.dcm")
     assert_one_line_naming(exc, "out.dcm", "expected .nii or .nii.gz")
     assert not list(tmp_path.glob("*out*"))
+
+
+def test_atomic_folder_appears_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "made" / "for" / "it"
+    with pytest.raises(RuntimeError):
+        with volumes.atomic_folder(target) as tmp:
+            (tmp / "half.txt").write_text("half")
+            raise RuntimeError("stopped midway")
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor the parents made for it
+    with volumes.atomic_folder(target) as tmp:
+        (tmp / "a.txt").write_text("a")
+        assert not target.exists()
+    assert [p.name for p in target.iterdir()] == ["a.txt"] and oct(target.stat().st_mode & 0o777) != "0o700"
+    with pytest.raises(DataError, match="expected a new or empty folder"):
+        with volumes.atomic_folder(target) as tmp:  # not empty, and not to be replaced
+            (tmp / "b.txt").write_text("b")
+    with volumes.atomic_folder(target, replace=True) as tmp:
+        (tmp / "b.txt").write_text("b")
+    assert [p.name for p in target.iterdir()] == ["b.txt"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["it"]  # no temporary or old folder left
