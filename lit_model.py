@@ -402,7 +402,7 @@ class LitClassifier(_Base):
 class LitSegmenter(_Base):
     """U-Net labelling each pixel background (0), liver (1) or tumor (2); loss = CE + region soft Dice."""
 
-    def __init__(self, in_channels: int = 3, num_classes: int = 3, base_width: int = 64, depth: int = 4,
+    def __init__(self, in_channels: int = 3, num_classes: int = 3, base_width: int = 32, depth: int = 4,
                  upsampling: str = "transpose", attention: bool = False, lr: float = 1e-3,
                  weight_decay: float = 1e-4, warmup_fraction: float = 0.05, dice_weight: float = 1.0,
                  dice_per_slice: bool = False, class_weights: Sequence[float] | None = None,

@@ -47,7 +47,7 @@ DEFAULTS = {
                        "oversample_tumor": (0.5, 0.5)},
     "segmentation": {"max_epochs": (40, 30), "batch_size": (16, 16), "lr": (1e-3, 2e-3), "image_size": (256, 128),
                      "oversample_tumor": (0.0, 0.5)},
-    "common": {"context_slices": (1, 1), "base_width": (64, 16), "num_workers": (4, 2), "vgg_hidden": (4096, 512),
+    "common": {"context_slices": (1, 1), "base_width": (32, 16), "num_workers": (4, 2), "vgg_hidden": (4096, 512),
                "channels_last": (True, False), "flip": (True, True)},
 }
 

@@ -83,7 +83,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="end to end: time the fast path only (default: both)")
     p.add_argument("--slices", type=int, default=200, help="slices of the phantom (default: 200)")
     p.add_argument("--size", type=int, default=512, help="in-plane size of the phantom (default: 512)")
-    p.add_argument("--base-width", type=int, default=64, help="U-Net width, randomly initialised (default: 64)")
+    p.add_argument("--base-width", type=int, default=32, help="U-Net width, randomly initialised (default: 32, the U-Net default)")
     p.add_argument("--image-size", type=int, default=256, help="model resolution (default: 256)")
     p.add_argument("--context-slices", type=int, default=1, help="2.5D neighbours on each side (default: 1)")
     p.add_argument("--checkpoint", type=Path, default=None,
