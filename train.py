@@ -108,7 +108,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", choices=["evidence", "fc"], default="evidence",
                    help="VGG16 head: 'evidence' scores each location of the last feature map and pools them "
                         "(smooth maximum) into the slice logit; 'fc' is the classic fully connected head")
-    p.add_argument("--deep-supervision", type=float, default=1.0,
+    p.add_argument("--deep-supervision", type=float, default=3.0,
                    help="weight of the evidence map's loss against the downsampled tumour mask (evidence head; "
                         "0 trains on slice labels alone)")
     p.add_argument("--target-sensitivity", type=float, default=None,
