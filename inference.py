@@ -140,6 +140,20 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def runtime(device_name: str, batch_size: int | None, threads: int | None) -> tuple[torch.device, int]:
+    """The device and batch size of a prediction command from its --device, --batch-size and --threads
+    (checked, one line each for a bad value); sets torch's CPU threads when asked. The batch size
+    defaults to 32 slices on CUDA and 8 on a CPU, where larger batches run slower (BENCHMARKS.md)."""
+    if batch_size is not None and batch_size < 1:
+        raise DataError(f"found --batch-size {batch_size}; expected 1 or more")
+    if threads is not None:
+        if threads < 1:
+            raise DataError(f"found --threads {threads}; expected 1 or more")
+        torch.set_num_threads(threads)
+    device = pick_device(device_name)
+    return device, batch_size or (32 if device.type == "cuda" else 8)
+
+
 def preprocess_volume(slices, hparams: dict, device: torch.device | str = "cpu",
                       windowed: bool = False, chunk: int = 32) -> torch.Tensor:
     """Slices (Z, H, W) -> (Z, S, S) float32 in [0, 1] on `device`, exactly as training prepares them:

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from inference import FlipTTA, load_checkpoint, pick_device, postprocess, segment
+from inference import FlipTTA, load_checkpoint, postprocess, runtime, segment
 from lesions import measure
 from volumes import (DICOM_SUFFIX, VOLUME_SUFFIXES, DataError, DicomSeries, atomic_write_text, ensure_folder,
                      find_inputs, input_name, load_label_volume, load_slice_image, one_volume, read_volume,
@@ -267,15 +267,7 @@ def print_report(report: dict) -> None:
 
 
 def main(args: argparse.Namespace) -> dict:
-    if args.batch_size is not None and args.batch_size < 1:
-        raise DataError(f"found --batch-size {args.batch_size}; expected 1 or more")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise DataError(f"found --threads {args.threads}; expected 1 or more")
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
-    if args.batch_size is None:
-        args.batch_size = 32 if device.type == "cuda" else 8
+    device, args.batch_size = runtime(args.device, args.batch_size, args.threads)
     ckpt = load_checkpoint(args.checkpoint, "segmentation")
     inputs = find_inputs(args.input, args.series)
     for flag, value in (("--slice", args.slice), ("--ground-truth", args.ground_truth)):

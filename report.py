@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inference import (classify, cpu_has_fast_bf16, load_checkpoint, pick_device, postprocess, segment,
+from inference import (classify, cpu_has_fast_bf16, load_checkpoint, postprocess, runtime, segment,
                        volume_score)
 from lesions import Lesion, label_lesions, measure, measure_lesions
 from volumes import (CLS_CLASSES, DataError, DicomSeries, atomic_folder, find_inputs, input_name, one_volume,
@@ -560,16 +560,9 @@ def _input(args: argparse.Namespace) -> Path | DicomSeries:
 
 def main(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
-    if args.batch_size is not None and args.batch_size < 1:
-        raise DataError(f"found --batch-size {args.batch_size}; expected 1 or more")
     if args.key_images < 0:
         raise DataError(f"found --key-images {args.key_images}; expected 0 or more")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise DataError(f"found --threads {args.threads}; expected 1 or more")
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
-    batch = args.batch_size or (32 if device.type == "cuda" else 8)
+    device, batch = runtime(args.device, args.batch_size, args.threads)
     seg_ckpt = load_checkpoint(args.segmentation_checkpoint, "segmentation", "--segmentation-checkpoint")
     cls_ckpt = load_checkpoint(args.classification_checkpoint, "classification", "--classification-checkpoint")
     threshold = float(cls_ckpt.hparams.get("threshold", 0.5))

@@ -260,3 +260,16 @@ def test_postprocess_removes_a_detached_island_and_a_far_tumor_voxel():
     lone_tumor[1, 15:17, 15:17] = 1
     cleaned = inference.postprocess(lone_tumor)
     assert (cleaned == 2).sum() == 0 and (cleaned == 1).sum() == 4
+
+
+def test_runtime_checks_batch_and_threads_and_defaults_the_batch_per_device():
+    before = torch.get_num_threads()
+    try:
+        device, batch = inference.runtime("cpu", None, 1)
+        assert device.type == "cpu" and batch == 8 and torch.get_num_threads() == 1
+        assert inference.runtime("cpu", 3, None)[1] == 3
+        for bad_batch, bad_threads, flag in ((0, None, "--batch-size 0"), (None, 0, "--threads 0")):
+            with pytest.raises(volumes.DataError, match=flag):
+                inference.runtime("cpu", bad_batch, bad_threads)
+    finally:
+        torch.set_num_threads(before)
