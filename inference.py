@@ -354,13 +354,23 @@ class Box:
         return slice(self.y0, self.y1), slice(self.x0, self.x1)
 
 
+def _lower_out(lo, margin: int, align: int):
+    """A lower end (int or int array) moved `margin` down, rounded down to a multiple of `align`, not
+    below 0. Aligned ends put a crop on the pooling grid of the full slice, so away from its border a
+    crop's logits are the full slice's."""
+    return np.maximum(0, (lo - margin) // align * align)
+
+
+def _upper_out(hi, margin: int, align: int, limit: int):
+    """An exclusive upper end (int or int array) moved `margin` up, rounded up to a multiple of `align`,
+    not above `limit`."""
+    return np.minimum(limit, -(-(hi + margin) // align) * align)
+
+
 def _widen(lo: int, hi: int, margin: int, align: int, limit: int) -> tuple[int, int]:
     """[lo, hi) widened by `margin` each side, ends rounded outward to multiples of `align`, clipped to
-    [0, limit]. Aligned ends put the crop on the pooling grid of the full slice, so away from its
-    border a crop's logits are the full slice's."""
-    lo = max(0, (lo - margin) // align * align)
-    hi = min(limit, -(-(hi + margin) // align) * align)
-    return lo, hi
+    [0, limit]."""
+    return int(_lower_out(lo, margin, align)), int(_upper_out(hi, margin, align, limit))
 
 
 def region_from_mask(liver, zs: Sequence[int], num_slices: int, size: int, scale: float = 1.0,
@@ -415,16 +425,19 @@ def slice_boxes(liver, zs: Sequence[int], z0: int, z1: int, size: int, scale: fl
     above = np.clip(np.searchsorted(at, z, side="left"), 0, len(at) - 1)
     out = np.stack([np.minimum(boxes[below, 0], boxes[above, 0]), np.maximum(boxes[below, 1], boxes[above, 1]),
                     np.minimum(boxes[below, 2], boxes[above, 2]), np.maximum(boxes[below, 3], boxes[above, 3])], 1)
-    out[:, 0::2] = np.maximum(0, (out[:, 0::2] - margin_px) // align * align)
-    out[:, 1::2] = np.minimum(size, -(-(out[:, 1::2] + margin_px) // align) * align)
+    out[:, 0::2] = _lower_out(out[:, 0::2], margin_px, align)
+    out[:, 1::2] = _upper_out(out[:, 1::2], margin_px, align, size)
     return out
+
+
+_FULL = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity in 3D (8 in a single slice)
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray | None:
     """The largest 26-connected component of a 3D boolean mask, as a mask of the same shape; None when
     the mask is empty."""
     from scipy import ndimage
-    comps, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    comps, n = ndimage.label(mask, structure=_FULL)
     if n == 0:
         return None
     sizes = np.bincount(comps.ravel())
@@ -575,10 +588,8 @@ def fast_segment(net: nn.Module, volume: torch.Tensor, hparams: dict, size: Sequ
         sides = [has & (p[:, 0] > 0) & (top < p[:, 0] + near), has & (p[:, 1] < grid) & (bottom > p[:, 1] - near),
                  has & (p[:, 2] > 0) & (left < p[:, 2] + near), has & (p[:, 3] < grid) & (right > p[:, 3] - near)]
         for j, side in enumerate(sides):
-            if j % 2 == 0:
-                p[side, j] = np.maximum(0, (p[side, j] - MARGIN_PX) // align * align)
-            else:
-                p[side, j] = np.minimum(grid, -(-(p[side, j] + MARGIN_PX) // align) * align)
+            p[side, j] = (_lower_out(p[side, j], MARGIN_PX, align) if j % 2 == 0
+                          else _upper_out(p[side, j], MARGIN_PX, align, grid))
         touched = np.flatnonzero(sides[0] | sides[1] | sides[2] | sides[3]) + z0
         # Beyond an end slice that holds liver the block goes on, each new slice with that end's crop.
         new_z0 = max(0, z0 - MARGIN_SLICES - step) if z0 > 0 and has[0] else z0
@@ -600,9 +611,6 @@ def fast_segment(net: nn.Module, volume: torch.Tensor, hparams: dict, size: Sequ
 # --------------------------------------------------------------------------------------------
 # Segmentation: post-processing
 # --------------------------------------------------------------------------------------------
-
-_FULL = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity in 3D (8 in a single slice)
-
 
 def postprocess(labels: np.ndarray, margin: int = 2) -> np.ndarray:
     """Clean a label volume (Z, H, W); returns a new array.
@@ -634,10 +642,7 @@ def _postprocess_block(out: np.ndarray, margin: int) -> np.ndarray:
         keep = np.unique(comps[near_liver & tumor])
         out[tumor & ~np.isin(comps, keep)] = 0
     region = out >= 1
-    if region.any():
-        comps, n = ndimage.label(region, structure=_FULL)
-        if n > 1:
-            sizes = np.bincount(comps.ravel())
-            sizes[0] = 0
-            out[region & (comps != int(sizes.argmax()))] = 0
+    liver = largest_component(region)
+    if liver is not None:
+        out[region & ~liver] = 0
     return out
