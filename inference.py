@@ -140,6 +140,15 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def add_runtime_flags(p, batch_help: str) -> None:
+    """--device, --batch-size and --threads of a prediction command, as `runtime` reads them."""
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto takes CUDA when available (default: auto)")
+    p.add_argument("--batch-size", type=int, default=None, help=batch_help)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: the cores this process may run on, as torch counts them)")
+
+
 def runtime(device_name: str, batch_size: int | None, threads: int | None) -> tuple[torch.device, int]:
     """The device and batch size of a prediction command from its --device, --batch-size and --threads
     (checked, one line each for a bad value); sets torch's CPU threads when asked. The batch size

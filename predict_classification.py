@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from inference import (VOLUME_TOP_K, classify, cpu_has_fast_bf16, evidence_maps, infer_batched, load_checkpoint,
-                       pick_device, preprocess_volume, tumor_probability, volume_score)
+                       preprocess_volume, runtime, tumor_probability, volume_score)
 from volumes import (CLS_CLASSES, DataError, DicomSeries, atomic_output, atomic_write_text, ensure_folder, find_inputs,
                      input_name, load_slice_image, one_volume, read_volume, run_cli, slice_of_file)
 
@@ -171,9 +171,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(args: argparse.Namespace) -> dict:
-    if args.batch_size < 1:
-        raise DataError(f"found --batch-size {args.batch_size}; expected 1 or more")
-    device = pick_device(args.device)
+    device, args.batch_size = runtime(args.device, args.batch_size, None)
     # Heat maps stay float32 either way: a few slices, drawn for a person to read.
     args.cpu_bf16 = not args.exact and cpu_has_fast_bf16()
     ckpt = load_checkpoint(args.checkpoint, "classification")

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from inference import FlipTTA, load_checkpoint, postprocess, runtime, segment
+from inference import FlipTTA, add_runtime_flags, load_checkpoint, postprocess, runtime, segment
 from lesions import measure
 from volumes import (DICOM_SUFFIX, VOLUME_SUFFIXES, DataError, DicomSeries, atomic_write_text, ensure_folder,
                      find_inputs, input_name, load_label_volume, load_slice_image, one_volume, read_volume,
@@ -117,13 +117,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "float32 on a CPU (default: off, the fast path: a coarse pass finds the liver, the network "
                         "runs at full resolution only on its slices, each on a crop around it plus a margin, "
                         "background elsewhere, in bf16 on CPUs with native bf16; see the README)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: the cores this process may run on, as torch counts them)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto takes CUDA when available (default: auto)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="slices per forward pass (default: 32 on CUDA, 8 on a CPU, where large batches "
-                        "spill the caches: 1.94 vs 1.80 slices/s measured, see BENCHMARKS.md)")
+    add_runtime_flags(p, "slices per forward pass (default: 32 on CUDA, 8 on a CPU, where large batches "
+                         "spill the caches: 1.94 vs 1.80 slices/s measured, see BENCHMARKS.md)")
     return p
 
 

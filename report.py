@@ -41,8 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inference import (classify, cpu_has_fast_bf16, load_checkpoint, postprocess, runtime, segment,
-                       volume_score)
+from inference import (add_runtime_flags, classify, cpu_has_fast_bf16, load_checkpoint, postprocess, runtime,
+                       segment, volume_score)
 from lesions import Lesion, label_lesions, measure, measure_lesions
 from volumes import (CLS_CLASSES, DataError, DicomSeries, atomic_folder, find_inputs, input_name, one_volume,
                      read_volume, run_cli, window_hu, write_labels)
@@ -88,12 +88,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "bf16 on CPUs with native bf16)")
     p.add_argument("--key-images", type=int, default=20, metavar="N",
                    help="draw a key image for the N largest lesions; the table lists every lesion (default: 20)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto takes CUDA when available (default: auto)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="slices per forward pass, both networks (default: 32 on CUDA, 8 on a CPU)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: the cores this process may run on, as torch counts them)")
+    add_runtime_flags(p, "slices per forward pass, both networks (default: 32 on CUDA, 8 on a CPU)")
     return p
 
 
