@@ -138,6 +138,22 @@ def no_grad_instead_of_inference_mode():
         torch.inference_mode = saved
 
 
+def host_line() -> str:
+    """The header line of an end-to-end benchmark: the machine, the cores this process may use, and
+    OMP_NUM_THREADS (child processes inherit both)."""
+    return (f"machine: {machine()}; {len(os.sched_getaffinity(0))} core(s) this process may use; "
+            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+
+
+def write_bench_phantom(folder: Path, args: argparse.Namespace) -> tuple[Path, Path]:
+    """The benchmark's phantom (--size, --slices, --seed) written into `folder`; says how long it took."""
+    start = time.perf_counter()
+    vol, seg = write_phantom_case(folder, 0, size=args.size, seed=args.seed, num_slices=args.slices)
+    print(f"phantom {args.size}x{args.size}x{args.slices} written in {time.perf_counter() - start:.1f} s "
+          f"(not timed below)")
+    return vol, seg
+
+
 def machine() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
@@ -280,8 +296,7 @@ def classification_end_to_end(args: argparse.Namespace) -> dict:
     the slice probabilities, slice predictions and the volume verdict move."""
     hp = load_checkpoint(args.checkpoint, "classification").hparams
     common = ["--checkpoint", str(args.checkpoint), "--device", args.device]
-    print(f"machine: {machine()}; {len(os.sched_getaffinity(0))} core(s) this process may use; "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    print(host_line())
     print(f"checkpoint {args.checkpoint}: VGG16 ({hp.get('head', 'fc')} head), image size {hp['image_size']}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -323,17 +338,13 @@ def end_to_end(args: argparse.Namespace) -> dict:
         common += ["--batch-size", str(args.batch_size)]
     if args.threads:
         common += ["--threads", str(args.threads)]
-    print(f"machine: {machine()}; {len(os.sched_getaffinity(0))} core(s) this process may use; "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    print(host_line())
     print(f"checkpoint {args.checkpoint}: U-Net width {hp['base_width']}, depth {hp['depth']}, image size "
           f"{hp['image_size']}, context {hp['context_slices']}")
     result: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        start = time.perf_counter()
-        vol, seg = write_phantom_case(tmp, 0, size=args.size, seed=args.seed, num_slices=args.slices)
-        print(f"phantom {args.size}x{args.size}x{args.slices} written in {time.perf_counter() - start:.1f} s "
-              f"(not timed below)")
+        vol, seg = write_bench_phantom(tmp, args)
         truth = np.asarray(nib.load(seg).dataobj)
         z_liver = np.flatnonzero((truth >= 1).any(axis=(0, 1)))
         print(f"its liver spans {len(z_liver)} of {args.slices} slices; {int((truth == 2).sum())} tumour voxels")

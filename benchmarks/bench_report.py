@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_predict import machine, run_script  # noqa: E402
-from phantom import write_phantom_case  # noqa: E402
+from bench_predict import host_line, run_script, write_bench_phantom  # noqa: E402
 from volumes import run_cli  # noqa: E402
 
 
@@ -46,14 +43,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> dict:
     seg, cls = str(args.segmentation_checkpoint), str(args.classification_checkpoint)
-    print(f"machine: {machine()}; {len(os.sched_getaffinity(0))} core(s) this process may use; "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    print(host_line())
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        start = time.perf_counter()
-        vol, _ = write_phantom_case(tmp, 0, size=args.size, seed=args.seed, num_slices=args.slices)
-        print(f"phantom {args.size}x{args.size}x{args.slices} written in {time.perf_counter() - start:.1f} s "
-              f"(not timed below)")
+        vol, _ = write_bench_phantom(tmp, args)
 
         def report_argv(out: str, *extra: str) -> list[str]:
             return ["--input", str(vol), "--segmentation-checkpoint", seg, "--classification-checkpoint", cls,
