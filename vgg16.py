@@ -3,7 +3,7 @@
     model = VGG16(in_channels=1, num_classes=2)                   # the classic fully connected head
     logits = model(torch.randn(8, 1, 224, 224))                    # (8, 2)
     model = VGG16(in_channels=3, num_classes=2, head="evidence")   # tumour evidence per location
-    logits, evidence = model.forward_with_evidence(torch.randn(8, 3, 128, 128))  # (8, 2), (8, 1, 16, 16)
+    logits, evidence = model.forward_with_evidence(torch.randn(8, 3, 128, 128))  # (8, 2), (8, 1, 32, 32)
     model = load_imagenet_weights(VGG16(in_channels=1, num_classes=2))
 
 The 13 convolutions are the paper's whatever the head. The "evidence" head reads one tumour logit
