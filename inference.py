@@ -527,10 +527,11 @@ def fast_segment(net: nn.Module, volume: torch.Tensor, hparams: dict, size: Sequ
     1. Coarse pass: the same network on every COARSE_STRIDE-th slice (from COARSE_STRIDE // 2),
        shrunk COARSE_FACTOR times: at the defaults a quarter of the arithmetic per slice on a
        quarter of the slices, 1/16 of a full pass.
-    2. `region_from_mask` turns its liver into the block of slices to segment, `slice_boxes` into
-       each slice's in-plane crop (the liver's box on the nearest sampled slices, with a margin, on
-       the U-Net's pooling grid); the full network runs on each slice's crop, its logits put back in
-       place (`_placed_head`); outside the crops everything is background.
+    2. `region_from_mask` turns its liver's largest 3D component into the block of slices to
+       segment, `slice_boxes` into each slice's in-plane crop (the liver's box on the nearest
+       sampled slices, with a margin, on the U-Net's pooling grid); the full network runs on each
+       slice's crop, its logits put back in place (`_placed_head`); outside the crops everything is
+       background.
     3. The block grows while the full-resolution liver's largest 3D component touches its edge: by
        MARGIN_SLICES + the stride where it reaches an end slice, and a slice's crop by MARGIN_PX at
        each side its liver comes within GROW_WITHIN_PX of (that slice then runs again; the others
@@ -550,8 +551,11 @@ def fast_segment(net: nn.Module, volume: torch.Tensor, hparams: dict, size: Sequ
     liver = infer_batched(net, coarse, context, lambda logits: logits.argmax(dim=1) >= 1, batch_size, zs,
                           desc=f"{desc or 'volume'}: finding the liver", cpu_bf16=cpu_bf16)  # (len(zs), s, s)
     del coarse
-    liver = liver.numpy()
-    box = region_from_mask(liver, zs, num, grid, scale, MARGIN_PX, MARGIN_SLICES, align)
+    # Only the coarse liver's largest component: a speck of false liver far from the liver would
+    # otherwise stretch the block over the slices between them (and its crops to the speck). A true
+    # piece of liver left out here still joins through step 3, where it touches the block.
+    liver = largest_component(liver.numpy())
+    box = None if liver is None else region_from_mask(liver, zs, num, grid, scale, MARGIN_PX, MARGIN_SLICES, align)
     labels = np.zeros((num, *size), dtype=np.uint8)
     if box is None:
         labels[:] = infer_batched(net, volume, context, label_head(size), batch_size, desc=desc,

@@ -176,6 +176,27 @@ def test_block_grows_from_a_seed_until_the_liver_ends_inside_it(monkeypatch):
     assert info[0].grown >= 2  # in z and in-plane
 
 
+def test_a_far_speck_of_liver_does_not_stretch_the_region(monkeypatch):
+    """A 12x12 speck coded as liver on a sampled slice 44 slices past the liver's end: the coarse
+    pass sees it, yet the block stays on the liver (only the coarse liver's largest component places
+    it), and after `postprocess`, which drops the speck from --exact's answer too, the two paths
+    agree voxel for voxel."""
+    monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: False)
+    labels, hu = coded_volume(size=128)  # liver on slices 8..40 of 48
+    hu = np.concatenate([hu, np.full_like(hu, LEVELS_HU[0])])  # 48 more slices of background
+    z_speck = 84  # sampled: 4, 12, ..., 84, 92
+    assert z_speck % inference.COARSE_STRIDE == inference.COARSE_STRIDE // 2 and not (labels[41:] >= 1).any()
+    hu[z_speck, 56:68, 56:68] = LEVELS_HU[1]
+    info: list = []
+    fast = inference.segment(NearestLevel(), hu, hparams(128), fast=True, info=info)
+    exact = inference.segment(NearestLevel(), hu, hparams(128), fast=False)
+    assert (exact[z_speck, 56:68, 56:68] == 1).all()  # --exact finds the speck ...
+    assert not fast[z_speck].any()  # ... the fast path never looks there
+    # The block: the liver's slices and the margins beyond the last sampled liver slice (36 + 7 + 2).
+    assert info[0].box.z1 == 46 and info[0].full_slices <= 46
+    np.testing.assert_array_equal(inference.postprocess(fast), inference.postprocess(exact))
+
+
 def test_volume_without_liver_is_segmented_whole(monkeypatch):
     """No liver in the coarse pass: every slice goes through at full resolution (stated behaviour),
     so a liver the coarse pass missed is not lost; here the answer is all background."""
