@@ -23,7 +23,7 @@ import matplotlib
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, WeightAveraging
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info
 
@@ -94,6 +94,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help=_default_help("batch_size"))
     p.add_argument("--lr", type=float, default=None, help="peak learning rate of AdamW " + _default_help("lr"))
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="keep an exponential moving average of the weights (each step: average = DECAY * average + "
+                        "(1 - DECAY) * weights) and validate, test and save it instead of the raw weights; 0 = off")
     p.add_argument("--image-size", type=int, default=None, help="training resolution " + _default_help("image_size"))
     p.add_argument("--context-slices", type=int, default=None,
                    help="neighbour slices on each side stacked as channels (2.5D) " + _default_help("context_slices"))
@@ -175,6 +178,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise DataError(f"found --target-sensitivity {args.target_sensitivity}; expected a share in (0, 1]")
     if args.deep_supervision < 0:
         raise DataError(f"found --deep-supervision {args.deep_supervision}; expected 0 or more")
+    if not 0 <= args.ema < 1:
+        raise DataError(f"found --ema {args.ema}; expected a decay in [0, 1), 0 for off")
     if not 0 <= args.oversample_tumor < 1:
         raise DataError(f"found --oversample-tumor {args.oversample_tumor}; expected a share in [0, 1)")
     return args
@@ -289,6 +294,26 @@ def checkpoint_callbacks(task: str, dirpath: Path) -> tuple[BestCheckpoint, Mode
     last = ModelCheckpoint(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
                            enable_version_counter=False)
     return best, last
+
+
+class EMAWeights(WeightAveraging):
+    """An exponential moving average of the weights (BatchNorm statistics included), updated after every
+    optimiser step: average = decay * average + (1 - decay) * weights, starting from the first step's
+    weights. Validation runs on the average (so best.ckpt is chosen by it), checkpoints hold it as their
+    `state_dict` (the raw weights ride along for resuming), and the model ends training holding it.
+
+    Lightning's `WeightAveraging` reloads the raw weights into the model whenever a checkpoint is
+    restored, also by `trainer.test(ckpt_path=...)`, which would test the raw weights; here only a
+    resumed fit does that, and a test keeps the average the checkpoint's `state_dict` holds."""
+
+    def __init__(self, decay: float):
+        from torch.optim.swa_utils import get_ema_multi_avg_fn
+        super().__init__(multi_avg_fn=get_ema_multi_avg_fn(decay))
+        self.decay = decay
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if trainer.state.fn == "fit":
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
 
 class Throughput(pl.Callback):
@@ -461,11 +486,12 @@ def main(args: argparse.Namespace) -> dict:
     checkpoint, last_checkpoint = checkpoint_callbacks(args.task, out / "checkpoints")
     logger = TensorBoardLogger(save_dir=str(out), name="tensorboard", version=log_version(out / "tensorboard", args.resume),
                                default_hp_metric=False)
+    averaging = [EMAWeights(args.ema)] if args.ema > 0 else []
     trainer = pl.Trainer(
         accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy,
         precision=args.precision, max_epochs=args.max_epochs,
         max_time=timedelta(seconds=parse_duration(args.max_time)) if args.max_time else None, logger=logger,
-        callbacks=[checkpoint, last_checkpoint, LearningRateMonitor(logging_interval="step"), Throughput()],
+        callbacks=[checkpoint, last_checkpoint, LearningRateMonitor(logging_interval="step"), Throughput(), *averaging],
         fast_dev_run=args.fast_dev_run, log_every_n_steps=5, deterministic="warn" if args.accelerator != "cpu" else True,
         default_root_dir=str(out))
     started = time.perf_counter()
