@@ -128,6 +128,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="mirror half the training slices left-right and half top-bottom, so that anatomy "
                         "reaching the model mirrored (a wrong affine, slices exported flipped) is still "
                         "recognised " + _default_help("flip"))
+    p.add_argument("--rotation", type=float, default=10.0, metavar="DEG",
+                   help="training augmentation: rotate each slice by a random angle within +-DEG degrees")
+    p.add_argument("--scale", type=float, nargs=2, default=[0.9, 1.1], metavar=("LOW", "HIGH"),
+                   help="training augmentation: zoom each slice by a random factor in [LOW, HIGH]")
     p.add_argument("--min-tumor-pixels", type=int, default=1,
                    help="a slice counts as tumor from this many tumor pixels (classification)")
     p.add_argument("--val-fraction", type=float, default=0.15, help="share of patients for validation")
@@ -178,6 +182,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise DataError(f"found --target-sensitivity {args.target_sensitivity}; expected a share in (0, 1]")
     if args.deep_supervision < 0:
         raise DataError(f"found --deep-supervision {args.deep_supervision}; expected 0 or more")
+    if not 0 < args.scale[0] <= args.scale[1]:
+        raise DataError(f"found --scale {args.scale[0]} {args.scale[1]}; expected 0 < LOW <= HIGH")
     if not 0 <= args.ema < 1:
         raise DataError(f"found --ema {args.ema}; expected a decay in [0, 1), 0 for off")
     if not 0 <= args.oversample_tumor < 1:
@@ -479,7 +485,7 @@ def main(args: argparse.Namespace) -> dict:
         context_slices=args.context_slices, batch_size=args.batch_size, num_workers=args.num_workers,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed, split_file=split_file,
         output_dir=out, oversample_tumor=args.oversample_tumor, min_tumor_pixels=args.min_tumor_pixels,
-        flip=args.flip)
+        flip=args.flip, rotation=args.rotation, scale=args.scale)
     model = build_model(args)
     model.set_speed(channels_last=args.channels_last, compile=args.compile)
     # Listed best first: Lightning runs checkpoint callbacks in order, so last.ckpt holds best's updated state.
