@@ -108,6 +108,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--dice-per-slice", action="store_true",
                    help="segmentation: the soft Dice term per slice, then averaged, instead of one Dice over the "
                         "batch (default: off)")
+    p.add_argument("--unet-deep-supervision", type=int, default=0, metavar="LEVELS",
+                   help="segmentation: also train the U-Net decoder's LEVELS coarser outputs (1/2, 1/4, ...) "
+                        "against the downsampled labels through 1x1 heads, level l weighing 1/2**l (nnU-Net's deep "
+                        "supervision; 0 = off)")
     p.add_argument("--head", choices=["evidence", "fc"], default="evidence",
                    help="VGG16 head: 'evidence' scores each location of the last feature map and pools them "
                         "(smooth maximum) into the slice logit; 'fc' is the classic fully connected head")
@@ -184,6 +188,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise DataError(f"found --deep-supervision {args.deep_supervision}; expected 0 or more")
     if not 0 < args.scale[0] <= args.scale[1]:
         raise DataError(f"found --scale {args.scale[0]} {args.scale[1]}; expected 0 < LOW <= HIGH")
+    if not 0 <= args.unet_deep_supervision <= 3:
+        raise DataError(f"found --unet-deep-supervision {args.unet_deep_supervision}; expected 0 to 3 decoder levels")
     if not 0 <= args.ema < 1:
         raise DataError(f"found --ema {args.ema}; expected a decay in [0, 1), 0 for off")
     if not 0 <= args.oversample_tumor < 1:
@@ -224,7 +230,7 @@ def build_model(args: argparse.Namespace):
                               class_names=CLS_CLASSES, **common)
     else:
         model = LitSegmenter(base_width=args.base_width, attention=args.attention, dice_per_slice=args.dice_per_slice,
-                             class_names=SEG_CLASSES, **common)
+                             deep_supervision=args.unet_deep_supervision, class_names=SEG_CLASSES, **common)
     model.time_budget_s = args.time_budget_s
     return model
 
