@@ -44,9 +44,9 @@ GRAPHS_DIRS = {"classification": Path("Graphs_Classification"), "segmentation": 
 # Values used when a flag is not given: (normal run, --demo preset) per task.
 DEFAULTS = {
     "classification": {"max_epochs": (30, 12), "batch_size": (16, 16), "lr": (3e-4, 3e-4), "image_size": (224, 128),
-                       "oversample_tumor": (0.5, 0.5)},
+                       "oversample_tumor": (0.5, 0.5), "dice_per_slice": (False, False), "ema": (0.0, 0.0)},
     "segmentation": {"max_epochs": (40, 30), "batch_size": (16, 16), "lr": (1e-3, 2e-3), "image_size": (256, 128),
-                     "oversample_tumor": (0.0, 0.5)},
+                     "oversample_tumor": (0.0, 0.5), "dice_per_slice": (True, False), "ema": (0.995, 0.0)},
     "common": {"context_slices": (1, 1), "base_width": (32, 16), "num_workers": (4, 2), "vgg_hidden": (4096, 512),
                "channels_last": (True, False), "flip": (True, True)},
 }
@@ -94,9 +94,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help=_default_help("batch_size"))
     p.add_argument("--lr", type=float, default=None, help="peak learning rate of AdamW " + _default_help("lr"))
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
-    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+    p.add_argument("--ema", type=float, default=None, metavar="DECAY",
                    help="keep an exponential moving average of the weights (each step: average = DECAY * average + "
-                        "(1 - DECAY) * weights) and validate, test and save it instead of the raw weights; 0 = off")
+                        "(1 - DECAY) * weights) and validate, test and save it instead of the raw weights; 0 = off "
+                        + _default_help("ema"))
     p.add_argument("--image-size", type=int, default=None, help="training resolution " + _default_help("image_size"))
     p.add_argument("--context-slices", type=int, default=None,
                    help="neighbour slices on each side stacked as channels (2.5D) " + _default_help("context_slices"))
@@ -105,9 +106,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-width", type=int, default=None,
                    help="U-Net channels at the top level " + _default_help("base_width"))
     p.add_argument("--attention", action="store_true", help="U-Net with attention gates on the skips (default: off)")
-    p.add_argument("--dice-per-slice", action="store_true",
+    p.add_argument("--dice-per-slice", action=argparse.BooleanOptionalAction, default=None,
                    help="segmentation: the soft Dice term per slice, then averaged, instead of one Dice over the "
-                        "batch (default: off)")
+                        "batch " + _default_help("dice_per_slice"))
     p.add_argument("--unet-deep-supervision", type=int, default=0, metavar="LEVELS",
                    help="segmentation: also train the U-Net decoder's LEVELS coarser outputs (1/2, 1/4, ...) "
                         "against the downsampled labels through 1x1 heads, level l weighing 1/2**l (nnU-Net's deep "
@@ -167,7 +168,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.time_budget_s = parse_duration(args.max_time)
         args.max_epochs = -1  # the time budget alone ends the run
     for name in ("max_epochs", "batch_size", "lr", "image_size", "context_slices", "base_width", "num_workers",
-                 "vgg_hidden", "oversample_tumor", "channels_last", "flip"):
+                 "vgg_hidden", "oversample_tumor", "channels_last", "flip", "dice_per_slice", "ema"):
         if getattr(args, name) is None:
             setattr(args, name, _default(args.task, name, args.demo))
     if args.output_dir is None:
