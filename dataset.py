@@ -498,7 +498,8 @@ def _datamodule_class():
                      test_fraction: float = 0.15, seed: int = 0, split_file: str | Path | None = None,
                      output_dir: str | Path | None = None, oversample_tumor: float = 0.0,
                      min_tumor_pixels: int = 1, liver_only: bool | None = None, augment: bool = True,
-                     flip: bool = False, prepare_workers: int | None = None):
+                     flip: bool = False, prepare_workers: int | None = None, rotation: float = 10.0,
+                     scale: Sequence[float] = (0.9, 1.1)):
             super().__init__()
             self.data_dir, self.task, self.cache_dir = Path(data_dir), task, Path(cache_dir)
             self.image_size, self.window, self.context_slices = int(image_size), tuple(window), int(context_slices)
@@ -509,6 +510,7 @@ def _datamodule_class():
             self.oversample_tumor, self.min_tumor_pixels = float(oversample_tumor), int(min_tumor_pixels)
             self.liver_only = (task == "classification") if liver_only is None else bool(liver_only)
             self.augment, self.flip, self.prepare_workers = augment, bool(flip), prepare_workers
+            self.rotation, self.scale = float(rotation), (float(scale[0]), float(scale[1]))
             self.split: dict[str, list[str]] | None = None
             self.datasets: dict[str, LiTSSliceDataset] = {}
 
@@ -560,12 +562,12 @@ def _datamodule_class():
         def on_after_batch_transfer(self, batch, dataloader_idx: int):
             trainer = getattr(self, "trainer", None)
             if self.augment and trainer is not None and trainer.training:
-                flips = dict(hflip=self.flip, vflip=self.flip)
+                spatial = dict(hflip=self.flip, vflip=self.flip, max_rotation=self.rotation, scale=self.scale)
                 if self.task == "segmentation":
-                    images, target = augment_batch(batch[0], batch[1], **flips)
+                    images, target = augment_batch(batch[0], batch[1], **spatial)
                     batch = (images, target, *batch[2:])
                 else:  # the label map moves with the image: it supervises where the tumour is
-                    images, labels = augment_batch(batch[0], batch[2], **flips)
+                    images, labels = augment_batch(batch[0], batch[2], **spatial)
                     batch = (images, batch[1], labels, *batch[3:])
             return batch
 

@@ -400,20 +400,31 @@ class LitClassifier(_Base):
 
 
 class LitSegmenter(_Base):
-    """U-Net labelling each pixel background (0), liver (1) or tumor (2); loss = CE + region soft Dice."""
+    """U-Net labelling each pixel background (0), liver (1) or tumor (2); loss = CE + region soft Dice.
+
+    With `deep_supervision` = k > 0 (nnU-Net's deep supervision), the decoder's outputs at levels
+    1..k (1/2 .. 1/2**k of the resolution) get a 1x1 head each, trained with the same loss against the
+    labels downsampled by nearest neighbour; level l weighs 1/2**l, the weights normalised to sum 1.
+    Training only: validation and test score the full-resolution logits, and the heads live outside
+    the network (`ds_heads`), so checkpoints rebuild the same network for inference."""
 
     def __init__(self, in_channels: int = 3, num_classes: int = 3, base_width: int = 32, depth: int = 4,
                  upsampling: str = "transpose", attention: bool = False, lr: float = 1e-3,
                  weight_decay: float = 1e-4, warmup_fraction: float = 0.05, dice_weight: float = 1.0,
-                 dice_per_slice: bool = False, class_weights: Sequence[float] | None = None,
-                 window: Sequence[float] = WINDOW_HU,
+                 dice_per_slice: bool = False, deep_supervision: int = 0,
+                 class_weights: Sequence[float] | None = None, window: Sequence[float] = WINDOW_HU,
                  image_size: int = 256, context_slices: int = 1, class_names: Sequence[str] = SEG_CLASSES,
                  task: str = "segmentation", num_overlays: int = 4):
         super().__init__()
         if num_classes != 3:
             raise ValueError(f"the segmenter predicts background/liver/tumor, got num_classes={num_classes}")
+        if not 0 <= deep_supervision < depth:
+            raise ValueError(f"deep_supervision counts decoder levels below the output: expected 0 to {depth - 1}, "
+                             f"got {deep_supervision}")
         self.save_hyperparameters()
         self.net = build_network(self.hparams)
+        self.ds_heads = nn.ModuleList(nn.Conv2d(base_width * 2**level, num_classes, kernel_size=1)
+                                      for level in range(1, deep_supervision + 1))
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.register_buffer("class_weight", weight, persistent=False)
         self.train_dice, self.val_dice, self.test_dice = RegionDice(), RegionDice(), RegionDice()
@@ -427,10 +438,26 @@ class LitSegmenter(_Base):
         per_slice = self.hparams.get("dice_per_slice", False)  # absent from older checkpoints
         return ce + self.hparams.dice_weight * soft_region_dice_loss(logits, target, per_slice=per_slice)
 
+    def _deep_loss(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(full-resolution logits (N, 3, H, W), the deep-supervision loss over all levels)."""
+        if self._channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        logits, decoded = (self._compiled or self.net).forward_with_decoder(images, len(self.ds_heads))
+        weights = [0.5**level for level in range(len(decoded) + 1)]
+        loss = weights[0] * self.loss(logits, target)
+        for w, head, features in zip(weights[1:], self.ds_heads, decoded):
+            coarse = head(features)  # (N, 3, H_l, W_l)
+            small = F.interpolate(target[:, None].float(), size=coarse.shape[-2:], mode="nearest")[:, 0].long()
+            loss = loss + w * self.loss(coarse, small)
+        return logits, loss / sum(weights)
+
     def _step(self, batch, split: str) -> torch.Tensor:
         images, target = batch[0], batch[1]  # (N, C, H, W), (N, H, W)
-        logits = self(images)  # (N, 3, H, W)
-        loss = self.loss(logits, target)
+        if split == "train" and len(self.ds_heads):
+            logits, loss = self._deep_loss(images, target)
+        else:
+            logits = self(images)  # (N, 3, H, W)
+            loss = self.loss(logits, target)
         pred = logits.argmax(dim=1)  # (N, H, W)
         getattr(self, f"{split}_dice").update(pred, target)
         on_step = split == "train"

@@ -23,7 +23,7 @@ import matplotlib
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, WeightAveraging
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info
 
@@ -44,9 +44,9 @@ GRAPHS_DIRS = {"classification": Path("Graphs_Classification"), "segmentation": 
 # Values used when a flag is not given: (normal run, --demo preset) per task.
 DEFAULTS = {
     "classification": {"max_epochs": (30, 12), "batch_size": (16, 16), "lr": (3e-4, 3e-4), "image_size": (224, 128),
-                       "oversample_tumor": (0.5, 0.5)},
+                       "oversample_tumor": (0.5, 0.5), "dice_per_slice": (False, False), "ema": (0.0, 0.0)},
     "segmentation": {"max_epochs": (40, 30), "batch_size": (16, 16), "lr": (1e-3, 2e-3), "image_size": (256, 128),
-                     "oversample_tumor": (0.0, 0.5)},
+                     "oversample_tumor": (0.0, 0.5), "dice_per_slice": (True, False), "ema": (0.995, 0.0)},
     "common": {"context_slices": (1, 1), "base_width": (32, 16), "num_workers": (4, 2), "vgg_hidden": (4096, 512),
                "channels_last": (True, False), "flip": (True, True)},
 }
@@ -94,6 +94,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help=_default_help("batch_size"))
     p.add_argument("--lr", type=float, default=None, help="peak learning rate of AdamW " + _default_help("lr"))
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    p.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                   help="keep an exponential moving average of the weights (each step: average = DECAY * average + "
+                        "(1 - DECAY) * weights) and validate, test and save it instead of the raw weights; 0 = off "
+                        + _default_help("ema"))
     p.add_argument("--image-size", type=int, default=None, help="training resolution " + _default_help("image_size"))
     p.add_argument("--context-slices", type=int, default=None,
                    help="neighbour slices on each side stacked as channels (2.5D) " + _default_help("context_slices"))
@@ -102,9 +106,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-width", type=int, default=None,
                    help="U-Net channels at the top level " + _default_help("base_width"))
     p.add_argument("--attention", action="store_true", help="U-Net with attention gates on the skips (default: off)")
-    p.add_argument("--dice-per-slice", action="store_true",
+    p.add_argument("--dice-per-slice", action=argparse.BooleanOptionalAction, default=None,
                    help="segmentation: the soft Dice term per slice, then averaged, instead of one Dice over the "
-                        "batch (default: off)")
+                        "batch " + _default_help("dice_per_slice"))
+    p.add_argument("--unet-deep-supervision", type=int, default=0, metavar="LEVELS",
+                   help="segmentation: also train the U-Net decoder's LEVELS coarser outputs (1/2, 1/4, ...) "
+                        "against the downsampled labels through 1x1 heads, level l weighing 1/2**l (nnU-Net's deep "
+                        "supervision; 0 = off)")
     p.add_argument("--head", choices=["evidence", "fc"], default="evidence",
                    help="VGG16 head: 'evidence' scores each location of the last feature map and pools them "
                         "(smooth maximum) into the slice logit; 'fc' is the classic fully connected head")
@@ -125,6 +133,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="mirror half the training slices left-right and half top-bottom, so that anatomy "
                         "reaching the model mirrored (a wrong affine, slices exported flipped) is still "
                         "recognised " + _default_help("flip"))
+    p.add_argument("--rotation", type=float, default=10.0, metavar="DEG",
+                   help="training augmentation: rotate each slice by a random angle within +-DEG degrees")
+    p.add_argument("--scale", type=float, nargs=2, default=[0.9, 1.1], metavar=("LOW", "HIGH"),
+                   help="training augmentation: zoom each slice by a random factor in [LOW, HIGH]")
     p.add_argument("--min-tumor-pixels", type=int, default=1,
                    help="a slice counts as tumor from this many tumor pixels (classification)")
     p.add_argument("--val-fraction", type=float, default=0.15, help="share of patients for validation")
@@ -156,7 +168,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.time_budget_s = parse_duration(args.max_time)
         args.max_epochs = -1  # the time budget alone ends the run
     for name in ("max_epochs", "batch_size", "lr", "image_size", "context_slices", "base_width", "num_workers",
-                 "vgg_hidden", "oversample_tumor", "channels_last", "flip"):
+                 "vgg_hidden", "oversample_tumor", "channels_last", "flip", "dice_per_slice", "ema"):
         if getattr(args, name) is None:
             setattr(args, name, _default(args.task, name, args.demo))
     if args.output_dir is None:
@@ -175,6 +187,12 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise DataError(f"found --target-sensitivity {args.target_sensitivity}; expected a share in (0, 1]")
     if args.deep_supervision < 0:
         raise DataError(f"found --deep-supervision {args.deep_supervision}; expected 0 or more")
+    if not 0 < args.scale[0] <= args.scale[1]:
+        raise DataError(f"found --scale {args.scale[0]} {args.scale[1]}; expected 0 < LOW <= HIGH")
+    if not 0 <= args.unet_deep_supervision <= 3:
+        raise DataError(f"found --unet-deep-supervision {args.unet_deep_supervision}; expected 0 to 3 decoder levels")
+    if not 0 <= args.ema < 1:
+        raise DataError(f"found --ema {args.ema}; expected a decay in [0, 1), 0 for off")
     if not 0 <= args.oversample_tumor < 1:
         raise DataError(f"found --oversample-tumor {args.oversample_tumor}; expected a share in [0, 1)")
     return args
@@ -213,7 +231,7 @@ def build_model(args: argparse.Namespace):
                               class_names=CLS_CLASSES, **common)
     else:
         model = LitSegmenter(base_width=args.base_width, attention=args.attention, dice_per_slice=args.dice_per_slice,
-                             class_names=SEG_CLASSES, **common)
+                             deep_supervision=args.unet_deep_supervision, class_names=SEG_CLASSES, **common)
     model.time_budget_s = args.time_budget_s
     return model
 
@@ -289,6 +307,26 @@ def checkpoint_callbacks(task: str, dirpath: Path) -> tuple[BestCheckpoint, Mode
     last = ModelCheckpoint(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
                            enable_version_counter=False)
     return best, last
+
+
+class EMAWeights(WeightAveraging):
+    """An exponential moving average of the weights (BatchNorm statistics included), updated after every
+    optimiser step: average = decay * average + (1 - decay) * weights, starting from the first step's
+    weights. Validation runs on the average (so best.ckpt is chosen by it), checkpoints hold it as their
+    `state_dict` (the raw weights ride along for resuming), and the model ends training holding it.
+
+    Lightning's `WeightAveraging` reloads the raw weights into the model whenever a checkpoint is
+    restored, also by `trainer.test(ckpt_path=...)`, which would test the raw weights; here only a
+    resumed fit does that, and a test keeps the average the checkpoint's `state_dict` holds."""
+
+    def __init__(self, decay: float):
+        from torch.optim.swa_utils import get_ema_multi_avg_fn
+        super().__init__(multi_avg_fn=get_ema_multi_avg_fn(decay))
+        self.decay = decay
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if trainer.state.fn == "fit":
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
 
 class Throughput(pl.Callback):
@@ -454,18 +492,19 @@ def main(args: argparse.Namespace) -> dict:
         context_slices=args.context_slices, batch_size=args.batch_size, num_workers=args.num_workers,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed, split_file=split_file,
         output_dir=out, oversample_tumor=args.oversample_tumor, min_tumor_pixels=args.min_tumor_pixels,
-        flip=args.flip)
+        flip=args.flip, rotation=args.rotation, scale=args.scale)
     model = build_model(args)
     model.set_speed(channels_last=args.channels_last, compile=args.compile)
     # Listed best first: Lightning runs checkpoint callbacks in order, so last.ckpt holds best's updated state.
     checkpoint, last_checkpoint = checkpoint_callbacks(args.task, out / "checkpoints")
     logger = TensorBoardLogger(save_dir=str(out), name="tensorboard", version=log_version(out / "tensorboard", args.resume),
                                default_hp_metric=False)
+    averaging = [EMAWeights(args.ema)] if args.ema > 0 else []
     trainer = pl.Trainer(
         accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy,
         precision=args.precision, max_epochs=args.max_epochs,
         max_time=timedelta(seconds=parse_duration(args.max_time)) if args.max_time else None, logger=logger,
-        callbacks=[checkpoint, last_checkpoint, LearningRateMonitor(logging_interval="step"), Throughput()],
+        callbacks=[checkpoint, last_checkpoint, LearningRateMonitor(logging_interval="step"), Throughput(), *averaging],
         fast_dev_run=args.fast_dev_run, log_every_n_steps=5, deterministic="warn" if args.accelerator != "cpu" else True,
         default_root_dir=str(out))
     started = time.perf_counter()

@@ -151,10 +151,17 @@ class UNet(nn.Module):
         Returns:
             Per-pixel logits of shape (N, num_classes, H, W); no softmax is applied.
         """
+        return self.forward_with_decoder(x)[0]
+
+    def forward_with_decoder(self, x: torch.Tensor, levels: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """As `forward`, and also the decoder's outputs at levels 1..levels (coarser than the logits),
+        for deep supervision: returns (logits (N, num_classes, H, W), [(N, w_l, H_l, W_l) for l = 1..levels])."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"expected (N, C={self.in_channels}, H, W) input, got shape {tuple(x.shape)}"
             )
+        if not 0 <= levels < self.depth:
+            raise ValueError(f"expected 0 <= levels < depth={self.depth}, got {levels}")
         h, w = x.shape[-2:]
         min_size = 2**self.depth
         if h < min_size or w < min_size:
@@ -168,10 +175,13 @@ class UNet(nn.Module):
             skips.append(x)
             x = self.pool(x)  # (N, w_l, H_l // 2, W_l // 2)
         x = self.dropout(self.bottleneck(x))  # (N, w_depth, H // 2**depth, W // 2**depth)
+        decoded: list[torch.Tensor] = []
         for level in reversed(range(self.depth)):
             skip = skips[level]  # (N, w_l, H_l, W_l)
             if self.gates is not None:
                 skip = self.gates[level](x, skip)  # (N, w_l, H_l, W_l)
             up = self.ups[level](x, skip.shape[-2:])  # (N, w_l, H_l, W_l)
             x = self.decoders[level](torch.cat([skip, up], dim=1))  # (N, w_l, H_l, W_l)
-        return self.head(x)  # (N, num_classes, H, W)
+            if 1 <= level <= levels:
+                decoded.insert(0, x)
+        return self.head(x), decoded  # (N, num_classes, H, W), finest first

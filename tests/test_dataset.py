@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import nibabel as nib
@@ -679,3 +680,15 @@ def test_prepare_warns_once_per_suspect_file(tmp_path, capsys):
     assert len(err) == 1 and "volume-1.nii" in err[0] and "affine" in err[0]
     prepare(data, tmp_path / "cache")  # from the cache: still reported
     assert "volume-1.nii" in capsys.readouterr().err
+
+
+def test_datamodule_passes_its_rotation_and_scale_to_the_augmentation(tmp_path):
+    """rotation 0 and zoom 0.5 (no flips): an 8x8 mask of ones shrinks to the central 4x4, the
+    rest is outside the input (background); image and mask move together."""
+    dm = dataset.LiTSDataModule(tmp_path, "segmentation", rotation=0.0, scale=(0.5, 0.5), flip=False)
+    dm.trainer = types.SimpleNamespace(training=True)
+    images, masks = dm.on_after_batch_transfer((torch.ones(2, 1, 8, 8), torch.ones(2, 8, 8, dtype=torch.int64)), 0)
+    expected = torch.zeros(2, 8, 8, dtype=torch.int64)
+    expected[:, 2:6, 2:6] = 1
+    assert torch.equal(masks, expected)
+    assert (images[:, 0][expected == 0] < 0.5).all() and (images[:, 0][expected == 1] > 0.5).all()

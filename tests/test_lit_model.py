@@ -260,3 +260,26 @@ def test_balanced_bce_three_groups_by_hand():
     sp = lambda v: torch.nn.functional.softplus(torch.tensor(v)).item()
     tumour, healthy_liver, rest = sp(-2.0), (sp(1.0) + sp(0.0)) / 2, (sp(-1.0) + sp(-2.0)) / 2
     assert balanced_bce(logits, target, liver).item() == pytest.approx((tumour + healthy_liver + rest) / 3, rel=1e-6)
+
+
+def test_segmenter_deep_supervision_loss_by_hand():
+    """All logits zero at every level (zeroed output and deep-supervision heads): softmax 1/3 each, so
+    CE = ln 3 and, on an all-background target, the batch soft Dice (eps 1) of a region with
+    probability q over P pixels is 1 / (q P + 1). Level 0 (32x32) weighs 1, level 1 (16x16) 1/2."""
+    model = LitSegmenter(in_channels=1, base_width=4, depth=3, image_size=32, context_slices=0, deep_supervision=1)
+    for conv in (model.net.head, model.ds_heads[0]):
+        torch.nn.init.zeros_(conv.weight), torch.nn.init.zeros_(conv.bias)
+    target = torch.zeros(1, 32, 32, dtype=torch.long)
+
+    def level_loss(pixels):
+        dice = [1 / (q * pixels + 1) for q in (2 / 3, 1 / 3)]  # liver = p1 + p2, tumour = p2
+        return np.log(3) + 1 - np.mean(dice)
+
+    expected = (level_loss(32 * 32) + 0.5 * level_loss(16 * 16)) / 1.5
+    logits, loss = model._deep_loss(torch.randn(1, 1, 32, 32), target)
+    assert logits.shape == (1, 3, 32, 32)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert "ds_heads.0.weight" in model.state_dict()  # beside the network, not in it
+    assert not any(k.startswith("ds_heads") for k in model.net.state_dict())
+    with pytest.raises(ValueError, match="deep_supervision"):
+        LitSegmenter(depth=3, deep_supervision=3)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 
 import phantom
@@ -252,3 +253,45 @@ def test_liver_only_data_has_no_tumor_dice_and_best_follows_val_loss(tmp_path):
     assert 0.0 <= summary["test"]["test/dice_liver"] <= 1.0
     saved = json.loads((out / "test_metrics.json").read_text())  # strict JSON: NaN written as null
     assert saved["test"]["test/dice_tumor"] is None and saved["test"]["test/dice_liver"] is not None
+
+
+class _Counter(pl.LightningModule):
+    """One weight w from 0; loss = -w with SGD at lr 1 makes w = k after k steps. Records the w that
+    validation and test see."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.seen = {"val": [], "test": []}
+
+    def training_step(self, batch, batch_idx):
+        return -self.w
+
+    def validation_step(self, batch, batch_idx):
+        self.seen["val"].append(float(self.w))
+        self.log("val/loss", -self.w)
+
+    def test_step(self, batch, batch_idx):
+        self.seen["test"].append(float(self.w))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+
+def test_ema_validates_saves_and_tests_the_average(tmp_path):
+    """decay 0.5 over raw weights 1, 2, ..., 6 (one per step, two epochs of 3): the average is 1 (the
+    first step's weights), 1.5, 2.25, 3.125, 4.0625, 5.03125. Validation after each epoch sees 2.25 and
+    5.03125; 5.03125 is what the checkpoint, the model after fit and a test from the checkpoint hold."""
+    loader = torch.utils.data.DataLoader(torch.zeros(3, 1), batch_size=1)
+    model = _Counter()
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, filename="last", save_top_k=1, monitor=None)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, callbacks=[ckpt, train.EMAWeights(0.5)],
+                         num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, loader, loader)
+    assert model.seen["val"] == [2.25] * 3 + [5.03125] * 3
+    assert float(model.w) == 5.03125
+    saved = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
+    assert float(saved["state_dict"]["w"]) == 5.03125 and float(saved["current_model_state"]["w"]) == 6.0
+    model.w.data.fill_(-1.0)
+    trainer.test(model, loader, ckpt_path=str(tmp_path / "last.ckpt"), verbose=False)
+    assert model.seen["test"] == [5.03125] * 3

@@ -203,3 +203,15 @@ def test_dropout_is_active_only_in_training() -> None:
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x), model(x))
+
+
+def test_forward_with_decoder_returns_the_coarser_decoder_outputs() -> None:
+    torch.manual_seed(0)
+    net = UNet(in_channels=1, num_classes=3, base_width=4, depth=3).eval()
+    x = torch.randn(2, 1, 32, 32)
+    logits, decoded = net.forward_with_decoder(x, levels=2)
+    assert torch.equal(logits, net(x))
+    assert [tuple(d.shape) for d in decoded] == [(2, 8, 16, 16), (2, 16, 8, 8)]
+    assert net.forward_with_decoder(x)[1] == []
+    with pytest.raises(ValueError, match="levels"):
+        net.forward_with_decoder(x, levels=3)
