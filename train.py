@@ -324,9 +324,31 @@ class EMAWeights(WeightAveraging):
         super().__init__(multi_avg_fn=get_ema_multi_avg_fn(decay))
         self.decay = decay
 
+    # Buffers that validation sets rather than the optimiser (the classifier's operating threshold).
+    # Lightning runs the module's validation-epoch-end hook after this callback has swapped the raw
+    # weights back, so the value chosen lands in the raw model; the average takes it as it is, never
+    # averaged with older choices (averaged, a classifier's test once ran at a threshold of 0.01).
+    CHOSEN_BY_VALIDATION = ("operating_threshold",)
+
     def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         if trainer.state.fn == "fit":
             super().on_load_checkpoint(trainer, pl_module, checkpoint)
+
+    def _take_chosen(self, pl_module) -> None:
+        if self._average_model is None:
+            return
+        average = self._average_model.module
+        for name, buf in pl_module.named_buffers():
+            if name in self.CHOSEN_BY_VALIDATION:
+                average.get_buffer(name).copy_(buf)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._take_chosen(pl_module)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # Before the checkpoint callbacks (Lightning runs them last), which save the average.
+        self._take_chosen(pl_module)
 
 
 class Throughput(pl.Callback):
