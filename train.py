@@ -253,9 +253,9 @@ class BestCheckpoint(ModelCheckpoint):
     """best.ckpt: the epoch with the highest `monitor` (save_top_k=1, mode max).
 
     A tie with the best so far goes to the epoch with the lower `tiebreak` (validation loss); on equal
-    loss the earlier epoch stays. Epochs where the monitor is NaN tie with each other: with no tumor in
-    the validation reference, val/dice_tumor is NaN ("not applicable") in every epoch, and best.ckpt
-    falls back to the lowest validation loss. A number always beats NaN."""
+    loss the earlier epoch stays. Epochs where the monitor is NaN tie with each other: with neither
+    liver nor tumor in the validation reference, val/dice_mean is NaN ("not applicable") in every
+    epoch, and best.ckpt falls back to the lowest validation loss. A number always beats NaN."""
 
     def __init__(self, *args, tiebreak: str = "val/loss", **kwargs):
         super().__init__(*args, **kwargs)
@@ -296,12 +296,13 @@ class BestCheckpoint(ModelCheckpoint):
 
 
 def checkpoint_callbacks(task: str, dirpath: Path) -> tuple[BestCheckpoint, ModelCheckpoint]:
-    """(best, last). best.ckpt: see `BestCheckpoint`; it monitors val/dice_tumor (segmentation) or
-    val/auroc (classification). last.ckpt: rewritten at the end of every training epoch (after its
+    """(best, last). best.ckpt: see `BestCheckpoint`; it monitors val/dice_mean (segmentation: the mean
+    of the liver's and the tumour's Dice, the liver's alone without tumour in the validation
+    reference) or val/auroc (classification). last.ckpt: rewritten at the end of every training epoch (after its
     validation), whatever best.ckpt does, so after a run it holds the end of training, and a killed run
     resumes from its last finished epoch. (Lightning's own `save_last` writes only when a monitored
     checkpoint is written, which left last.ckpt at the best epoch.)"""
-    monitor = "val/auroc" if task == "classification" else "val/dice_tumor"
+    monitor = "val/auroc" if task == "classification" else "val/dice_mean"
     best = BestCheckpoint(dirpath=dirpath, filename="best", monitor=monitor, mode="max", save_top_k=1,
                           auto_insert_metric_name=False, enable_version_counter=False)
     last = ModelCheckpoint(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,

@@ -145,28 +145,32 @@ def test_ddp_on_two_cpu_processes(tiny_data, tmp_path, task):
 
 
 class ScriptedDice(RegionDice):
-    """Validation Dice whose tumor value follows a script, one value per epoch, so a test knows which
-    epochs are best; the liver value is the real one."""
+    """Validation Dice that follows scripts, one value per epoch, so a test knows which epochs are
+    best: the tumour's `script`, the liver's `liver` (by default the same values, so val/dice_mean, what
+    best.ckpt goes by, is the script too)."""
 
-    def __init__(self, script: list[float], epoch):
+    def __init__(self, script: list[float], epoch, liver: list[float] | None = None):
         super().__init__()
-        self.script, self.epoch = script, epoch
+        self.script, self.epoch, self.liver = script, epoch, liver or script
 
     def compute(self) -> torch.Tensor:
         real = super().compute()
-        return torch.stack([real[0], torch.tensor(self.script[self.epoch()], dtype=real.dtype)])
+        e = self.epoch()
+        return torch.tensor([self.liver[e], self.script[e]], dtype=real.dtype)
 
 
 class ScriptedSegmenter(LitSegmenter):
-    """LitSegmenter with val/dice_tumor read from $SCRIPTED_VAL_DICE ("0.2,0.6,...") and the epochs it
-    trains recorded in `trained_epochs`."""
+    """LitSegmenter with val/dice_tumor read from $SCRIPTED_VAL_DICE ("0.2,0.6,..."), val/dice_liver
+    from $SCRIPTED_VAL_LIVER (default: the same), and the epochs it trains recorded in `trained_epochs`."""
 
     trained_epochs: list[int] = []
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         script = [float(v) for v in os.environ["SCRIPTED_VAL_DICE"].split(",")]
-        self.val_dice = ScriptedDice(script, lambda: self.current_epoch)
+        liver = os.environ.get("SCRIPTED_VAL_LIVER")
+        self.val_dice = ScriptedDice(script, lambda: self.current_epoch,
+                                     [float(v) for v in liver.split(",")] if liver else None)
 
     def on_train_epoch_start(self):
         ScriptedSegmenter.trained_epochs.append(self.current_epoch)
@@ -239,7 +243,19 @@ def test_last_is_the_last_epoch_and_ties_go_to_the_lower_val_loss(tiny_data, tmp
     assert ckpt_epoch(out / "checkpoints" / "best.ckpt") == int(np.argmin(val_loss))
 
 
-def test_liver_only_data_has_no_tumor_dice_and_best_follows_val_loss(tmp_path):
+def test_best_goes_by_the_mean_of_liver_and_tumor_dice(tiny_data, tmp_path, monkeypatch):
+    """Tumour Dice 0.6 then 0.5, liver 0.3 then 0.9: the tumour alone would keep epoch 0 (as it once
+    kept a model whose liver was still unlearnt); the mean, 0.45 then 0.70, keeps epoch 1."""
+    scripted(monkeypatch, "0.6,0.5")
+    monkeypatch.setenv("SCRIPTED_VAL_LIVER", "0.3,0.9")
+    out = tmp_path / "run"
+    summary = train.main(run_args(tiny_data, out, "segmentation", "--max-epochs", "2"))
+    scalars = train.read_scalars(Path(summary["tensorboard"]))
+    assert [round(v, 6) for _, v in scalars["val/dice_mean"]] == [0.45, 0.7]
+    assert ckpt_epoch(out / "checkpoints" / "best.ckpt") == 1
+
+
+def test_liver_only_data_has_no_tumor_dice_and_best_follows_liver_dice(tmp_path):
     data = tmp_path / "liver_only"
     for i in range(5):
         phantom.write_phantom_case(data, i, size=48, seed=4, num_slices=10, num_tumors=0)
@@ -247,8 +263,11 @@ def test_liver_only_data_has_no_tumor_dice_and_best_follows_val_loss(tmp_path):
     summary = train.main(run_args(data, out, "segmentation", "--max-epochs", "2", "--oversample-tumor", "0"))
     scalars = train.read_scalars(Path(summary["tensorboard"]))
     assert all(np.isnan(v) for _, v in scalars["val/dice_tumor"])
-    val_loss = [v for _, v in scalars["val/loss"]]
-    assert ckpt_epoch(out / "checkpoints" / "best.ckpt") == int(np.argmin(val_loss))
+    liver, loss = [v for _, v in scalars["val/dice_liver"]], [v for _, v in scalars["val/loss"]]
+    assert [v for _, v in scalars["val/dice_mean"]] == liver  # the liver alone: the tumour is not applicable
+    # The higher liver Dice; a tie goes to the lower validation loss (on equal loss, the earlier epoch).
+    best = 1 if liver[1] > liver[0] or (liver[1] == liver[0] and loss[1] < loss[0]) else 0
+    assert ckpt_epoch(out / "checkpoints" / "best.ckpt") == best
     assert np.isnan(summary["test"]["test/dice_tumor"]) and np.isnan(summary["test"]["test/dice_tumor_per_case"])
     assert 0.0 <= summary["test"]["test/dice_liver"] <= 1.0
     saved = json.loads((out / "test_metrics.json").read_text())  # strict JSON: NaN written as null
