@@ -287,11 +287,11 @@ class _Counter(pl.LightningModule):
         return -self.w
 
     def validation_step(self, batch, batch_idx):
-        self.seen["val"].append(float(self.w))
+        self.seen["val"].append(self.w.item())
         self.log("val/loss", -self.w)
 
     def test_step(self, batch, batch_idx):
-        self.seen["test"].append(float(self.w))
+        self.seen["test"].append(self.w.item())
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=1.0)
@@ -308,7 +308,7 @@ def test_ema_validates_saves_and_tests_the_average(tmp_path):
                          num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, loader, loader)
     assert model.seen["val"] == [2.25] * 3 + [5.03125] * 3
-    assert float(model.w) == 5.03125
+    assert model.w.item() == 5.03125
     saved = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
     assert float(saved["state_dict"]["w"]) == 5.03125 and float(saved["current_model_state"]["w"]) == 6.0
     model.w.data.fill_(-1.0)
