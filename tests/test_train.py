@@ -297,16 +297,22 @@ class _Counter(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=1.0)
 
 
-def test_ema_validates_saves_and_tests_the_average(tmp_path):
-    """decay 0.5 over raw weights 1, 2, ..., 6 (one per step, two epochs of 3): the average is 1 (the
-    first step's weights), 1.5, 2.25, 3.125, 4.0625, 5.03125. Validation after each epoch sees 2.25 and
-    5.03125; 5.03125 is what the checkpoint, the model after fit and a test from the checkpoint hold."""
+def _fit_with_ema(model: pl.LightningModule, tmp_path: Path):
+    """Two epochs of three steps with EMAWeights(0.5), last.ckpt in tmp_path; returns (trainer, loader)."""
     loader = torch.utils.data.DataLoader(torch.zeros(3, 1), batch_size=1)
-    model = _Counter()
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, filename="last", save_top_k=1, monitor=None)
     trainer = pl.Trainer(accelerator="cpu", max_epochs=2, callbacks=[ckpt, train.EMAWeights(0.5)],
                          num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, loader, loader)
+    return trainer, loader
+
+
+def test_ema_validates_saves_and_tests_the_average(tmp_path):
+    """decay 0.5 over raw weights 1, 2, ..., 6 (one per step, two epochs of 3): the average is 1 (the
+    first step's weights), 1.5, 2.25, 3.125, 4.0625, 5.03125. Validation after each epoch sees 2.25 and
+    5.03125; 5.03125 is what the checkpoint, the model after fit and a test from the checkpoint hold."""
+    model = _Counter()
+    trainer, loader = _fit_with_ema(model, tmp_path)
     assert model.seen["val"] == [2.25] * 3 + [5.03125] * 3
     assert model.w.item() == 5.03125
     saved = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
@@ -332,13 +338,9 @@ def test_ema_keeps_the_threshold_validation_chose(tmp_path):
     """The weights are averaged as above, the threshold is not: after two epochs the checkpoint, the
     model and a test hold the second validation's 20 (averaged with the raw model's copies at every
     step, as Lightning's callback does with any buffer, it came out 8.8125)."""
-    loader = torch.utils.data.DataLoader(torch.zeros(3, 1), batch_size=1)
     model = _Thresholded()
-    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, filename="last", save_top_k=1, monitor=None)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, callbacks=[ckpt, train.EMAWeights(0.5)],
-                         num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(model, loader, loader)
-    assert float(model.w) == 5.03125 and float(model.operating_threshold) == 20.0
+    trainer, loader = _fit_with_ema(model, tmp_path)
+    assert model.w.item() == 5.03125 and float(model.operating_threshold) == 20.0
     saved = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
     assert float(saved["state_dict"]["operating_threshold"]) == 20.0
     model.operating_threshold.fill_(-1.0)
