@@ -298,9 +298,9 @@ class BestCheckpoint(ModelCheckpoint):
 def checkpoint_callbacks(task: str, dirpath: Path) -> tuple[BestCheckpoint, ModelCheckpoint]:
     """(best, last). best.ckpt: see `BestCheckpoint`; it monitors val/dice_mean (segmentation: the mean
     of the liver's and the tumour's Dice, the liver's alone without tumour in the validation
-    reference) or val/auroc (classification). last.ckpt: rewritten at the end of every training epoch (after its
-    validation), whatever best.ckpt does, so after a run it holds the end of training, and a killed run
-    resumes from its last finished epoch. (Lightning's own `save_last` writes only when a monitored
+    reference) or val/auroc (classification). last.ckpt: rewritten at the end of every training
+    epoch (after its validation), whatever best.ckpt does, so after a run it holds the end of
+    training, and a killed run resumes from its last finished epoch. (Lightning's own `save_last` writes only when a monitored
     checkpoint is written, which left last.ckpt at the best epoch.)"""
     monitor = "val/auroc" if task == "classification" else "val/dice_mean"
     best = BestCheckpoint(dirpath=dirpath, filename="best", monitor=monitor, mode="max", save_top_k=1,
@@ -320,16 +320,16 @@ class EMAWeights(WeightAveraging):
     restored, also by `trainer.test(ckpt_path=...)`, which would test the raw weights; here only a
     resumed fit does that, and a test keeps the average the checkpoint's `state_dict` holds."""
 
-    def __init__(self, decay: float):
-        from torch.optim.swa_utils import get_ema_multi_avg_fn
-        super().__init__(multi_avg_fn=get_ema_multi_avg_fn(decay))
-        self.decay = decay
-
     # Buffers that validation sets rather than the optimiser (the classifier's operating threshold).
     # Lightning runs the module's validation-epoch-end hook after this callback has swapped the raw
     # weights back, so the value chosen lands in the raw model; the average takes it as it is, never
     # averaged with older choices (averaged, a classifier's test once ran at a threshold of 0.01).
     CHOSEN_BY_VALIDATION = ("operating_threshold",)
+
+    def __init__(self, decay: float):
+        from torch.optim.swa_utils import get_ema_multi_avg_fn
+        super().__init__(multi_avg_fn=get_ema_multi_avg_fn(decay))
+        self.decay = decay
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         if trainer.state.fn == "fit":
