@@ -193,11 +193,17 @@ class _Base(pl.LightningModule):
         # Kept out of the module registry, so state_dict keys stay "net.*" with or without compile.
         self.__dict__["_compiled"] = torch.compile(self.net) if compile else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (N, C, H, W) -> logits from the wrapped network (see its forward)."""
+    def _prepared(self, x: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
+        """(the network to call, compiled when asked; x (N, C, H, W) in its memory format): what every
+        forward pass of the wrapped network goes through, whichever of its forward methods it calls."""
         if self._channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return (self._compiled or self.net)(x)
+        return self._compiled or self.net, x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, C, H, W) -> logits from the wrapped network (see its forward)."""
+        net, x = self._prepared(x)
+        return net(x)
 
     # Each task defines `_step(batch, split)` (loss, metric updates, step logging) and
     # `_log_epoch(split)` (epoch metrics); the Lightning hooks only route the splits.
@@ -338,10 +344,9 @@ class LitClassifier(_Base):
         if self.hparams.head != "evidence":
             logits = self(images)  # (N, 2)
             return logits, F.cross_entropy(logits.float(), target, weight=self.class_weight)
-        if self._channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        net, images = self._prepared(images)
         supervise = self.hparams.deep_supervision > 0 and labels is not None and self.training
-        out = (self._compiled or self.net).forward_with_evidence(images, aux=supervise)
+        out = net.forward_with_evidence(images, aux=supervise)
         logits = out[0]  # (N, 2); out[1] is the evidence map (N, 1, H/4, W/4), out[2] its coarser partial sums
         loss = F.cross_entropy(logits.float(), target, weight=self.class_weight)
         if supervise:
@@ -440,9 +445,8 @@ class LitSegmenter(_Base):
 
     def _deep_loss(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(full-resolution logits (N, 3, H, W), the deep-supervision loss over all levels)."""
-        if self._channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        logits, decoded = (self._compiled or self.net).forward_with_decoder(images, len(self.ds_heads))
+        net, images = self._prepared(images)
+        logits, decoded = net.forward_with_decoder(images, len(self.ds_heads))
         weights = [0.5**level for level in range(len(decoded) + 1)]
         loss = weights[0] * self.loss(logits, target)
         for w, head, features in zip(weights[1:], self.ds_heads, decoded):
