@@ -300,8 +300,8 @@ def checkpoint_callbacks(task: str, dirpath: Path) -> tuple[BestCheckpoint, Mode
     of the liver's and the tumour's Dice, the liver's alone without tumour in the validation
     reference) or val/auroc (classification). last.ckpt: rewritten at the end of every training
     epoch (after its validation), whatever best.ckpt does, so after a run it holds the end of
-    training, and a killed run resumes from its last finished epoch. (Lightning's own `save_last` writes only when a monitored
-    checkpoint is written, which left last.ckpt at the best epoch.)"""
+    training, and a killed run resumes from its last finished epoch. (Lightning's own `save_last`
+    writes only when a monitored checkpoint is written, which left last.ckpt at the best epoch.)"""
     monitor = "val/auroc" if task == "classification" else "val/dice_mean"
     best = BestCheckpoint(dirpath=dirpath, filename="best", monitor=monitor, mode="max", save_top_k=1,
                           auto_insert_metric_name=False, enable_version_counter=False)

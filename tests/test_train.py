@@ -154,9 +154,8 @@ class ScriptedDice(RegionDice):
         self.script, self.epoch, self.liver = script, epoch, liver or script
 
     def compute(self) -> torch.Tensor:
-        real = super().compute()
         e = self.epoch()
-        return torch.tensor([self.liver[e], self.script[e]], dtype=real.dtype)
+        return torch.tensor([self.liver[e], self.script[e]], dtype=torch.float32, device=self.inter.device)
 
 
 class ScriptedSegmenter(LitSegmenter):
