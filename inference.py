@@ -174,11 +174,11 @@ def keep_freed_memory(limit: int = KEEP_FREED_BYTES) -> bool:
     handing each back to the kernel. By default a large block (above 128 KiB at first, above 32 MiB
     at most: an activation of a forward pass) is mapped fresh and unmapped on free, so each forward
     faults its memory in anew, 4 KiB at a time: on the 2-core VM of BENCHMARKS.md a 512x512x200
-    --exact run took 5 million page faults, 9 s of system time and 19 s, 14 s with these settings. PyTorch's
-    performance tuning guide ("Switch Memory allocator") advises the same as an allocator swap
-    (jemalloc or tcmalloc by LD_PRELOAD);
-    these two mallopt settings get it in-process. The price is a resident size that stays at its
-    peak. Returns whether the settings took (False off glibc, e.g. macOS, Windows, musl)."""
+    --exact run took 5 million page faults, 9 s of system time and 19 s; 14 s with these settings.
+    PyTorch's performance tuning guide ("Switch Memory allocator") advises the same by swapping the
+    allocator (jemalloc or tcmalloc through LD_PRELOAD); two mallopt settings get it in-process. The
+    price: the resident size stays at its peak. Returns whether the settings took (False off glibc:
+    macOS, Windows, musl)."""
     try:
         if not os.confstr("CS_GNU_LIBC_VERSION"):
             return False
