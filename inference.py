@@ -196,12 +196,16 @@ def preprocess_volume(slices, hparams: dict, device: torch.device | str = "cpu",
     """Slices (Z, H, W) -> (Z, S, S) float32 in [0, 1] on `device`, exactly as training prepares them:
     `window_hu` with the checkpoint's window (skipped for `windowed` input such as 8-bit PNGs), then
     `resize_slices` to its image size. `chunk` slices at a time: both steps work slice by slice, and
-    a windowed copy of a whole 512x512x500 volume would hold another 0.5 GB at the peak."""
-    src = torch.as_tensor(slices)
+    a windowed copy of a whole 512x512x500 volume would hold another 0.5 GB at the peak. `slices` may
+    be a tensor or a numpy array of any dtype, byte order and strides (`volumes.load_volume(dtype=None)`):
+    a numpy chunk becomes float32 as it is copied, as `load_volume` would have made it."""
     size = int(hparams["image_size"])
-    out = torch.empty((src.shape[0], size, size), dtype=torch.float32, device=device)
-    for start in range(0, src.shape[0], chunk):
-        t = src[start:start + chunk].to(device)
+    num = len(slices)
+    out = torch.empty((num, size, size), dtype=torch.float32, device=device)
+    for start in range(0, num, chunk):
+        part = slices[start:start + chunk]
+        t = torch.as_tensor(np.ascontiguousarray(part, dtype=np.float32) if isinstance(part, np.ndarray) else part)
+        t = t.to(device)
         unit = t.float() if windowed else window_hu(t, hparams["window"])  # (c, H, W)
         out[start:start + chunk] = resize_slices(unit, size, "image")  # (c, S, S)
     return out

@@ -95,7 +95,7 @@ def classify_volume(get_net, source: Path | DicomSeries, hp: dict, device: torch
     `get_net()` once the volume has been read, so a bad file is reported without waiting for it.
     With --heatmap, the evidence maps of the most suspicious slices are drawn too."""
     case, _ = input_name(source)
-    hu, geom = read_volume(source)  # (Z, H, W) HU in slices order
+    hu, geom = read_volume(source, dtype=None)  # (Z, H, W) HU in slices order, as stored
     where = source.label if isinstance(source, DicomSeries) else source
     zs = np.arange(hu.shape[0]) if args.slice is None else np.array([slice_of_file(geom, args.slice, where)])
     probs = classify(get_net(), hu, hp, device, args.batch_size, zs, desc=case, cpu_bf16=args.cpu_bf16)

@@ -176,7 +176,7 @@ def _predict_volume(job: _Job, args: argparse.Namespace, hp: dict, device: torch
     source = job.source
     stem, _ = input_name(source)
     where = source.label if isinstance(source, DicomSeries) else source
-    hu, geom = read_volume(source)  # (Z, H, W) HU in slices order
+    hu, geom = read_volume(source, dtype=None)  # (Z, H, W) HU in slices order, as stored
     which = None
     if args.slice is not None:
         which = [slice_of_file(geom, args.slice, where)]

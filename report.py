@@ -568,7 +568,7 @@ def main(args: argparse.Namespace) -> dict:
                         f"must reference the series it segments)")
     check_output_dir(args.output_dir, args.overwrite)
     timing = {}
-    hu, geom = read_volume(source)  # (Z, H, W) HU in slices order
+    hu, geom = read_volume(source, dtype=None)  # (Z, H, W) HU in slices order, as stored
     name, _ = input_name(source)
     timing["load"] = time.perf_counter() - started  # the checkpoints and the volume
 

@@ -265,9 +265,12 @@ class Geometry:
         return cls(np.asarray(img.affine, dtype=np.float64), tuple(shape), qform, int(qcode or 0), sform,
                    int(scode or 0), tuple(u or "unknown" for u in units), source)
 
-    def to_slices(self, volume: np.ndarray) -> np.ndarray:
-        """File voxel order -> slices (Z, H, W) in (S, P, L) order."""
-        return np.ascontiguousarray(apply_orientation(volume, self._to_slices))
+    def to_slices(self, volume: np.ndarray, dtype=None, copy: bool = True) -> np.ndarray:
+        """File voxel order -> slices (Z, H, W) in (S, P, L) order: a C-contiguous array of its own in
+        `dtype` (default: the volume's), converted while it is copied; with `copy=False` a view of
+        `volume` (flips and a transpose: its strides may be negative)."""
+        view = apply_orientation(volume, self._to_slices)
+        return np.ascontiguousarray(view, dtype=dtype) if copy else view
 
     def to_file(self, slices: np.ndarray) -> np.ndarray:
         """Slices (Z, H, W) -> the file's own voxel order; the inverse of `to_slices`. Laid out as NIfTI
@@ -346,12 +349,21 @@ def read_nifti(path: Path):
     return img, data
 
 
-def load_volume(path: str | Path) -> tuple[np.ndarray, Geometry]:
-    """Read a NIfTI CT volume: returns HU as float32 slices (Z, H, W) in (S, P, L) order and its Geometry."""
+def load_volume(path: str | Path, dtype=np.float32) -> tuple[np.ndarray, Geometry]:
+    """Read a NIfTI CT volume: returns HU as slices (Z, H, W) in (S, P, L) order and its Geometry.
+
+    `dtype` float32 (the default): an array of its own. `dtype=None`: the values as nibabel gives them
+    (the file's own integers where its header does not scale them, int16 for most CT), as a view in
+    slices order, strides possibly negative (for an uncompressed file, of a copy-on-write memory map):
+    for a reader that takes a few slices at a time (`inference.preprocess_volume`). A float32 copy of
+    a 512x512x200 volume is 0.2 GB of fresh memory, and faulting it in took 0.2-0.9 s on the
+    2-core VM of BENCHMARKS.md."""
     path = Path(path)
     img, data = read_nifti(path)
     geom = Geometry.of_nifti(img, data.shape, str(path))
-    return geom.to_slices(data.astype(np.float32, copy=False)), geom
+    if dtype is None:
+        return geom.to_slices(data, copy=False), geom
+    return geom.to_slices(data, dtype=dtype), geom
 
 
 def load_label_volume(path: str | Path, expected_shape: tuple[int, ...] | None = None,
@@ -800,11 +812,12 @@ def one_volume(path: Path, inputs: list[tuple[Path | DicomSeries, str]]) -> bool
             and (Path(path).is_file() or isinstance(inputs[0][0], DicomSeries)))
 
 
-def read_volume(source: str | Path | DicomSeries) -> tuple[np.ndarray, Geometry]:
+def read_volume(source: str | Path | DicomSeries, dtype=np.float32) -> tuple[np.ndarray, Geometry]:
     """Any CT volume: HU as float32 slices (Z, H, W) in (S, P, L) order and its Geometry.
 
     `source` is a NIfTI file, a DicomSeries (from `find_inputs` or `find_dicom_series`), or a folder
-    holding exactly one DICOM CT series."""
+    holding exactly one DICOM CT series. `dtype=None`: a NIfTI file's values as stored, as a view
+    (`load_volume`); a DICOM series is float32 either way."""
     if isinstance(source, DicomSeries):
         return read_dicom_series(source)
     path = Path(source)
@@ -817,7 +830,7 @@ def read_volume(source: str | Path | DicomSeries) -> tuple[np.ndarray, Geometry]
     if _is_dicom_file(path):
         raise DataError(f"{path}: found a single DICOM file; expected a folder holding the whole series "
                         f"for a volume")
-    return load_volume(path)
+    return load_volume(path, dtype)
 
 
 # --------------------------------------------------------------------------------------------

@@ -255,6 +255,17 @@ def test_chunked_preprocessing_equals_the_whole_volume_at_once():
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
 
+def test_preprocessing_reads_any_dtype_byte_order_and_strides_as_float32_would():
+    # A big-endian int16 volume seen through flips (negative strides), as load_volume(dtype=None) may
+    # give it, against the float32 copy load_volume makes by default.
+    rng = np.random.default_rng(1)
+    stored = rng.integers(-1024, 2000, size=(7, 40, 30)).astype(">i2")[::-1, :, ::-1]
+    hp = {"window": WINDOW, "image_size": 24}
+    expected = inference.preprocess_volume(np.ascontiguousarray(stored, dtype=np.float32), hp)
+    got = inference.preprocess_volume(stored, hp, chunk=3)
+    assert torch.equal(got, expected)
+
+
 @pytest.mark.parametrize("task", ["segmentation", "classification"])
 def test_network_built_without_lightning_matches_lit_model(task):
     from lit_model import LIT_MODULES, build_network

@@ -144,6 +144,18 @@ def test_load_volume_applies_scl_slope_and_inter(tmp_path):
     np.testing.assert_array_equal(hu, expected)
 
 
+@pytest.mark.parametrize("affine", [np.diag([2.0, 3.0, -4.0, 1.0]), np.eye(4)])  # z flipped; identity
+def test_load_volume_as_stored_is_a_view_of_the_same_values(tmp_path, affine):
+    raw = (np.arange(3 * 4 * 5, dtype=np.int16).reshape(3, 4, 5) * 37 - 300).astype(np.int16)
+    path = save_nifti(tmp_path / "volume-0.nii", raw, affine)
+    hu, _ = volumes.load_volume(path)
+    stored, geom = volumes.load_volume(path, dtype=None)
+    assert stored.dtype == np.int16 and not stored.flags.owndata  # the file's integers, not a copy
+    np.testing.assert_array_equal(stored, hu)
+    np.testing.assert_array_equal(volumes.read_volume(path, dtype=None)[0], hu)
+    assert geom.shape == (3, 4, 5)
+
+
 # ------------------------------------------------------------------------------------------------
 # intensity and resizing
 # ------------------------------------------------------------------------------------------------
