@@ -8,6 +8,11 @@ logits put back in place) must come out voxel for voxel as the exact path's answ
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -326,14 +331,17 @@ print(took, plain, kept)
 """
 
 
-@pytest.mark.skipif(not hasattr(__import__("os"), "confstr") or not __import__("os").confstr("CS_GNU_LIBC_VERSION"),
-                    reason="mallopt is glibc's")
+def _glibc() -> bool:
+    try:
+        return bool(os.confstr("CS_GNU_LIBC_VERSION"))
+    except (AttributeError, ValueError):  # no confstr, or no such name: not glibc
+        return False
+
+
+@pytest.mark.skipif(not _glibc(), reason="mallopt is glibc's")
 def test_keep_freed_memory_lets_a_freed_block_be_reused_without_faulting_it_in_again():
     # A fresh process: the setting is process-wide. 8 rounds of a 64 MiB tensor: 16,384 pages each
     # (torch, unlike numpy, does not ask for huge pages, so a block faults in 4 KiB at a time).
-    import subprocess
-    import sys
-    from pathlib import Path
     root = Path(inference.__file__).resolve().parent
     out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT], capture_output=True, text=True, check=True, cwd=root)
     took, plain, kept = out.stdout.split()
