@@ -813,7 +813,7 @@ def one_volume(path: Path, inputs: list[tuple[Path | DicomSeries, str]]) -> bool
 
 
 def read_volume(source: str | Path | DicomSeries, dtype=np.float32) -> tuple[np.ndarray, Geometry]:
-    """Any CT volume: HU as float32 slices (Z, H, W) in (S, P, L) order and its Geometry.
+    """Any CT volume: HU as slices (Z, H, W) in (S, P, L) order, float32 by default, and its Geometry.
 
     `source` is a NIfTI file, a DicomSeries (from `find_inputs` or `find_dicom_series`), or a folder
     holding exactly one DICOM CT series. `dtype=None`: a NIfTI file's values as stored, as a view
