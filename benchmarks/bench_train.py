@@ -132,7 +132,8 @@ def loader_batches(task: str, size: int, batch: int, device, workers: int, tmp: 
     dm.prepare_data()
     dm.setup("fit")
     while True:
-        for x, y in dm.train_dataloader():
+        for batch in dm.train_dataloader():  # classification batches also carry the tumour mask: unused here
+            x, y = batch[0], batch[1]
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
