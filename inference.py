@@ -507,7 +507,8 @@ def _placed_head(box: Box, grid: int, size: Sequence[int]) -> Callable[[torch.Te
 class FastInfo:
     """What the fast path did to one volume: the bounding block of what it segmented at full
     resolution (None: the coarse pass found no liver and every slice was segmented), how many slices
-    each pass ran (a slice run again on a wider crop counts again), how many times the block grew
+    each pass ran (a slice run again on a wider crop counts again, so the full-resolution count can
+    exceed the block's slices), how many times the block grew
     because the liver reached its edge, the share of the volume's model-grid voxels inside the final
     crops, and whether it ran in bf16."""
 
@@ -521,8 +522,9 @@ class FastInfo:
     def summary(self, num_slices: int) -> dict:
         """What the fast path did, for a report: slices through each pass, the share of the volume's
         model-grid voxels inside the full-resolution crops, and how often the block had to grow."""
+        block = num_slices if self.box is None else self.box.z1 - self.box.z0
         return {"slices": num_slices, "coarse_slices": self.coarse_slices, "full_resolution_slices": self.full_slices,
-                "share_of_volume": round(self.share, 4), "liver_found": self.box is not None, "grown": self.grown,
+                "block_slices": block, "share_of_volume": round(self.share, 4), "liver_found": self.box is not None, "grown": self.grown,
                 "bf16": self.bf16}
 
 

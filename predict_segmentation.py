@@ -246,8 +246,10 @@ def print_report(report: dict) -> None:
                   for d in report["lesions"]]
         if "fast_path" in report:
             f = report["fast_path"]
-            lines.append(f"  fast path: {f['full_resolution_slices']} of {f['slices']} slices at full resolution, "
-                         f"{100 * f['share_of_volume']:.0f} % of the volume" +
+            rerun = f["full_resolution_slices"] - f["block_slices"]
+            lines.append(f"  fast path: {f['block_slices']} of {f['slices']} slices at full resolution" +
+                         (f" ({rerun} run again on a wider crop)" if rerun > 0 else "") +
+                         f", {100 * f['share_of_volume']:.0f} % of the volume" +
                          ("" if f["liver_found"] else " (the coarse pass found no liver: every slice)") +
                          (", bf16" if f["bf16"] else "") + "; --exact for the reference path")
     else:

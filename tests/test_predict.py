@@ -144,6 +144,9 @@ def test_fast_path_writes_the_exact_answer(ckpts, tmp_path, monkeypatch):
     assert dice(np.asarray(fast.dataobj) >= 1, truth >= 1) > 0.95  # 96 -> 48 -> 96 blurs the edges only
     summary = reports["fast"]["fast_path"]
     assert 0 < summary["full_resolution_slices"] < truth.shape[2] and summary["bf16"] is False
+    liver_slices = int((truth >= 1).any(axis=(0, 1)).sum())  # the block holds the liver and leaves slices out
+    assert liver_slices <= summary["block_slices"] <= summary["full_resolution_slices"]
+    assert summary["block_slices"] < summary["slices"] == truth.shape[2]
 
 
 def test_slice_option_predicts_the_files_own_slice(phantoms, ckpts, tmp_path, monkeypatch):
@@ -246,8 +249,10 @@ def test_cuda_bf16_path_gives_the_cpu_answer_with_an_oracle(phantoms, ckpts, tmp
     oracle = Oracle(unit_slices(volume, 48).cuda(), torch.from_numpy(truth_slices).cuda())
     use_oracle(monkeypatch, oracle)
     out = tmp_path / "pred.nii.gz"
+    # --exact: the oracle knows whole slices at the model's size (see the CPU test above); on CUDA the
+    # exact path runs in bf16 as the fast one does.
     ps.main(seg_args("--checkpoint", ckpts["seg48"], "--input", volume, "--output", out, "--no-postprocess",
-                     "--device", "cuda"))
+                     "--device", "cuda", "--exact"))
     np.testing.assert_array_equal(np.asarray(nib.load(out).dataobj), np.asarray(nib.load(segmentation).dataobj))
 
 
