@@ -326,6 +326,7 @@ def faults_of(rounds):
 
 plain = faults_of(8)
 took = inference.keep_freed_memory()
+faults_of(8)  # the heap grows to hold the blocks glibc's layout needs (one to a few, run to run)
 kept = faults_of(8)
 print(took, plain, kept)
 """
@@ -348,4 +349,4 @@ def test_keep_freed_memory_lets_a_freed_block_be_reused_without_faulting_it_in_a
     pages = 16 << 20 >> 10  # 64 MiB in 4 KiB pages
     assert took == "True"
     assert int(plain) >= 8 * pages * 0.9  # each round mapped anew and faulted in page by page
-    assert int(kept) <= 3 * pages  # the first round or two fault it in; the others reuse its pages
+    assert int(kept) <= pages // 4  # once grown, the heap's pages are reused: next to no faults
