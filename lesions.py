@@ -20,6 +20,9 @@ all measure with this module, so one rule gives one number everywhere:
   slice nearest the lesion's centroid, then the lower index); its long axis is that slice's.
 - Short axis: the longest chord of the lesion perpendicular to the long axis, in the key slice
   (`short_axis` says exactly how the chord is discretised).
+- RECIST 1.1 measurable: long axis >= 10 mm, or >= twice the slice spacing where slices lie more than
+  5 mm apart (the spacing stands in for the slice thickness, which NIfTI does not record); the target
+  lesions are the two measurable lesions with the longest long axes (the liver is one organ).
 """
 from __future__ import annotations
 
@@ -33,6 +36,13 @@ from scipy.spatial import ConvexHull, QhullError
 from scipy.spatial.distance import pdist, squareform
 
 _TOL_MM = 1e-6  # lengths closer than this are equal (pixel spacings are far coarser)
+
+# RECIST 1.1 (Eisenhauer et al. 2009, section 3.1.1 and 4.2): on CT a lesion is measurable from a
+# long axis of 10 mm where slices are at most 5 mm thick, else from twice the slice thickness; the
+# target lesions of one organ are at most its two largest measurable lesions, and the sum of their
+# long axes is what response is judged on.
+RECIST_MIN_LONG_AXIS_MM = 10.0
+RECIST_TARGETS_PER_ORGAN = 2
 
 
 def nonzero_box(labels: np.ndarray) -> tuple[slice, ...] | None:
@@ -296,6 +306,20 @@ def measure_lesions(labels: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.
     return [replace(lesion, id=rank) for rank, lesion in enumerate(found, start=1)]
 
 
+def recist_measurable(long_axis_mm: float, slice_mm: float) -> bool:
+    """RECIST 1.1's measurability on CT: a long axis of at least 10 mm, or of twice the slice thickness
+    where that is over 5 mm (here the slice spacing, `slice_mm`)."""
+    return long_axis_mm >= max(RECIST_MIN_LONG_AXIS_MM, 2.0 * float(slice_mm)) - _TOL_MM
+
+
+def recist_targets(records: Sequence[dict]) -> list[int]:
+    """Ids of RECIST 1.1's target lesions among `lesion_record`s of one liver: the measurable ones with
+    the longest long axes, at most two (ties: the larger lesion, that is the lower id)."""
+    measurable = [d for d in records if d.get("measurable")]
+    ranked = sorted(measurable, key=lambda d: (-d["long_axis_mm"], d["id"]))
+    return [d["id"] for d in ranked[:RECIST_TARGETS_PER_ORGAN]]
+
+
 def lesion_record(lesion: Lesion, spacing: Sequence[float] | None, file_slice: Callable[[int], int] | None = None,
                   affine: np.ndarray | None = None) -> dict:
     """A lesion as a report names it. With `spacing` (dz, dy, dx): volume in mL, axes in mm, `slice` the
@@ -304,7 +328,8 @@ def lesion_record(lesion: Lesion, spacing: Sequence[float] | None, file_slice: C
     (z, row, column) -> world RAS mm, `Geometry.slices_affine`) the key slice's in-plane centre in
     world coordinates: `centre_ras_mm` (NIfTI's RAS+: x grows towards the patient's right, y towards
     anterior, z towards superior) and `centre_lps_mm` (DICOM's LPS+: x towards the patient's left, y
-    towards posterior; the same point). Without spacing (a 2D image): pixels."""
+    towards posterior; the same point); `measurable` is RECIST 1.1's rule (`recist_measurable`). Without
+    spacing (a 2D image): pixels."""
     if spacing is None:
         return {"id": lesion.id, "pixels": lesion.voxels, "area_px": float(lesion.voxels),
                 "long_axis_px": lesion.axes.long, "short_axis_px": lesion.axes.short}
@@ -313,7 +338,7 @@ def lesion_record(lesion: Lesion, spacing: Sequence[float] | None, file_slice: C
     ends = sorted(to_file(z) for z in lesion.z_range)
     record = {"id": lesion.id, "voxels": lesion.voxels, "volume_ml": lesion.voxels * dz * dy * dx / 1000.0,
               "long_axis_mm": lesion.axes.long, "short_axis_mm": lesion.axes.short, "slice": to_file(lesion.z),
-              "first_slice": ends[0], "last_slice": ends[1]}
+              "first_slice": ends[0], "last_slice": ends[1], "measurable": recist_measurable(lesion.axes.long, dz)}
     if lesion.mean_hu is not None:
         record["mean_hu"] = lesion.mean_hu
     if affine is not None:
@@ -332,6 +357,7 @@ def measure(labels: np.ndarray, spacing: Sequence[float] | None = None,
     (`file_slice`), mean HU with `hu`, centres in world coordinates with `affine` (`lesion_record`).
     Without spacing (2D images): areas and axes in pixels. Tumour burden = tumour / liver in %, 0 for
     a volume without liver (a prediction without liver claims no tumour, as evaluate.py counts it).
+    With spacing also RECIST 1.1's target lesions (`recist_targets`) and the sum of their long axes.
     `found` passes lesions already measured (`measure_lesions`) instead of measuring them again."""
     labels = np.asarray(labels)
     block = nonzero_box(labels)
@@ -345,10 +371,17 @@ def measure(labels: np.ndarray, spacing: Sequence[float] | None = None,
     else:
         unit, scale = "area_px", 1.0
     burden = tumor_burden(sub) if liver_n else 0.0
-    return {
+    records = [lesion_record(lesion, spacing, file_slice, affine) for lesion in found]
+    result = {
         f"liver_{unit}": liver_n * scale,
         f"tumor_{unit}": tumor_n * scale,
         "tumor_burden_percent": 100.0 * burden,
         "num_lesions": len(found),
-        "lesions": [lesion_record(lesion, spacing, file_slice, affine) for lesion in found],
+        "lesions": records,
     }
+    if spacing is not None:
+        targets = recist_targets(records)
+        by_id = {d["id"]: d for d in records}
+        result["recist_target_lesions"] = targets
+        result["recist_sum_long_axes_mm"] = float(sum(by_id[i]["long_axis_mm"] for i in targets))
+    return result

@@ -241,9 +241,14 @@ def print_report(report: dict) -> None:
         where = f" (slice {report['slice']})" if report["slice"] is not None else ""
         lines.append(f"  liver {report['liver_volume_ml']:.1f} mL, tumor {report['tumor_volume_ml']:.2f} mL "
                      f"(burden {report['tumor_burden_percent']:.2f} %), {report['num_lesions']} lesion(s){where}")
+        targets = report["recist_target_lesions"]
         lines += [f"    lesion {d['id']}: {d['volume_ml']:.2f} mL, long axis {d['long_axis_mm']:.1f} mm, short axis "
                   f"{d['short_axis_mm']:.1f} mm (slice {d['slice']}; slices {d['first_slice']}-{d['last_slice']})"
+                  + (", RECIST target" if d["id"] in targets else ", RECIST measurable" if d["measurable"] else "")
                   for d in report["lesions"]]
+        if targets:
+            lines.append(f"  RECIST 1.1 target lesions: {', '.join(map(str, targets))} (sum of long axes "
+                         f"{report['recist_sum_long_axes_mm']:.1f} mm)")
         if "fast_path" in report:
             f = report["fast_path"]
             rerun = f["full_resolution_slices"] - f["block_slices"]

@@ -428,6 +428,9 @@ def render_html(report: dict, key_images: dict[int, str], plot: str) -> str:
                     ("tumour volume", f"{report['tumor_volume_ml']:.2f} mL"),
                     ("tumour burden", f"{report['tumor_burden_percent']:.2f} % of the liver (tumour included)"),
                     ("lesions", str(report["num_lesions"])),
+                    ("RECIST 1.1 target lesions", (f"{', '.join(map(str, report['recist_target_lesions']))} (sum of long "
+                                                   f"axes {report['recist_sum_long_axes_mm']:.1f} mm)"
+                                                   if report["recist_target_lesions"] else "none (no lesion is measurable)")),
                     ("classifier, whole volume", f"{cls['verdict']} (tumour probability {cls['volume_probability']:.3f}, "
                      f"the mean of its 3 most suspicious slices; threshold {cls['threshold']:.3f}); "
                      f"{cls['tumor_slices']} of {len(report['slices'])} slices at or above the threshold"),
@@ -438,11 +441,12 @@ def render_html(report: dict, key_images: dict[int, str], plot: str) -> str:
         f"<tr><td class=n>{d['id']}</td><td class=n>{d['volume_ml']:.2f}</td><td class=n>{d['long_axis_mm']:.1f}</td>"
         f"<td class=n>{d['short_axis_mm']:.1f}</td><td class=n>{_num(d.get('mean_hu'), 0)}</td>"
         f"<td class=n>{d['slice']}</td><td class=n>{d['first_slice']}–{d['last_slice']}</td>"
-        f"<td class=n>{', '.join(f'{v:.1f}' for v in d['centre_ras_mm'])}</td></tr>"
+        f"<td class=n>{', '.join(f'{v:.1f}' for v in d['centre_ras_mm'])}</td>"
+        f"<td>{'target' if d['id'] in report['recist_target_lesions'] else 'measurable' if d['measurable'] else ''}</td></tr>"
         for d in report["lesions"][:TABLE_ROWS])
     lesion_table = ("<p>No tumour was segmented.</p>" if not report["lesions"] else
                     "<table><tr><th>lesion</th><th>volume (mL)</th><th>long axis (mm)</th><th>short axis (mm)</th>"
-                    "<th>mean HU</th><th>key slice</th><th>slices</th><th>centre, RAS (mm)</th></tr>"
+                    "<th>mean HU</th><th>key slice</th><th>slices</th><th>centre, RAS (mm)</th><th>RECIST 1.1</th></tr>"
                     + lesion_rows + "</table>")
     rest = report["lesions"][TABLE_ROWS:]
     if rest:
@@ -488,7 +492,9 @@ def render_html(report: dict, key_images: dict[int, str], plot: str) -> str:
 two of its pixel centres in its key slice (the axial slice where that is longest); short axis: the longest chord
 inside the lesion perpendicular to it, in the same slice (RECIST 1.1). Slices are numbered as the file numbers them;
 the centre is the lesion's centre in its key slice in world coordinates (RAS: x towards the patient's right,
-y anterior, z superior; DICOM's LPS is (−x, −y, z)).</p>
+y anterior, z superior; DICOM's LPS is (−x, −y, z)). RECIST 1.1: a lesion is measurable from a long axis of 10 mm
+(twice the slice spacing where slices lie more than 5 mm apart); the target lesions are the two measurable ones with
+the longest long axes, and the sum of their long axes is what response is judged on.</p>
 <h2>Key images</h2>{figures or '<p>No lesion to show.</p>'}
 <h2>The two models along the slices</h2>
 <figure><img alt="tumour probability and tumour area along the slices" src="data:image/png;base64,{plot}">
@@ -620,6 +626,10 @@ def main(args: argparse.Namespace) -> dict:
                          "where this is largest (RECIST 1.1 longest diameter)",
             "short_axis": "longest chord inside the lesion (the region its pixel centres span) perpendicular to the "
                           "long axis, in the key slice",
+            "measurable": "RECIST 1.1 on CT: long axis >= 10 mm, or >= twice the slice spacing where slices lie "
+                          "more than 5 mm apart (the spacing stands in for the slice thickness)",
+            "recist_target_lesions": "the measurable lesions with the longest long axes, at most two (one organ); "
+                                     "recist_sum_long_axes_mm is the sum of their long axes",
             "centre": "mean position of the lesion's pixels in its key slice, world coordinates of the input: "
                       "centre_ras_mm (NIfTI RAS+) and centre_lps_mm (DICOM LPS+)",
             "slices": "the input's own numbering: a NIfTI file's index along its axial axis; a DICOM series' order "

@@ -58,7 +58,38 @@ def test_measure_by_hand_volumes_axes_slices_hu_and_centre():
     assert r2["liver_area_px"] == 256 and r2["tumor_area_px"] == 7 and r2["num_lesions"] == 3
     assert r2["lesions"][0] == {"id": 1, "pixels": 5, "area_px": 5.0, "long_axis_px": 4.0, "short_axis_px": 0.0}
     assert lesions.measure(np.zeros((3, 8, 8), np.uint8), spacing) == {
-        "liver_volume_ml": 0.0, "tumor_volume_ml": 0.0, "tumor_burden_percent": 0.0, "num_lesions": 0, "lesions": []}
+        "liver_volume_ml": 0.0, "tumor_volume_ml": 0.0, "tumor_burden_percent": 0.0, "num_lesions": 0, "lesions": [],
+        "recist_target_lesions": [], "recist_sum_long_axes_mm": 0.0}
+    assert not a["measurable"] and not b["measurable"]  # 3.2 and 1.6 mm: far below 10 mm
+    assert r["recist_target_lesions"] == [] and r["recist_sum_long_axes_mm"] == 0.0
+
+
+def test_recist_measurable_lesions_and_targets_by_hand():
+    # Four bars in one slice at 0.5 mm columns: n pixels in a row span (n - 1) * 0.5 mm between centres.
+    labels = np.zeros((3, 40, 60), dtype=np.uint8)
+    labels[1, 2, 0:21] = 2   # 10.0 mm: exactly RECIST's 10 mm, measurable
+    labels[1, 6, 0:20] = 2   #  9.5 mm: not
+    labels[1, 10, 0:41] = 2  # 20.0 mm
+    labels[1, 14, 0:31] = 2  # 15.0 mm
+    labels[1, 18:20, 0:31] = 2  # two rows: its diagonal, hypot(0.5, 15) mm, just beats the 15-mm bar
+    r = lesions.measure(labels, (2.5, 0.5, 0.5))
+    by_long = {round(d["long_axis_mm"], 6): d for d in r["lesions"] if d["voxels"] != 62}
+    assert by_long[10.0]["measurable"] and not by_long[9.5]["measurable"] and by_long[20.0]["measurable"]
+    # Ids go by size: 62 (two-row bar), 41, 31, 21, 20 voxels -> ids 1..5; targets: the two longest
+    # measurable, 20 mm (id 2) and the two-row bar (id 1); the 15-mm bar is a third, left out.
+    assert [d["voxels"] for d in r["lesions"]] == [62, 41, 31, 21, 20]
+    assert r["recist_target_lesions"] == [2, 1]
+    assert r["recist_sum_long_axes_mm"] == pytest.approx(20.0 + math.hypot(0.5, 15.0))
+    # Slices 6 mm apart: measurable from twice that, 12 mm.
+    thick = lesions.measure(labels, (6.0, 0.5, 0.5))
+    assert [d["measurable"] for d in thick["lesions"]] == [True, True, True, False, False]
+    assert lesions.recist_measurable(12.0, 6.0) and not lesions.recist_measurable(11.9, 6.0)
+    assert lesions.recist_measurable(10.0, 5.0) and not lesions.recist_measurable(9.99, 1.0)
+    # Equal long axes: the larger lesion (the lower id) first; a longer lesion that is not measurable
+    # (on thick slices) is no target.
+    records = [{"id": 1, "long_axis_mm": 12.0, "measurable": True}, {"id": 2, "long_axis_mm": 18.0, "measurable": False},
+               {"id": 3, "long_axis_mm": 12.0, "measurable": True}, {"id": 4, "long_axis_mm": 12.0, "measurable": True}]
+    assert lesions.recist_targets(records) == [1, 3]
 
 
 def test_lesions_are_face_connected_in_3d():

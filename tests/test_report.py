@@ -98,6 +98,10 @@ def check_against_labels(out: Path, saved: dict, source) -> np.ndarray:
         assert tumor[:, :, d["slice"]].any()
         assert d["long_axis_mm"] >= d["short_axis_mm"] >= 0
         assert d["long_axis_mm"] in [pytest.approx(v) for v in diameters]
+        assert d["measurable"] == (d["long_axis_mm"] >= max(10.0, 2 * dz) - 1e-6)  # RECIST 1.1 on CT
+    longest = sorted((d for d in saved["lesions"] if d["measurable"]), key=lambda d: (-d["long_axis_mm"], d["id"]))[:2]
+    assert saved["recist_target_lesions"] == [d["id"] for d in longest]  # at most two per organ
+    assert saved["recist_sum_long_axes_mm"] == pytest.approx(sum(d["long_axis_mm"] for d in longest))
     # Every slice, in the file's numbering, has a probability and the area the file shows.
     rows = saved["slices"]
     assert [r["slice"] for r in rows] == list(range(labels.shape[2])) == list(range(saved["num_slices"]))
@@ -119,6 +123,8 @@ def check_page(out: Path, saved: dict, key_images: int) -> str:
     for offline in ("http://", "https://", "<script", "<link", "@import"):
         assert offline not in page  # opens offline: nothing to fetch, nothing to run
     assert "not a medical device" in page
+    if saved["recist_target_lesions"]:
+        assert f"sum of long axes {saved['recist_sum_long_axes_mm']:.1f} mm" in page
     return page
 
 
@@ -135,6 +141,7 @@ def test_nifti_report_agrees_with_its_labels_and_finds_the_disagreements(study, 
     np.testing.assert_array_equal(labels, np.asarray(nib.load(study["segmentation"]).dataobj))  # the oracle's
     np.testing.assert_allclose(nib.load(out / "volume-0_seg.nii.gz").affine, nib.load(study["volume"]).affine)
     assert saved["num_lesions"] == 2 and saved["lesions"][1]["short_axis_mm"] > 0
+    assert saved["recist_target_lesions"] == [1, 2]  # 46 and 16 mm long, slices 4.8 mm apart: both measurable
 
     # The classifier's probabilities are the oracle's calls, slice by slice in the file's numbering.
     geom = study["geom"]
