@@ -235,6 +235,18 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+PRINTED_LESIONS = 10  # the largest lesions printed; --report's JSON holds every one
+
+
+def _rest_line(rest: list[dict], unit: str, key: str) -> list[str]:
+    """One line for the lesions not printed (a model still learning can leave hundreds of specks)."""
+    if not rest:
+        return []
+    total = sum(d[key] for d in rest)
+    amount = f"{total:.2f} {unit}" if unit == "mL" else f"{total:.0f} {unit}"
+    return [f"    ... and {len(rest)} smaller lesion(s), {amount} together (each in --report FILE.json)"]
+
+
 def print_report(report: dict) -> None:
     lines = [f"{report['input']} -> {report['output']}" + (f" + {report['overlay']}" if "overlay" in report else "")]
     if report["kind"] == "volume":
@@ -245,7 +257,8 @@ def print_report(report: dict) -> None:
         lines += [f"    lesion {d['id']}: {d['volume_ml']:.2f} mL, long axis {d['long_axis_mm']:.1f} mm, short axis "
                   f"{d['short_axis_mm']:.1f} mm (slice {d['slice']}; slices {d['first_slice']}-{d['last_slice']})"
                   + (", RECIST target" if d["id"] in targets else ", RECIST measurable" if d["measurable"] else "")
-                  for d in report["lesions"]]
+                  for d in report["lesions"][:PRINTED_LESIONS]]
+        lines += _rest_line(report["lesions"][PRINTED_LESIONS:], "mL", "volume_ml")
         if targets:
             lines.append(f"  RECIST 1.1 target lesions: {', '.join(map(str, targets))} (sum of long axes "
                          f"{report['recist_sum_long_axes_mm']:.1f} mm)")
@@ -261,7 +274,8 @@ def print_report(report: dict) -> None:
         lines.append(f"  liver {report['liver_area_px']:.0f} px, tumor {report['tumor_area_px']:.0f} px "
                      f"(burden {report['tumor_burden_percent']:.2f} %), {report['num_lesions']} lesion(s)")
         lines += [f"    lesion {d['id']}: {d['area_px']:.0f} px, long axis {d['long_axis_px']:.1f} px, short axis "
-                  f"{d['short_axis_px']:.1f} px" for d in report["lesions"]]
+                  f"{d['short_axis_px']:.1f} px" for d in report["lesions"][:PRINTED_LESIONS]]
+        lines += _rest_line(report["lesions"][PRINTED_LESIONS:], "px", "area_px")
     if "metrics" in report:
         lines.append("  against " + report["ground_truth"] + ": " +
                      ", ".join(f"{k} {_fmt(v)}" for k, v in report["metrics"].items()))

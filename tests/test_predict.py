@@ -721,3 +721,19 @@ def test_tta_flag_writes_labels_on_the_input_grid(phantoms, ckpts, tmp_path):
     written, source = nib.load(str(out)), nib.load(str(volume))
     assert written.shape == source.shape and np.allclose(written.affine, source.affine)
     assert set(np.unique(np.asarray(written.dataobj)).tolist()) <= {0, 1, 2}
+
+
+def test_printout_lists_the_ten_largest_lesions_and_sums_the_rest(capsys):
+    lesion = {"short_axis_mm": 1.0, "slice": 3, "first_slice": 3, "last_slice": 3}
+    found = [dict(lesion, id=i, volume_ml=10.0 / i, long_axis_mm=20.0 / i, measurable=20.0 / i >= 10) for i in range(1, 14)]
+    ps.print_report({"input": "ct.nii", "output": "ct_seg.nii.gz", "kind": "volume", "slice": None,
+                     "liver_volume_ml": 1500.0, "tumor_volume_ml": sum(d["volume_ml"] for d in found),
+                     "tumor_burden_percent": 1.0, "num_lesions": 13, "lesions": found,
+                     "recist_target_lesions": [1, 2], "recist_sum_long_axes_mm": 30.0})
+    out = capsys.readouterr().out.splitlines()
+    printed = [line for line in out if line.startswith("    lesion ")]
+    assert [line.split(":")[0].split()[-1] for line in printed] == [str(i) for i in range(1, 11)]
+    assert printed[0].endswith("RECIST target") and printed[1].endswith("RECIST target") and printed[2].endswith(")")
+    rest = 10 / 11 + 10 / 12 + 10 / 13  # lesions 11-13
+    assert f"... and 3 smaller lesion(s), {rest:.2f} mL together" in out[-2]
+    assert out[-1] == "  RECIST 1.1 target lesions: 1, 2 (sum of long axes 30.0 mm)"
