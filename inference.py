@@ -524,8 +524,8 @@ class FastInfo:
         model-grid voxels inside the full-resolution crops, and how often the block had to grow."""
         block = num_slices if self.box is None else self.box.z1 - self.box.z0
         return {"slices": num_slices, "coarse_slices": self.coarse_slices, "full_resolution_slices": self.full_slices,
-                "block_slices": block, "share_of_volume": round(self.share, 4), "liver_found": self.box is not None, "grown": self.grown,
-                "bf16": self.bf16}
+                "block_slices": block, "share_of_volume": round(self.share, 4), "liver_found": self.box is not None,
+                "grown": self.grown, "bf16": self.bf16}
 
 
 def segment(net: nn.Module, slices, hparams: dict, device: torch.device | str = "cpu", fast: bool = True,

@@ -320,6 +320,12 @@ def recist_targets(records: Sequence[dict]) -> list[int]:
     return [d["id"] for d in ranked[:RECIST_TARGETS_PER_ORGAN]]
 
 
+def recist_role(record: dict, targets: Sequence[int]) -> str:
+    """What RECIST 1.1 makes of one lesion record, for a table or a printout: "target", "measurable"
+    (not among the targets) or "" (too small to measure)."""
+    return "target" if record["id"] in targets else "measurable" if record["measurable"] else ""
+
+
 def lesion_record(lesion: Lesion, spacing: Sequence[float] | None, file_slice: Callable[[int], int] | None = None,
                   affine: np.ndarray | None = None) -> dict:
     """A lesion as a report names it. With `spacing` (dz, dy, dx): volume in mL, axes in mm, `slice` the
@@ -381,7 +387,6 @@ def measure(labels: np.ndarray, spacing: Sequence[float] | None = None,
     }
     if spacing is not None:
         targets = recist_targets(records)
-        by_id = {d["id"]: d for d in records}
         result["recist_target_lesions"] = targets
-        result["recist_sum_long_axes_mm"] = float(sum(by_id[i]["long_axis_mm"] for i in targets))
+        result["recist_sum_long_axes_mm"] = float(sum(d["long_axis_mm"] for d in records if d["id"] in targets))
     return result

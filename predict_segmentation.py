@@ -44,7 +44,7 @@ import torch
 from tqdm import tqdm
 
 from inference import FlipTTA, add_runtime_flags, load_checkpoint, postprocess, runtime, segment
-from lesions import measure
+from lesions import measure, recist_role
 from volumes import (DICOM_SUFFIX, VOLUME_SUFFIXES, DataError, DicomSeries, atomic_write_text, ensure_folder,
                      find_inputs, input_name, load_label_volume, load_slice_image, one_volume, read_volume,
                      run_cli, slice_of_file, write_labels, write_png)
@@ -256,7 +256,7 @@ def print_report(report: dict) -> None:
         targets = report["recist_target_lesions"]
         lines += [f"    lesion {d['id']}: {d['volume_ml']:.2f} mL, long axis {d['long_axis_mm']:.1f} mm, short axis "
                   f"{d['short_axis_mm']:.1f} mm (slice {d['slice']}; slices {d['first_slice']}-{d['last_slice']})"
-                  + (", RECIST target" if d["id"] in targets else ", RECIST measurable" if d["measurable"] else "")
+                  + (f", RECIST {role}" if (role := recist_role(d, targets)) else "")
                   for d in report["lesions"][:PRINTED_LESIONS]]
         lines += _rest_line(report["lesions"][PRINTED_LESIONS:], "mL", "volume_ml")
         if targets:

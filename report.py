@@ -43,7 +43,7 @@ import torch
 
 from inference import (add_runtime_flags, classify, cpu_has_fast_bf16, load_checkpoint, postprocess, runtime,
                        segment, volume_score)
-from lesions import Lesion, label_lesions, measure, measure_lesions
+from lesions import Lesion, label_lesions, measure, measure_lesions, recist_role
 from volumes import (CLS_CLASSES, DataError, DicomSeries, atomic_folder, find_inputs, input_name, one_volume,
                      read_volume, run_cli, window_hu, write_labels)
 
@@ -424,13 +424,14 @@ def render_html(report: dict, key_images: dict[int, str], plot: str) -> str:
                        ("patient id", study.get("patient_id", "withheld (--show-identifiers)")),
                        ("study date", study.get("study_date", "withheld (--show-identifiers)"))]
     runs = report["disagreements"]
+    targets = report["recist_target_lesions"]
+    targets_text = (f"{', '.join(map(str, targets))} (sum of long axes {report['recist_sum_long_axes_mm']:.1f} mm)"
+                    if targets else "none (no lesion is measurable)")
     summary_rows = [("liver volume", f"{report['liver_volume_ml']:.1f} mL"),
                     ("tumour volume", f"{report['tumor_volume_ml']:.2f} mL"),
                     ("tumour burden", f"{report['tumor_burden_percent']:.2f} % of the liver (tumour included)"),
                     ("lesions", str(report["num_lesions"])),
-                    ("RECIST 1.1 target lesions", (f"{', '.join(map(str, report['recist_target_lesions']))} (sum of long "
-                                                   f"axes {report['recist_sum_long_axes_mm']:.1f} mm)"
-                                                   if report["recist_target_lesions"] else "none (no lesion is measurable)")),
+                    ("RECIST 1.1 target lesions", targets_text),
                     ("classifier, whole volume", f"{cls['verdict']} (tumour probability {cls['volume_probability']:.3f}, "
                      f"the mean of its 3 most suspicious slices; threshold {cls['threshold']:.3f}); "
                      f"{cls['tumor_slices']} of {len(report['slices'])} slices at or above the threshold"),
@@ -442,7 +443,7 @@ def render_html(report: dict, key_images: dict[int, str], plot: str) -> str:
         f"<td class=n>{d['short_axis_mm']:.1f}</td><td class=n>{_num(d.get('mean_hu'), 0)}</td>"
         f"<td class=n>{d['slice']}</td><td class=n>{d['first_slice']}–{d['last_slice']}</td>"
         f"<td class=n>{', '.join(f'{v:.1f}' for v in d['centre_ras_mm'])}</td>"
-        f"<td>{'target' if d['id'] in report['recist_target_lesions'] else 'measurable' if d['measurable'] else ''}</td></tr>"
+        f"<td>{recist_role(d, targets)}</td></tr>"
         for d in report["lesions"][:TABLE_ROWS])
     lesion_table = ("<p>No tumour was segmented.</p>" if not report["lesions"] else
                     "<table><tr><th>lesion</th><th>volume (mL)</th><th>long axis (mm)</th><th>short axis (mm)</th>"
