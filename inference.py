@@ -528,6 +528,14 @@ class FastInfo:
                 "grown": self.grown, "bf16": self.bf16}
 
 
+def fast_path_slices(summary: dict) -> str:
+    """'N of M slices' of a `FastInfo.summary`: the slices of the block segmented at full resolution,
+    and how many of them ran again on a wider crop, for a printout or a report."""
+    rerun = summary["full_resolution_slices"] - summary["block_slices"]
+    return f"{summary['block_slices']} of {summary['slices']} slices" + (
+        f" ({rerun} run again on a wider crop)" if rerun > 0 else "")
+
+
 def segment(net: nn.Module, slices, hparams: dict, device: torch.device | str = "cpu", fast: bool = True,
             batch_size: int = 8, which: Sequence[int] | None = None, windowed: bool = False, lone: bool = False,
             desc: str | None = None, cpu_bf16: bool | None = None, info: list | None = None) -> np.ndarray:

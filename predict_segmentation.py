@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from inference import FlipTTA, add_runtime_flags, load_checkpoint, postprocess, runtime, segment
+from inference import FlipTTA, add_runtime_flags, fast_path_slices, load_checkpoint, postprocess, runtime, segment
 from lesions import measure, recist_role
 from volumes import (DICOM_SUFFIX, VOLUME_SUFFIXES, DataError, DicomSeries, atomic_write_text, ensure_folder,
                      find_inputs, input_name, load_label_volume, load_slice_image, one_volume, read_volume,
@@ -264,10 +264,8 @@ def print_report(report: dict) -> None:
                          f"{report['recist_sum_long_axes_mm']:.1f} mm)")
         if "fast_path" in report:
             f = report["fast_path"]
-            rerun = f["full_resolution_slices"] - f["block_slices"]
-            lines.append(f"  fast path: {f['block_slices']} of {f['slices']} slices at full resolution" +
-                         (f" ({rerun} run again on a wider crop)" if rerun > 0 else "") +
-                         f", {100 * f['share_of_volume']:.0f} % of the volume" +
+            lines.append(f"  fast path: {fast_path_slices(f)} at full resolution, {100 * f['share_of_volume']:.0f} % "
+                         "of the volume" +
                          ("" if f["liver_found"] else " (the coarse pass found no liver: every slice)") +
                          (", bf16" if f["bf16"] else "") + "; --exact for the reference path")
     else:

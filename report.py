@@ -41,8 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inference import (add_runtime_flags, classify, cpu_has_fast_bf16, load_checkpoint, postprocess, runtime,
-                       segment, volume_score)
+from inference import (add_runtime_flags, classify, cpu_has_fast_bf16, fast_path_slices, load_checkpoint, postprocess,
+                       runtime, segment, volume_score)
 from lesions import Lesion, label_lesions, measure, measure_lesions, recist_role
 from volumes import (CLS_CLASSES, DataError, DicomSeries, atomic_folder, find_inputs, input_name, one_volume,
                      read_volume, run_cli, window_hu, write_labels)
@@ -474,7 +474,7 @@ def render_html(report: dict, key_images: dict[int, str], plot: str) -> str:
     fast = report.get("fast_path")
     path_text = ("the exact path (every slice at full resolution, float32 on a CPU)" if sw["path"] == "exact" else
                  "the fast path (the U-Net at full resolution only around the liver a coarse pass found"
-                 + (f": {fast['full_resolution_slices']} of {fast['slices']} slices" if fast else "") + ")")
+                 + (f": {fast_path_slices(fast)}" if fast else "") + ")")
     checkpoints = "".join(
         f"<tr><td>{_e(role)}</td><td>{_e(c['network']['name'])}</td><td>{_e(Path(c['path']).name)}</td>"
         f"<td><code>{_e(c['sha256'][:16])}</code></td><td>window {c['preprocessing']['window_hu'][0]:g} to "

@@ -350,3 +350,11 @@ def test_keep_freed_memory_lets_a_freed_block_be_reused_without_faulting_it_in_a
     assert took == "True"
     assert int(plain) >= 8 * pages * 0.9  # each round mapped anew and faulted in page by page
     assert int(kept) <= pages // 4  # once grown, the heap's pages are reused: next to no faults
+
+
+def test_fast_path_slices_counts_the_block_not_the_crops_run_again():
+    # The block held all 50 slices and one ran again on a wider crop: 51 crops, not "51 of 50 slices".
+    assert inference.fast_path_slices({"slices": 50, "block_slices": 50, "full_resolution_slices": 51}) == \
+        "50 of 50 slices (1 run again on a wider crop)"
+    assert inference.fast_path_slices({"slices": 200, "block_slices": 111, "full_resolution_slices": 111}) == \
+        "111 of 200 slices"
