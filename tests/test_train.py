@@ -81,6 +81,34 @@ def test_classification_graphs_and_metrics(tiny_data, tmp_path):
     assert ckpt["hyper_parameters"]["threshold"] == pytest.approx(summary["test"]["test/threshold"])
 
 
+def test_augmentation_strength_defaults_by_task_and_flags_override_it():
+    def resolved(*argv):
+        args = train.resolve_args(train.get_args_parser().parse_args(list(argv)))
+        return args.rotation, tuple(args.scale)
+    assert resolved("--task", "classification") == resolved("--task", "classification", "--demo") == (20.0, (0.8, 1.2))
+    assert resolved("--task", "segmentation") == resolved("--task", "segmentation", "--demo") == (10.0, (0.9, 1.1))
+    assert resolved("--task", "classification", "--rotation", "5", "--scale", "1", "1.5") == (5.0, (1.0, 1.5))
+
+
+def test_classifier_keeps_the_end_of_training_whatever_validation_auroc_says(tiny_data, tmp_path, monkeypatch):
+    """Validation AUROC scripted to fall every epoch: the rule of highest validation AUROC would keep
+    the first epoch; best.ckpt is the last one, the same weights and operating threshold as last.ckpt,
+    and the test runs on it."""
+    import lit_model
+    falling = iter(np.linspace(0.99, 0.01, 199))
+    monkeypatch.setattr(lit_model, "binary_auroc", lambda *a, **k: torch.tensor(float(next(falling))))
+    out = tmp_path / "run"
+    summary = train.main(run_args(tiny_data, out, "classification", "--max-epochs", "3", "--test-fraction", "0.34"))
+    val_auroc = [v for _, v in train.read_scalars(Path(summary["tensorboard"]))["val/auroc"]]
+    assert len(val_auroc) == 3 and val_auroc[0] > val_auroc[1] > val_auroc[2]
+    best, last = (torch.load(out / "checkpoints" / f"{n}.ckpt", map_location="cpu", weights_only=True)
+                  for n in ("best", "last"))
+    assert best["epoch"] == last["epoch"] == 2 and Path(summary["checkpoint"]) == out / "checkpoints" / "best.ckpt"
+    assert best["hyper_parameters"]["threshold"] == last["hyper_parameters"]["threshold"]
+    assert best["state_dict"].keys() == last["state_dict"].keys()
+    assert all(torch.equal(best["state_dict"][k], last["state_dict"][k]) for k in last["state_dict"])
+
+
 def test_checkpoint_alone_rebuilds_model_and_preprocessing(tiny_data, tmp_path):
     from lit_model import LitSegmenter
     out = tmp_path / "run"
