@@ -5,7 +5,8 @@
 #
 # The model-quality targets of BENCHMARKS.md are "10 minutes on the 2-core CPU"; one such run is one
 # recipe, one seed. A GPU machine runs the same number of epochs (what the CPU reached in its 10
-# minutes: classification 19, segmentation 50 on the unseen phantoms; CLS_EPOCHS, SEG_EPOCHS) of
+# minutes: classification 19, segmentation 50 on the unseen phantoms, 133 on the real slices;
+# CLS_EPOCHS, SEG_EPOCHS, REAL_EPOCHS) of
 # several recipes at once in a few minutes, so a lent GPU answers "which recipe, over which seeds"
 # and the CPU then confirms the winner at the real budget. The learning-rate schedule spans the epochs
 # instead of the time; everything else (data, split, bf16, augmentation on the device) is train.py's.
@@ -18,6 +19,11 @@
 #   seg  NAME SEED [train.py flags]   U-Net (--image-size 128 --base-width 16), then predict_segmentation.py
 #                                     and evaluate.py on the held-out phantoms
 #   demo NAME [train.py flags]        the README's classification demo (--demo)
+#   real NAME SEED [train.py flags]   U-Net on the real slices in REAL_DIR (default
+#                                     ../shared/data/real-liver-slices; --image-size 128 --base-width 16
+#                                     --context-slices 0, the split in SPLIT), test Dice per slice
+# A line may start with environment settings (SPLIT=... real ...). TRAIN (default train.py) is the
+# training script: a wrapper that patches a default not yet exposed as a flag can stand in for it.
 # Writes OUTDIR/results.txt (one line per job, appended as jobs end), OUTDIR/progress.txt and
 # OUTDIR/logs.tar.gz (every job's logs and JSON: few files, so that all of them come back).
 set -u
@@ -26,6 +32,7 @@ jobs=${2:?usage: bash benchmarks/gpu_sweep.sh OUTDIR JOBFILE}
 mkdir -p "$out/logs"
 export OUT=$(cd "$out" && pwd) PY=${PYTHON:-python3} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 export WORK=${WORK:-/tmp/sweep} ACC=${ACC:-gpu} DEV=${DEV:-cuda} CLS_EPOCHS=${CLS_EPOCHS:-19} SEG_EPOCHS=${SEG_EPOCHS:-50}
+export REAL_EPOCHS=${REAL_EPOCHS:-133} REAL_DIR=${REAL_DIR:-../shared/data/real-liver-slices} TRAIN=${TRAIN:-train.py}
 export SPLIT=${SPLIT:-} T0=$(date +%s)
 mkdir -p "$WORK"
 { nvidia-smi -L; nproc; $PY -c "import torch, pytorch_lightning as pl; print('torch', torch.__version__, 'lightning', pl.__version__)"
@@ -38,6 +45,8 @@ $PY -c "import train; train.ensure_data(train.get_args_parser().parse_args(['--t
 wait
 $PY dataset.py prepare --data-dir "$WORK/unseen" --cache-dir "$WORK/cache" --image-size 128 2>>"$OUT/progress.txt"
 $PY dataset.py prepare --data-dir data/synthetic --cache-dir "$WORK/cache_demo" --image-size 128 2>>"$OUT/progress.txt"
+[ ! -d "$REAL_DIR" ] || $PY dataset.py prepare --data-dir "$REAL_DIR" --cache-dir "$WORK/cache_real" --image-size 128 \
+  2>>"$OUT/progress.txt"
 echo "data ready after $(($(date +%s) - T0)) s" >>"$OUT/progress.txt"
 
 field() {  # field FILE KEY...: "key value" for each JSON key found in FILE
@@ -47,7 +56,7 @@ field() {  # field FILE KEY...: "key value" for each JSON key found in FILE
 cls() {  # cls NAME SEED FLAGS...
   local name=cls_$1_s$2 seed=$2 w; shift 2
   local d=$WORK/runs/$name split=(); [ -n "$SPLIT" ] && split=(--split-file "$SPLIT")
-  timeout "${JOB_LIMIT:-300}" $PY train.py --task classification --data-dir "$WORK/unseen" --cache-dir "$WORK/cache" \
+  timeout "${JOB_LIMIT:-300}" $PY "$TRAIN" --task classification --data-dir "$WORK/unseen" --cache-dir "$WORK/cache" \
     --image-size 128 --max-epochs "$CLS_EPOCHS" --seed "$seed" "${split[@]}" --accelerator "$ACC" --num-workers 2 \
     --output-dir "$d" --graphs-dir "$d/graphs" "$@" >"$OUT/logs/$name.train.log" 2>&1
   for w in best last; do
@@ -60,7 +69,7 @@ cls() {  # cls NAME SEED FLAGS...
 seg() {  # seg NAME SEED FLAGS...
   local name=seg_$1_s$2 seed=$2; shift 2
   local d=$WORK/runs/$name split=(); [ -n "$SPLIT" ] && split=(--split-file "$SPLIT")
-  timeout "${JOB_LIMIT:-300}" $PY train.py --task segmentation --data-dir "$WORK/unseen" --cache-dir "$WORK/cache" \
+  timeout "${JOB_LIMIT:-300}" $PY "$TRAIN" --task segmentation --data-dir "$WORK/unseen" --cache-dir "$WORK/cache" \
     --image-size 128 --base-width 16 --max-epochs "$SEG_EPOCHS" --seed "$seed" "${split[@]}" --accelerator "$ACC" \
     --num-workers 2 --output-dir "$d" --graphs-dir "$d/graphs" "$@" >"$OUT/logs/$name.train.log" 2>&1
   timeout 120 $PY predict_segmentation.py --checkpoint "$d/checkpoints/best.ckpt" --input "$WORK/heldout" \
@@ -73,11 +82,20 @@ $(field "$OUT/logs/$name.summary.json" mean_dice_liver mean_dice_tumor dice_glob
 demo() {  # demo NAME FLAGS...
   local name=demo_$1; shift
   local d=$WORK/runs/$name
-  timeout "${JOB_LIMIT:-300}" $PY train.py --task classification --demo --accelerator "$ACC" --cache-dir "$WORK/cache_demo" \
+  timeout "${JOB_LIMIT:-300}" $PY "$TRAIN" --task classification --demo --accelerator "$ACC" --cache-dir "$WORK/cache_demo" \
     --output-dir "$d" --graphs-dir "$d/graphs" "$@" >"$OUT/logs/$name.train.log" 2>&1
   echo "$name | $* | $(field "$d/test_metrics.json" epochs test/auroc test/auroc_volume)| t=$(($(date +%s) - T0))" >>"$OUT/results.txt"
 }
-export -f field cls seg demo
+real() {  # real NAME SEED FLAGS...
+  local name=real_$1_s$2 seed=$2; shift 2
+  local d=$WORK/runs/$name split=(); [ -n "$SPLIT" ] && split=(--split-file "$SPLIT")
+  timeout "${JOB_LIMIT:-300}" $PY "$TRAIN" --task segmentation --data-dir "$REAL_DIR" --cache-dir "$WORK/cache_real" \
+    --image-size 128 --base-width 16 --context-slices 0 --max-epochs "$REAL_EPOCHS" --seed "$seed" "${split[@]}" \
+    --accelerator "$ACC" --num-workers 2 --output-dir "$d" --graphs-dir "$d/graphs" "$@" >"$OUT/logs/$name.train.log" 2>&1
+  echo "$name | SPLIT=${SPLIT##*/} $* | $(field "$d/test_metrics.json" epochs test/dice_liver_per_slice \
+    test/dice_liver_per_case)| t=$(($(date +%s) - T0))" >>"$OUT/results.txt"
+}
+export -f field cls seg demo real
 grep -Ev '^[[:space:]]*(#|$)' "$jobs" >"$OUT/jobs.txt"
 timeout "${BUDGET:-480}" xargs -P "${PAR:-6}" -I{} bash -c '{}' <"$OUT/jobs.txt"
 echo "sweep ended after $(($(date +%s) - T0)) s" >>"$OUT/progress.txt"
