@@ -134,7 +134,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="mirror half the training slices left-right and half top-bottom, so that anatomy "
                         "reaching the model mirrored (a wrong affine, slices exported flipped) is still "
-                        "recognised " + _default_help("flip"))
+                        "recognised; --no-flip when the training data already show every orientation the "
+                        "model will meet (e.g. a slice export the exporter mirrored) "
+                        + _default_help("flip"))
     p.add_argument("--rotation", type=float, default=None, metavar="DEG",
                    help="training augmentation: rotate each slice by a random angle within +-DEG degrees "
                         + _default_help("rotation"))
