@@ -53,12 +53,16 @@ field() {  # field FILE KEY...: "key value" for each JSON key found in FILE
   local f=$1 k; shift
   for k in "$@"; do grep -o "\"$k\": [-0-9.eEnaNul]*" "$f" 2>/dev/null | head -1 | tr -d '"'; done | tr '\n' ' '
 }
+train_run() {  # train_run NAME TRAIN.PY-FLAGS...: one training into $WORK/runs/NAME, its log in logs/NAME.train.log
+  local name=$1; shift  # the job's own flags come last, so they override these
+  timeout "${JOB_LIMIT:-300}" $PY "$TRAIN" --accelerator "$ACC" --num-workers 2 --output-dir "$WORK/runs/$name" \
+    --graphs-dir "$WORK/runs/$name/graphs" "$@" >"$OUT/logs/$name.train.log" 2>&1
+}
 cls() {  # cls NAME SEED FLAGS...
   local name=cls_$1_s$2 seed=$2 w; shift 2
-  local d=$WORK/runs/$name split=(); [ -n "$SPLIT" ] && split=(--split-file "$SPLIT")
-  timeout "${JOB_LIMIT:-300}" $PY "$TRAIN" --task classification --data-dir "$WORK/unseen" --cache-dir "$WORK/cache" \
-    --image-size 128 --max-epochs "$CLS_EPOCHS" --seed "$seed" "${split[@]}" --accelerator "$ACC" --num-workers 2 \
-    --output-dir "$d" --graphs-dir "$d/graphs" "$@" >"$OUT/logs/$name.train.log" 2>&1
+  local d=$WORK/runs/$name
+  train_run "$name" --task classification --data-dir "$WORK/unseen" --cache-dir "$WORK/cache" --image-size 128 \
+    --max-epochs "$CLS_EPOCHS" --seed "$seed" ${SPLIT:+--split-file "$SPLIT"} "$@"
   for w in best last; do
     timeout 90 $PY benchmarks/eval_classifier.py --checkpoint "$d/checkpoints/$w.ckpt" --data-dir "$WORK/heldout" \
       --device "$DEV" >"$OUT/logs/$name.$w.json" 2>"$OUT/logs/$name.$w.err"
@@ -68,10 +72,9 @@ cls() {  # cls NAME SEED FLAGS...
 }
 seg() {  # seg NAME SEED FLAGS...
   local name=seg_$1_s$2 seed=$2; shift 2
-  local d=$WORK/runs/$name split=(); [ -n "$SPLIT" ] && split=(--split-file "$SPLIT")
-  timeout "${JOB_LIMIT:-300}" $PY "$TRAIN" --task segmentation --data-dir "$WORK/unseen" --cache-dir "$WORK/cache" \
-    --image-size 128 --base-width 16 --max-epochs "$SEG_EPOCHS" --seed "$seed" "${split[@]}" --accelerator "$ACC" \
-    --num-workers 2 --output-dir "$d" --graphs-dir "$d/graphs" "$@" >"$OUT/logs/$name.train.log" 2>&1
+  local d=$WORK/runs/$name
+  train_run "$name" --task segmentation --data-dir "$WORK/unseen" --cache-dir "$WORK/cache" --image-size 128 \
+    --base-width 16 --max-epochs "$SEG_EPOCHS" --seed "$seed" ${SPLIT:+--split-file "$SPLIT"} "$@"
   timeout 120 $PY predict_segmentation.py --checkpoint "$d/checkpoints/best.ckpt" --input "$WORK/heldout" \
     --output "$d/pred" --device "$DEV" >"$OUT/logs/$name.pred.log" 2>&1
   timeout 60 $PY evaluate.py --pred "$d/pred" --gt "$WORK/heldout" --summary "$OUT/logs/$name.summary.json" \
@@ -81,21 +84,18 @@ $(field "$OUT/logs/$name.summary.json" mean_dice_liver mean_dice_tumor dice_glob
 }
 demo() {  # demo NAME FLAGS...
   local name=demo_$1; shift
-  local d=$WORK/runs/$name
-  timeout "${JOB_LIMIT:-300}" $PY "$TRAIN" --task classification --demo --accelerator "$ACC" --cache-dir "$WORK/cache_demo" \
-    --output-dir "$d" --graphs-dir "$d/graphs" "$@" >"$OUT/logs/$name.train.log" 2>&1
-  echo "$name | $* | $(field "$d/test_metrics.json" epochs test/auroc test/auroc_volume)| t=$(($(date +%s) - T0))" >>"$OUT/results.txt"
+  train_run "$name" --task classification --demo --cache-dir "$WORK/cache_demo" "$@"
+  echo "$name | $* | $(field "$WORK/runs/$name/test_metrics.json" epochs test/auroc test/auroc_volume)| t=$(($(date +%s) - T0))" \
+    >>"$OUT/results.txt"
 }
 real() {  # real NAME SEED FLAGS...
   local name=real_$1_s$2 seed=$2; shift 2
-  local d=$WORK/runs/$name split=(); [ -n "$SPLIT" ] && split=(--split-file "$SPLIT")
-  timeout "${JOB_LIMIT:-300}" $PY "$TRAIN" --task segmentation --data-dir "$REAL_DIR" --cache-dir "$WORK/cache_real" \
-    --image-size 128 --base-width 16 --context-slices 0 --max-epochs "$REAL_EPOCHS" --seed "$seed" "${split[@]}" \
-    --accelerator "$ACC" --num-workers 2 --output-dir "$d" --graphs-dir "$d/graphs" "$@" >"$OUT/logs/$name.train.log" 2>&1
-  echo "$name | SPLIT=${SPLIT##*/} $* | $(field "$d/test_metrics.json" epochs test/dice_liver_per_slice \
+  train_run "$name" --task segmentation --data-dir "$REAL_DIR" --cache-dir "$WORK/cache_real" --image-size 128 \
+    --base-width 16 --context-slices 0 --max-epochs "$REAL_EPOCHS" --seed "$seed" ${SPLIT:+--split-file "$SPLIT"} "$@"
+  echo "$name | SPLIT=${SPLIT##*/} $* | $(field "$WORK/runs/$name/test_metrics.json" epochs test/dice_liver_per_slice \
     test/dice_liver_per_case)| t=$(($(date +%s) - T0))" >>"$OUT/results.txt"
 }
-export -f field cls seg demo real
+export -f field train_run cls seg demo real
 grep -Ev '^[[:space:]]*(#|$)' "$jobs" >"$OUT/jobs.txt"
 timeout "${BUDGET:-480}" xargs -P "${PAR:-6}" -I{} bash -c '{}' <"$OUT/jobs.txt"
 echo "sweep ended after $(($(date +%s) - T0)) s" >>"$OUT/progress.txt"
