@@ -464,6 +464,55 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor | None = None, max_r
     return out, m[:, 0].to(masks.dtype)
 
 
+def paste_tumors(images: torch.Tensor, labels: torch.Tensor, probability: float):
+    """Tumour copy-paste between slices (TumorCP, Yang et al., MICCAI 2021): each slice of the batch,
+    with `probability`, receives the tumour of another slice of the batch (mostly another patient's),
+    moved to a random place of its liver.
+
+    images (N, C, H, W) in [0, 1]; labels (N, H, W) integer maps {0, 1, 2}. The donor's tumour keeps
+    its contrast to the donor's liver: pasted values are the donor's pixels (every channel, as
+    stacked) minus the donor's mean liver value plus the recipient's, on the centre channel. The
+    paste is cut to the recipient's liver (labels >= 1), where it becomes tumour (2). Returns
+    (images, labels, pasted (N,) bool), new tensors; a slice without liver, or a batch without a
+    second slice holding tumour, is left as it is. Draws from torch's global RNG, so a seeded run
+    repeats. A few patients carry few lesions; pasting shows each lesion against other livers,
+    positions and neighbours, which is what a classifier trained on them fails to generalise."""
+    n, c, h, w = images.shape
+    centre = c // 2
+    images, labels = images.clone(), labels.clone()
+    source, source_labels = images.clone(), labels.clone()
+    pasted = torch.zeros(n, dtype=torch.bool, device=images.device)
+    donors = torch.nonzero((source_labels == 2).flatten(1).any(1))[:, 0]
+    draws = torch.rand(n, device=images.device)
+    for i in range(n):
+        liver = source_labels[i] >= 1
+        others = donors[donors != i]
+        if draws[i] >= probability or len(others) == 0 or not liver.any():
+            continue
+        d = int(others[torch.randint(len(others), (1,), device=images.device)])
+        ys, xs = torch.nonzero(source_labels[d] == 2, as_tuple=True)
+        spots = torch.nonzero(liver)
+        cy, cx = (int(v) for v in spots[torch.randint(len(spots), (1,), device=images.device)][0])
+        dy = cy - (int(ys.min()) + int(ys.max())) // 2  # the lesion's box centred on the chosen spot
+        dx = cx - (int(xs.min()) + int(xs.max())) // 2
+        ty, tx = ys + dy, xs + dx
+        keep = (ty >= 0) & (ty < h) & (tx >= 0) & (tx < w)
+        ys, xs, ty, tx = ys[keep], xs[keep], ty[keep], tx[keep]
+        keep = liver[ty, tx]
+        ys, xs, ty, tx = ys[keep], xs[keep], ty[keep], tx[keep]
+        if len(ys) == 0:
+            continue
+        donor_liver = source_labels[d] == 1
+        if not donor_liver.any():  # a slice whose liver is all tumour: its tumour's own mean
+            donor_liver = source_labels[d] >= 1
+        own_liver = source_labels[i] == 1 if (source_labels[i] == 1).any() else liver
+        offset = source[i, centre][own_liver].mean() - source[d, centre][donor_liver].mean()
+        images[i][:, ty, tx] = (source[d][:, ys, xs] + offset).clamp(0.0, 1.0)
+        labels[i][ty, tx] = 2
+        pasted[i] = True
+    return images, labels, pasted
+
+
 def tumor_sampler(tumor: np.ndarray, fraction: float, num_samples: int | None = None,
                   seed: int = 0) -> WeightedRandomSampler:
     """Sample with replacement so that tumor slices make up `fraction` of each epoch in expectation."""
@@ -499,7 +548,7 @@ def _datamodule_class():
                      output_dir: str | Path | None = None, oversample_tumor: float = 0.0,
                      min_tumor_pixels: int = 1, liver_only: bool | None = None, augment: bool = True,
                      flip: bool = False, prepare_workers: int | None = None, rotation: float = 10.0,
-                     scale: Sequence[float] = (0.9, 1.1)):
+                     scale: Sequence[float] = (0.9, 1.1), paste_tumor: float = 0.0):
             super().__init__()
             self.data_dir, self.task, self.cache_dir = Path(data_dir), task, Path(cache_dir)
             self.image_size, self.window, self.context_slices = int(image_size), tuple(window), int(context_slices)
@@ -511,6 +560,7 @@ def _datamodule_class():
             self.liver_only = (task == "classification") if liver_only is None else bool(liver_only)
             self.augment, self.flip, self.prepare_workers = augment, bool(flip), prepare_workers
             self.rotation, self.scale = float(rotation), (float(scale[0]), float(scale[1]))
+            self.paste_tumor = float(paste_tumor)
             self.split: dict[str, list[str]] | None = None
             self.datasets: dict[str, LiTSSliceDataset] = {}
 
@@ -564,11 +614,18 @@ def _datamodule_class():
             if self.augment and trainer is not None and trainer.training:
                 spatial = dict(hflip=self.flip, vflip=self.flip, max_rotation=self.rotation, scale=self.scale)
                 if self.task == "segmentation":
-                    images, target = augment_batch(batch[0], batch[1], **spatial)
+                    images, target = batch[0], batch[1]
+                    if self.paste_tumor > 0:  # before the geometric and intensity augmentation, which then apply to it
+                        images, target, _ = paste_tumors(images, target, self.paste_tumor)
+                    images, target = augment_batch(images, target, **spatial)
                     batch = (images, target, *batch[2:])
                 else:  # the label map moves with the image: it supervises where the tumour is
-                    images, labels = augment_batch(batch[0], batch[2], **spatial)
-                    batch = (images, batch[1], labels, *batch[3:])
+                    images, y, labels = batch[0], batch[1], batch[2]
+                    if self.paste_tumor > 0:
+                        images, labels, pasted = paste_tumors(images, labels, self.paste_tumor)
+                        y = torch.where(pasted, torch.ones_like(y), y)
+                    images, labels = augment_batch(images, labels, **spatial)
+                    batch = (images, y, labels, *batch[3:])
             return batch
 
     LiTSDataModule.__module__ = __name__

@@ -45,10 +45,10 @@ GRAPHS_DIRS = {"classification": Path("Graphs_Classification"), "segmentation": 
 DEFAULTS = {
     "classification": {"max_epochs": (30, 12), "batch_size": (16, 16), "lr": (3e-4, 3e-4), "image_size": (224, 128),
                        "oversample_tumor": (0.5, 0.5), "dice_per_slice": (False, False), "ema": (0.0, 0.0),
-                       "rotation": (20.0, 20.0), "scale": ((0.8, 1.2), (0.8, 1.2))},
+                       "rotation": (20.0, 20.0), "scale": ((0.8, 1.2), (0.8, 1.2)), "paste_tumor": (0.0, 0.0)},
     "segmentation": {"max_epochs": (40, 30), "batch_size": (16, 16), "lr": (1e-3, 2e-3), "image_size": (256, 128),
                      "oversample_tumor": (0.0, 0.5), "dice_per_slice": (True, False), "ema": (0.995, 0.0),
-                     "rotation": (10.0, 10.0), "scale": ((0.9, 1.1), (0.9, 1.1))},
+                     "rotation": (10.0, 10.0), "scale": ((0.9, 1.1), (0.9, 1.1)), "paste_tumor": (0.0, 0.0)},
     "common": {"context_slices": (1, 1), "base_width": (32, 16), "num_workers": (4, 2), "vgg_hidden": (4096, 512),
                "channels_last": (True, False), "flip": (True, True)},
 }
@@ -143,6 +143,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                    help="training augmentation: zoom each slice by a random factor in [LOW, HIGH] "
                         + _default_help("scale"))
+    p.add_argument("--paste-tumor", type=float, default=None, metavar="P",
+                   help="training augmentation: with probability P a slice receives the tumour of another slice "
+                        "of its batch, moved into its liver with the donor's contrast to the liver (TumorCP) "
+                        + _default_help("paste_tumor"))
     p.add_argument("--min-tumor-pixels", type=int, default=1,
                    help="a slice counts as tumor from this many tumor pixels (classification)")
     p.add_argument("--val-fraction", type=float, default=0.15, help="share of patients for validation")
@@ -175,7 +179,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.max_epochs = -1  # the time budget alone ends the run
     for name in ("max_epochs", "batch_size", "lr", "image_size", "context_slices", "base_width", "num_workers",
                  "vgg_hidden", "oversample_tumor", "channels_last", "flip", "dice_per_slice", "ema", "rotation",
-                 "scale"):
+                 "scale", "paste_tumor"):
         if getattr(args, name) is None:
             setattr(args, name, _default(args.task, name, args.demo))
     if args.output_dir is None:
@@ -202,6 +206,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise DataError(f"found --ema {args.ema}; expected a decay in [0, 1), 0 for off")
     if not 0 <= args.oversample_tumor < 1:
         raise DataError(f"found --oversample-tumor {args.oversample_tumor}; expected a share in [0, 1)")
+    if not 0 <= args.paste_tumor <= 1:
+        raise DataError(f"found --paste-tumor {args.paste_tumor}; expected a probability in [0, 1]")
     return args
 
 
@@ -526,7 +532,7 @@ def main(args: argparse.Namespace) -> dict:
         context_slices=args.context_slices, batch_size=args.batch_size, num_workers=args.num_workers,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed, split_file=split_file,
         output_dir=out, oversample_tumor=args.oversample_tumor, min_tumor_pixels=args.min_tumor_pixels,
-        flip=args.flip, rotation=args.rotation, scale=args.scale)
+        flip=args.flip, rotation=args.rotation, scale=args.scale, paste_tumor=args.paste_tumor)
     model = build_model(args)
     model.set_speed(channels_last=args.channels_last, compile=args.compile)
     # Listed best first: Lightning runs checkpoint callbacks in order, so last.ckpt holds best's updated state.

@@ -692,3 +692,66 @@ def test_datamodule_passes_its_rotation_and_scale_to_the_augmentation(tmp_path):
     expected[:, 2:6, 2:6] = 1
     assert torch.equal(masks, expected)
     assert (images[:, 0][expected == 0] < 0.5).all() and (images[:, 0][expected == 1] > 0.5).all()
+
+
+def _paste_pair():
+    """Slice 0: liver only (value 0.5) in rows and columns 10-14 of a 24x24 slice; slice 1: liver
+    (0.6) in rows and columns 0-9 holding a 3x3 tumour (0.3) at rows and columns 2-4. Two channels
+    (a context slice each side would be three; the rule is the same)."""
+    images = torch.zeros(2, 2, 24, 24)
+    labels = torch.zeros(2, 24, 24, dtype=torch.int64)
+    images[0, :, 10:15, 10:15], labels[0, 10:15, 10:15] = 0.5, 1
+    images[1, :, 0:10, 0:10], labels[1, 0:10, 0:10] = 0.6, 1
+    images[1, :, 2:5, 2:5], labels[1, 2:5, 2:5] = 0.3, 2
+    return images, labels
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_paste_tumors_moves_a_lesion_into_another_liver_with_its_contrast(seed):
+    torch.manual_seed(seed)
+    images, labels = _paste_pair()
+    out, lab, pasted = dataset.paste_tumors(images, labels, 1.0)
+    assert pasted.tolist() == [True, False]  # slice 1's only donor would be itself
+    assert torch.equal(out[1], images[1]) and torch.equal(lab[1], labels[1])
+    tumour = lab[0] == 2
+    # The 3x3 lesion centred on a liver pixel, cut to the 5x5 liver: 4 to 9 pixels, one block.
+    ys, xs = torch.nonzero(tumour, as_tuple=True)
+    assert 4 <= int(tumour.sum()) <= 9
+    assert int(tumour.sum()) == (int(ys.max() - ys.min()) + 1) * (int(xs.max() - xs.min()) + 1)
+    assert (labels[0][tumour] == 1).all()  # inside the recipient's liver only
+    # Contrast kept: 0.3 against a 0.6 liver becomes 0.2 against a 0.5 liver, in every channel.
+    torch.testing.assert_close(out[0][:, tumour], torch.full((2, int(tumour.sum())), 0.2))
+    assert torch.equal(out[0][:, ~tumour], images[0][:, ~tumour])
+    assert torch.equal(lab[0][~tumour], labels[0][~tumour])
+    assert images[0].max() == 0.5 and (labels[0] != 2).all()  # the inputs are not modified
+
+
+def test_paste_tumors_leaves_what_it_cannot_paste():
+    images, labels = _paste_pair()
+    out, lab, pasted = dataset.paste_tumors(images, labels, 0.0)
+    assert not pasted.any() and torch.equal(out, images) and torch.equal(lab, labels)
+    no_liver = labels.clone()
+    no_liver[0] = 0  # slice 0 has no liver to receive a lesion
+    out, lab, pasted = dataset.paste_tumors(images, no_liver, 1.0)
+    assert not pasted.any() and torch.equal(out, images) and torch.equal(lab, no_liver)
+    torch.manual_seed(3)
+    first = dataset.paste_tumors(images, labels, 1.0)
+    torch.manual_seed(3)
+    again = dataset.paste_tumors(images, labels, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))  # seeded: repeats
+
+
+def test_datamodule_pastes_before_augmenting_and_relabels_the_slice(tmp_path):
+    """Classification: a healthy slice that received a lesion becomes a tumour slice (target 1),
+    and its label map (the dense supervision) shows the pasted tumour."""
+    torch.manual_seed(0)
+    dm = dataset.LiTSDataModule(tmp_path, "classification", rotation=0.0, scale=(1.0, 1.0), flip=False,
+                                paste_tumor=1.0)
+    dm.trainer = types.SimpleNamespace(training=True)
+    images, labels = _paste_pair()
+    target = torch.tensor([0, 1])
+    out, y, lab = dm.on_after_batch_transfer((images, target, labels), 0)
+    assert y.tolist() == [1, 1]
+    assert 4 <= int((lab[0] == 2).sum()) <= 9 and torch.equal(lab[1], labels[1])
+    dm.paste_tumor = 0.0
+    assert dm.on_after_batch_transfer((images, target, labels), 0)[1].tolist() == [0, 1]
