@@ -45,7 +45,7 @@ GRAPHS_DIRS = {"classification": Path("Graphs_Classification"), "segmentation": 
 DEFAULTS = {
     "classification": {"max_epochs": (30, 12), "batch_size": (16, 16), "lr": (3e-4, 3e-4), "image_size": (224, 128),
                        "oversample_tumor": (0.5, 0.5), "dice_per_slice": (False, False), "ema": (0.0, 0.0),
-                       "rotation": (20.0, 20.0), "scale": ((0.8, 1.2), (0.8, 1.2)), "paste_tumor": (0.0, 0.0)},
+                       "rotation": (20.0, 20.0), "scale": ((0.8, 1.2), (0.8, 1.2)), "paste_tumor": (0.5, 0.5)},
     "segmentation": {"max_epochs": (40, 30), "batch_size": (16, 16), "lr": (1e-3, 2e-3), "image_size": (256, 128),
                      "oversample_tumor": (0.0, 0.5), "dice_per_slice": (True, False), "ema": (0.995, 0.0),
                      "rotation": (10.0, 10.0), "scale": ((0.9, 1.1), (0.9, 1.1)), "paste_tumor": (0.0, 0.0)},

@@ -84,10 +84,22 @@ def test_classification_graphs_and_metrics(tiny_data, tmp_path):
 def test_augmentation_strength_defaults_by_task_and_flags_override_it():
     def resolved(*argv):
         args = train.resolve_args(train.get_args_parser().parse_args(list(argv)))
-        return args.rotation, tuple(args.scale)
-    assert resolved("--task", "classification") == resolved("--task", "classification", "--demo") == (20.0, (0.8, 1.2))
-    assert resolved("--task", "segmentation") == resolved("--task", "segmentation", "--demo") == (10.0, (0.9, 1.1))
-    assert resolved("--task", "classification", "--rotation", "5", "--scale", "1", "1.5") == (5.0, (1.0, 1.5))
+        return args.rotation, tuple(args.scale), args.paste_tumor
+    assert resolved("--task", "classification") == resolved("--task", "classification", "--demo") == (20.0, (0.8, 1.2), 0.5)
+    assert resolved("--task", "segmentation") == resolved("--task", "segmentation", "--demo") == (10.0, (0.9, 1.1), 0.0)
+    assert resolved("--task", "classification", "--rotation", "5", "--scale", "1", "1.5", "--paste-tumor", "0") == \
+        (5.0, (1.0, 1.5), 0.0)
+
+
+@pytest.mark.parametrize("flag, value, expected", [("--paste-tumor", "1.5", "expected a probability in [0, 1]"),
+                                                    ("--oversample-tumor", "1.0", "expected a share in [0, 1)"),
+                                                    ("--scale", "1.2 0.8", "expected 0 < LOW <= HIGH")])
+def test_out_of_range_flags_name_what_was_found_and_expected(flag, value, expected):
+    from volumes import DataError
+    argv = ["--task", "classification", flag, *value.split()]
+    with pytest.raises(DataError) as err:
+        train.resolve_args(train.get_args_parser().parse_args(argv))
+    assert str(err.value) == f"found {flag} {value}; {expected}"
 
 
 def test_classifier_keeps_the_end_of_training_whatever_validation_auroc_says(tiny_data, tmp_path, monkeypatch):
