@@ -119,6 +119,20 @@ def test_classifier_keeps_the_end_of_training_whatever_validation_auroc_says(tin
     assert best["hyper_parameters"]["threshold"] == last["hyper_parameters"]["threshold"]
     assert best["state_dict"].keys() == last["state_dict"].keys()
     assert all(torch.equal(best["state_dict"][k], last["state_dict"][k]) for k in last["state_dict"])
+    # One file written per epoch: last.ckpt is a link to best.ckpt.
+    link = out / "checkpoints" / "last.ckpt"
+    assert link.is_symlink() and link.resolve() == (out / "checkpoints" / "best.ckpt").resolve()
+
+
+def test_classifier_resumes_from_its_linked_last_checkpoint(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    train.main(run_args(tiny_data, out, "classification", "--max-epochs", "1"))
+    resumed = train.main(run_args(tiny_data, out, "classification", "--max-epochs", "2",
+                                  "--resume", str(out / "checkpoints" / "last.ckpt")))
+    assert resumed["epochs"] == 2 and ckpt_epoch(out / "checkpoints" / "best.ckpt") == 1
+    assert (out / "checkpoints" / "last.ckpt").is_symlink() and ckpt_epoch(out / "checkpoints" / "last.ckpt") == 1
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert len(_epoch_losses(resumed)) == 2  # one set of curves across the interruption
 
 
 def test_checkpoint_alone_rebuilds_model_and_preprocessing(tiny_data, tmp_path):
