@@ -479,8 +479,8 @@ def paste_tumors(images: torch.Tensor, labels: torch.Tensor, probability: float)
     positions and neighbours, which is what a classifier trained on them fails to generalise."""
     n, c, h, w = images.shape
     centre = c // 2
+    source, source_labels = images, labels  # read from; the pastes go into copies
     images, labels = images.clone(), labels.clone()
-    source, source_labels = images.clone(), labels.clone()
     pasted = torch.zeros(n, dtype=torch.bool, device=images.device)
     donors = torch.nonzero((source_labels == 2).flatten(1).any(1))[:, 0]
     draws = torch.rand(n, device=images.device)
