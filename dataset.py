@@ -483,6 +483,12 @@ def paste_tumors(images: torch.Tensor, labels: torch.Tensor, probability: float)
     images, labels = images.clone(), labels.clone()
     pasted = torch.zeros(n, dtype=torch.bool, device=images.device)
     donors = torch.nonzero((source_labels == 2).flatten(1).any(1))[:, 0]
+
+    def liver_reference(k: int) -> torch.Tensor:
+        """Where slice k's liver value is read: its healthy liver, or all of it where tumour fills it."""
+        healthy = source_labels[k] == 1
+        return healthy if healthy.any() else source_labels[k] >= 1
+
     draws = torch.rand(n, device=images.device)
     for i in range(n):
         liver = source_labels[i] >= 1
@@ -496,17 +502,12 @@ def paste_tumors(images: torch.Tensor, labels: torch.Tensor, probability: float)
         dy = cy - (int(ys.min()) + int(ys.max())) // 2  # the lesion's box centred on the chosen spot
         dx = cx - (int(xs.min()) + int(xs.max())) // 2
         ty, tx = ys + dy, xs + dx
-        keep = (ty >= 0) & (ty < h) & (tx >= 0) & (tx < w)
-        ys, xs, ty, tx = ys[keep], xs[keep], ty[keep], tx[keep]
-        keep = liver[ty, tx]
+        inside = (ty >= 0) & (ty < h) & (tx >= 0) & (tx < w)
+        keep = inside & liver[ty.clamp(0, h - 1), tx.clamp(0, w - 1)]  # on the slice and in its liver
         ys, xs, ty, tx = ys[keep], xs[keep], ty[keep], tx[keep]
         if len(ys) == 0:
             continue
-        donor_liver = source_labels[d] == 1
-        if not donor_liver.any():  # a slice whose liver is all tumour: its tumour's own mean
-            donor_liver = source_labels[d] >= 1
-        own_liver = source_labels[i] == 1 if (source_labels[i] == 1).any() else liver
-        offset = source[i, centre][own_liver].mean() - source[d, centre][donor_liver].mean()
+        offset = source[i, centre][liver_reference(i)].mean() - source[d, centre][liver_reference(d)].mean()
         images[i][:, ty, tx] = (source[d][:, ys, xs] + offset).clamp(0.0, 1.0)
         labels[i][ty, tx] = 2
         pasted[i] = True
@@ -613,19 +614,17 @@ def _datamodule_class():
             trainer = getattr(self, "trainer", None)
             if self.augment and trainer is not None and trainer.training:
                 spatial = dict(hflip=self.flip, vflip=self.flip, max_rotation=self.rotation, scale=self.scale)
-                if self.task == "segmentation":
-                    images, target = batch[0], batch[1]
-                    if self.paste_tumor > 0:  # before the geometric and intensity augmentation, which then apply to it
-                        images, target, _ = paste_tumors(images, target, self.paste_tumor)
-                    images, target = augment_batch(images, target, **spatial)
-                    batch = (images, target, *batch[2:])
-                else:  # the label map moves with the image: it supervises where the tumour is
-                    images, y, labels = batch[0], batch[1], batch[2]
-                    if self.paste_tumor > 0:
-                        images, labels, pasted = paste_tumors(images, labels, self.paste_tumor)
-                        y = torch.where(pasted, torch.ones_like(y), y)
-                    images, labels = augment_batch(images, labels, **spatial)
-                    batch = (images, y, labels, *batch[3:])
+                # The label map moves with the image: the target for segmentation; for classification the
+                # third element, which supervises where the tumour is (the second is the slice label).
+                at = 1 if self.task == "segmentation" else 2
+                items = list(batch)
+                images, labels = items[0], items[at]
+                if self.paste_tumor > 0:  # before the geometric and intensity augmentation, which then apply to it
+                    images, labels, pasted = paste_tumors(images, labels, self.paste_tumor)
+                    if self.task == "classification":
+                        items[1] = items[1].masked_fill(pasted, 1)  # a slice that received a lesion shows tumour
+                items[0], items[at] = augment_batch(images, labels, **spatial)
+                batch = tuple(items)
             return batch
 
     LiTSDataModule.__module__ = __name__
