@@ -259,3 +259,31 @@ def test_readme_is_a_front_door():
     for page in sorted((REPO / "docs").glob("*.md")):
         assert any(t.split("#")[0] == f"docs/{page.name}" for t in linked), f"README.md does not link docs/{page.name}"
     assert "../shared" not in "".join(p.read_text() for p in PAGES + [REPO / "BENCHMARKS.md"])
+
+
+# --------------------------------------------------------------------------------------------
+# The other commands' flag tables: each flag of the command listed, and only its own
+# --------------------------------------------------------------------------------------------
+
+FLAG_TABLES = [("prediction.md", "## Segmentation", "predict_segmentation.py"),
+               ("prediction.md", "## Classification", "predict_classification.py"),
+               ("metrics.md", "## Files and flags", "evaluate.py"),
+               ("report.md", "## Flags", "report.py")]
+
+
+def table_flags(page: str, heading: str) -> set[str]:
+    """The flags named in the first cells of the table rows of one section."""
+    text = prose((REPO / "docs" / page).read_text())
+    section = text.split(heading + "\n", 1)[1].split("\n## ", 1)[0]
+    return {f for line in section.splitlines() if line.startswith("| `--")
+            for f in FLAG.findall(line.split("|")[1])}
+
+
+@pytest.mark.parametrize("page, heading, script", FLAG_TABLES, ids=[f"{p} {s}" for p, _, s in FLAG_TABLES])
+def test_each_command_page_lists_exactly_its_scripts_flags(page, heading, script):
+    stated = table_flags(page, heading)
+    parser = parser_of(REPO / script)
+    own = {a.option_strings[0] for a in parser._actions if a.option_strings and a.dest != "help"}
+    own_all = option_strings(parser)
+    assert not stated - own_all, f"docs/{page} lists flags {script} does not have: {sorted(stated - own_all)}"
+    assert not own - stated, f"docs/{page} lacks {script}'s flags {sorted(own - stated)}"
