@@ -352,13 +352,31 @@ def split_cases(case_ids: Sequence[str], val_fraction: float = 0.15, test_fracti
     return {k: sorted(v) for k, v in parts.items()}
 
 
-def load_split(path: str | Path, known_ids: Sequence[str]) -> dict[str, list[str]]:
+SPLIT_PARTS: tuple[str, ...] = ("train", "val", "test")
+
+
+def read_split(path: str | Path) -> dict[str, list[str]]:
+    """The case ids of each part of a `splits.json` as train.py writes it (train, val, test)."""
     path = Path(path)
     try:
         split = json.loads(path.read_text())
-        parts = {k: list(split[k]) for k in ("train", "val", "test")}
+        return {k: [str(c) for c in split[k]] for k in SPLIT_PARTS}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{path}: cannot read split ({one_line(exc)}); expected JSON with train, val and test lists") from None
+
+
+def split_part(path: str | Path, part: str) -> list[str]:
+    """The case ids of one part of a `splits.json`, for scoring or predicting exactly a run's test (or
+    validation, or training) patients; an empty part is an error, not an empty selection."""
+    ids = read_split(path)[part]
+    if not ids:
+        raise DataError(f"{path}: found no {part} cases; expected a split whose {part} part lists case ids")
+    return ids
+
+
+def load_split(path: str | Path, known_ids: Sequence[str]) -> dict[str, list[str]]:
+    path = Path(path)
+    parts = read_split(path)
     seen: dict[str, str] = {}
     for name, ids in parts.items():
         for cid in ids:

@@ -1,6 +1,7 @@
 """LiTS metrics of predicted label volumes against the ground truth, as the LiTS scorer defines them.
 
     python evaluate.py --pred runs/predictions --gt /data/LiTS --output metrics.csv --summary summary.json
+    python evaluate.py --pred runs/predictions --gt /data/LiTS --split-file runs/segmentation/splits.json --split test
 
 Cases are paired by number: the ground truth is `segmentation-N.nii[.gz]` (LiTS), `labelsTr/liver_N.nii.gz`
 (MSD) or any NIfTI whose name holds the case number as its last integer; a prediction is any NIfTI in
@@ -484,10 +485,12 @@ def _by_number(paths: Sequence[Path], what: str) -> dict[int, Path]:
     return found
 
 
-def pair_files(pred_dir: str | Path, gt_dir: str | Path) -> tuple[list[tuple[int, Path, Path]], list[Path]]:
+def pair_files(pred_dir: str | Path, gt_dir: str | Path,
+               cases: Sequence[int] | None = None) -> tuple[list[tuple[int, Path, Path]], list[Path]]:
     """Pair ground truth and prediction files by case number: returns ([(case, pred, gt)] sorted by
-    case, prediction files with no ground truth). Raises DataError when there is no ground truth or a
-    ground-truth case has no prediction."""
+    case, prediction files with no ground truth). With `cases` (e.g. a run's test patients), only
+    those ground-truth cases are scored; each must be in `gt_dir`. Raises DataError when there is no
+    ground truth or a scored ground-truth case has no prediction."""
     gt_dir, pred_dir = Path(gt_dir), Path(pred_dir)
     gt_files = _niftis(gt_dir, "ground-truth")
     # A LiTS or MSD folder also holds the CT volumes; only its label files are ground truth.
@@ -502,6 +505,13 @@ def pair_files(pred_dir: str | Path, gt_dir: str | Path) -> tuple[list[tuple[int
         if case_number(p) is None:
             raise DataError(f"{p}: found no case number in the name; expected one, e.g. segmentation-N.nii")
     gts = _by_number(gt_files, "ground truth")
+    extra_of = set(gts)  # a prediction of a case outside the selection is not an extra one
+    if cases is not None:
+        missing = sorted(set(cases) - set(gts))
+        if missing:
+            raise DataError(f"{gt_dir}: found no ground truth for case(s) {', '.join(map(str, missing))} of the "
+                            f"selected split; expected the data folder the split was made from")
+        gts = {n: g for n, g in gts.items() if n in set(cases)}
     pred_files = _niftis(pred_dir, "prediction")
     preds = _by_number(pred_files, "prediction")
     pairs = []
@@ -510,7 +520,7 @@ def pair_files(pred_dir: str | Path, gt_dir: str | Path) -> tuple[list[tuple[int
             raise DataError(f"{g}: no prediction for case {n} in {pred_dir}; expected a NIfTI whose name "
                             f"ends in the number {n}, e.g. segmentation-{n}.nii or prediction-{n}.nii.gz")
         pairs.append((n, preds[n], g))
-    extra = [p for p in pred_files if case_number(p) not in gts]
+    extra = [p for p in pred_files if case_number(p) not in extra_of]
     return pairs, extra
 
 
@@ -539,17 +549,17 @@ def load_pair(pred_path: Path, gt_path: Path) -> tuple[np.ndarray, np.ndarray, t
     return pred, gt, spacing, axial_axis
 
 
-def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, *,
+def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, *, cases: Sequence[int] | None = None,
                      progress: bool = False) -> tuple[list[dict], dict]:
     """Score every ground-truth case in `gt_dir` against its prediction in `pred_dir`.
 
     Returns (rows, summary). rows: one dict per case, sorted by case number, with `case` (int), the 12
     metric columns of `case_metrics` and `lesions_tp`, `lesions_fp`, `lesions_fn` (IoU > 0.5).
     summary: `summarize` of the cases, with `extra_predictions` (prediction files with no ground
-    truth, ignored)."""
+    truth, ignored). `cases`: only these case numbers (see `pair_files`)."""
     from tqdm import tqdm
 
-    pairs, extra = pair_files(pred_dir, gt_dir)
+    pairs, extra = pair_files(pred_dir, gt_dir, cases)
     rows, scores = [], []
     # The context closes the bar (ending its line) before an error propagates, so the CLI's
     # `error:` line starts a line of its own.
@@ -617,14 +627,38 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="CSV file for the per-case metrics (default: none, print the summary only)")
     parser.add_argument("--summary", type=Path, default=None,
                         help="JSON file for every aggregate over cases, NaN written as null (default: none)")
+    parser.add_argument("--split-file", type=Path, default=None,
+                        help="a run's splits.json (train.py writes it into its --output-dir): score only the cases "
+                             "of one of its parts, matched by case number (default: every case in --gt)")
+    parser.add_argument("--split", choices=("train", "val", "test"), default=None,
+                        help="which part of --split-file to score (default: test)")
     return parser
+
+
+def split_case_numbers(split_file: Path, part: str) -> list[int]:
+    """The case numbers of one part of a splits.json (volume-7 -> 7, liver_7 -> 7), to pair with the
+    ground truth's file names."""
+    from dataset import split_part  # only with --split-file: the dataset module brings torch
+    numbers = []
+    for case_id in split_part(split_file, part):
+        n = case_number(case_id)
+        if n is None:
+            raise DataError(f"{split_file}: found case id {case_id!r} without a number; expected ids such as "
+                            f"volume-7 or liver_7 (a split of LiTS or MSD volumes)")
+        numbers.append(n)
+    return numbers
 
 
 def main(args: argparse.Namespace) -> int:
     for flag, path, kind in (("--output", args.output, "CSV"), ("--summary", args.summary, "JSON")):
         if path is not None and path.is_dir():
             raise DataError(f"{path}: {flag} is a folder; expected a {kind} file name")
-    rows, summary = evaluate_folders(args.pred, args.gt, progress=True)
+    if args.split is not None and args.split_file is None:
+        raise DataError(f"found --split {args.split} without --split-file; expected the run's splits.json too")
+    cases = split_case_numbers(args.split_file, args.split or "test") if args.split_file is not None else None
+    rows, summary = evaluate_folders(args.pred, args.gt, cases=cases, progress=True)
+    if cases is not None:
+        sys.stderr.write(f"scored the {len(cases)} {args.split or 'test'} case(s) of {args.split_file}\n")
     if summary["extra_predictions"]:
         sys.stderr.write(f"note: {summary['extra_predictions']} prediction file(s) in {args.pred} have no "
                          f"ground truth and were ignored\n")

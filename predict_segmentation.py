@@ -7,6 +7,8 @@
     python predict_segmentation.py --checkpoint best.ckpt --input volume-7.nii --slice 60   # one slice
     python predict_segmentation.py --checkpoint best.ckpt --input slice.png               # mask + overlay PNG
     python predict_segmentation.py --checkpoint best.ckpt --input scans/ --output predictions/
+    python predict_segmentation.py --checkpoint best.ckpt --input /data/Task03_Liver/imagesTr --output predictions/ \
+        --split-file runs/segmentation/splits.json --split test    # only a run's test patients
     python predict_segmentation.py --checkpoint best.ckpt --input CT/patient-7/            # a DICOM series
     python predict_segmentation.py --checkpoint best.ckpt --input CT/patient-7/ --output patient-7_seg.dcm
 
@@ -117,6 +119,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "float32 on a CPU (default: off, the fast path: a coarse pass finds the liver, the network "
                         "runs at full resolution only on its slices, each on a crop around it plus a margin, "
                         "background elsewhere, in bf16 on CPUs with native bf16; see the README)")
+    p.add_argument("--split-file", type=Path, default=None,
+                   help="a run's splits.json (train.py writes it into its --output-dir): with a folder as --input, "
+                        "segment only the cases of one of its parts; a volume's case is its name (volume-7.nii: "
+                        "volume-7), a slice's the stem before its last underscore (default: every input)")
+    p.add_argument("--split", choices=("train", "val", "test"), default=None,
+                   help="which part of --split-file to segment (default: test)")
     add_runtime_flags(p, "slices per forward pass (default: 32 on CUDA, 8 on a CPU, where large batches "
                          "spill the caches: 1.94 vs 1.80 slices/s measured, see BENCHMARKS.md)")
     return p
@@ -280,10 +288,37 @@ def print_report(report: dict) -> None:
     sys.stdout.write("\n".join(lines) + "\n")
 
 
+def select_split(inputs: list, args: argparse.Namespace) -> list:
+    """The inputs whose case is in the chosen part of --split-file (all of them without it). Cases of
+    the part that are not among the inputs are named on stderr: a data set can be spread over several
+    folders (LiTS comes in two batches), each predicted in turn."""
+    if args.split is not None and args.split_file is None:
+        raise DataError(f"found --split {args.split} without --split-file; expected the run's splits.json too")
+    if args.split_file is None:
+        return inputs
+    from dataset import split_part
+    part = args.split or "test"
+    wanted = set(split_part(args.split_file, part))
+
+    def case_id(item) -> str:
+        stem = input_name(item[0])[0]
+        return stem.rsplit("_", 1)[0] if item[1] == "image" and "_" in stem else stem
+
+    chosen = [item for item in inputs if case_id(item) in wanted]
+    if not chosen:
+        raise DataError(f"{args.input}: found none of the {len(wanted)} {part} case(s) of {args.split_file} "
+                        f"(e.g. {sorted(wanted)[0]}); expected inputs named by case, e.g. {sorted(wanted)[0]}.nii.gz")
+    found = {case_id(item) for item in chosen}
+    absent = sorted(wanted - found)
+    sys.stderr.write(f"{len(found)} of the {len(wanted)} {part} case(s) of {args.split_file} found in {args.input}"
+                     + (f"; not here: {', '.join(absent)}" if absent else "") + "\n")
+    return chosen
+
+
 def main(args: argparse.Namespace) -> dict:
     device, args.batch_size = runtime(args.device, args.batch_size, args.threads)
     ckpt = load_checkpoint(args.checkpoint, "segmentation")
-    inputs = find_inputs(args.input, args.series)
+    inputs = select_split(find_inputs(args.input, args.series), args)
     for flag, value in (("--slice", args.slice), ("--ground-truth", args.ground_truth)):
         if value is not None and not one_volume(args.input, inputs):
             raise DataError(f"{args.input}: {flag} needs one volume as --input; found "

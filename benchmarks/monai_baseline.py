@@ -2,7 +2,7 @@
 train.py on the same data, split, preprocessing, augmentation and time budget as our U-Net.
 
     pip install monai          # not a dependency of the project; only this script needs it
-    python benchmarks/monai_baseline.py --data-dir ../shared/data/real-liver-slices --image-size 128 \
+    python benchmarks/monai_baseline.py --data-dir real-liver-slices --image-size 128 \
         --context-slices 0 --max-time 00:00:10:00 --output-dir runs/monai --graphs-dir runs/monai/graphs
 
 Every train.py flag is accepted and means what it means there; the model differs, as in MONAI's

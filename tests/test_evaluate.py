@@ -776,3 +776,52 @@ def test_summary_path_that_is_a_folder_exits_2(folders, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "--summary is a folder" in err and "Traceback" not in err
     assert not (tmp_path / "m.csv").exists()
+
+
+def write_split(path: Path, test: list[str], val: list[str] = (), train: list[str] = ()) -> Path:
+    """A splits.json as train.py writes it (the three parts, then what made them)."""
+    path.write_text(json.dumps({"train": list(train), "val": list(val), "test": list(test), "seed": 0,
+                                "val_fraction": 0.15, "test_fraction": 0.15}))
+    return path
+
+
+def test_split_file_scores_exactly_the_test_patients(folders, tmp_path, capsys):
+    pred_dir, gt_dir = folders
+    split = write_split(tmp_path / "splits.json", test=["volume-0", "volume-2"], val=["volume-1"])
+    (pred_dir / PRED_NAMES[2].format(2)).unlink()   # case 2 is a test patient: still required
+    (pred_dir / PRED_NAMES[1].format(1)).unlink()   # case 1 is not: no longer required
+    with pytest.raises(evaluate.DataError, match="no prediction for case 2"):
+        evaluate.main(evaluate.get_args_parser().parse_args(
+            ["--pred", str(pred_dir), "--gt", str(gt_dir), "--split-file", str(split)]))
+    shutil.copy(gt_dir / "segmentation-2.nii", pred_dir / "prediction-2.nii")
+    out = tmp_path / "m.csv"
+    rc = evaluate.run_cli(evaluate.main, evaluate.get_args_parser(),
+                          ["--pred", str(pred_dir), "--gt", str(gt_dir), "--output", str(out),
+                           "--split-file", str(split), "--split", "test"])
+    assert rc == 0
+    with open(out, newline="") as fh:
+        assert [r["case"] for r in csv.DictReader(fh)] == ["0", "2"]
+    assert "scored the 2 test case(s)" in capsys.readouterr().err
+    # The validation part alone; a prediction of a case outside the part is not an "extra" one.
+    shutil.copy(gt_dir / "segmentation-1.nii", pred_dir / "prediction-1.nii")
+    rows, summary = evaluate.evaluate_folders(pred_dir, gt_dir, cases=[1])
+    assert [r["case"] for r in rows] == [1] and summary["cases"] == 1 and summary["extra_predictions"] == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--split", "test"], "without --split-file"),
+    (["--split-file", "{split}", "--split", "train"], "found no train cases"),
+    (["--split-file", "{other}"], "found no ground truth for case(s) 7"),
+    (["--split-file", "{slices}"], "without a number"),
+    (["--split-file", "{missing}"], "cannot read split"),
+])
+def test_split_file_mistakes_are_one_line(folders, tmp_path, capsys, argv, message):
+    pred_dir, gt_dir = folders
+    paths = {"split": write_split(tmp_path / "splits.json", test=["volume-0"]),
+             "other": write_split(tmp_path / "other.json", test=["volume-0", "volume-7"]),
+             "slices": write_split(tmp_path / "slices.json", test=["pA"]),
+             "missing": tmp_path / "nothing.json"}
+    argv = [a.format(**paths) for a in argv]
+    rc = evaluate.run_cli(evaluate.main, evaluate.get_args_parser(), ["--pred", str(pred_dir), "--gt", str(gt_dir)] + argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err

@@ -737,3 +737,39 @@ def test_printout_lists_the_ten_largest_lesions_and_sums_the_rest(capsys):
     rest = 10 / 11 + 10 / 12 + 10 / 13  # lesions 11-13
     assert f"... and 3 smaller lesion(s), {rest:.2f} mL together" in out[-2]
     assert out[-1] == "  RECIST 1.1 target lesions: 1, 2 (sum of long axes 30.0 mm)"
+
+
+def test_split_file_segments_only_the_chosen_part(phantoms, ckpts, tmp_path, capsys):
+    vols = tmp_path / "vols"
+    vols.mkdir()
+    for kind in ("flipped", "ras"):  # volume-0 and volume-1
+        shutil.copy(phantoms[kind][0], vols / phantoms[kind][0].name)
+    split = tmp_path / "splits.json"
+    split.write_text(json.dumps({"train": ["volume-0"], "val": [], "test": ["volume-1", "volume-5"], "seed": 0}))
+    result = ps.main(seg_args("--checkpoint", ckpts["seg"], "--input", vols, "--output", tmp_path / "out",
+                              "--device", "cpu", "--split-file", split, "--split", "test"))
+    assert [Path(c["input"]).name for c in result["cases"]] == ["volume-1.nii"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["volume-1_seg.nii.gz"]
+    err = capsys.readouterr().err
+    assert "1 of the 2 test case(s)" in err and "not here: volume-5" in err
+    ps.main(seg_args("--checkpoint", ckpts["seg"], "--input", vols, "--output", tmp_path / "tr",
+                     "--device", "cpu", "--split-file", split, "--split", "train"))
+    assert sorted(p.name for p in (tmp_path / "tr").iterdir()) == ["volume-0_seg.nii.gz"]
+    # Slices belong to the case named by the stem before their last underscore.
+    item = (Path("liver_3_0007.png"), "image")
+    args = seg_args("--checkpoint", "c", "--input", "x", "--split-file", split)
+    split.write_text(json.dumps({"train": [], "val": [], "test": ["liver_3"]}))
+    assert ps.select_split([item, (Path("liver_4_0001.png"), "image")], args) == [item]
+
+
+def test_split_file_that_selects_nothing_is_refused(phantoms, ckpts, tmp_path):
+    split = tmp_path / "splits.json"
+    split.write_text(json.dumps({"train": ["volume-0"], "val": [], "test": ["volume-9"]}))
+    out = tmp_path / "out"
+    for argv, message in ((["--split-file", split], r"found none of the 1 test case\(s\)"),
+                          (["--split", "val"], "without --split-file"),
+                          (["--split-file", split, "--split", "val"], "found no val cases")):
+        with pytest.raises(volumes.DataError, match=message):
+            ps.main(seg_args("--checkpoint", ckpts["seg"], "--input", phantoms["ras"][0], "--output", out,
+                             "--device", "cpu", *argv))
+    assert not out.exists()
