@@ -32,7 +32,9 @@ from volumes import (IMAGE_SUFFIXES, WINDOW_HU, DataError, atomic_output, atomic
                      load_label_volume, load_slice_image, load_slice_mask, load_volume, one_line, resize_slices,
                      run_cli, visible_files, window_hu)
 
-CACHE_VERSION = 2  # bump when the cache format or the preprocessing changes (2: anatomy checks in meta)
+# Bump when the cache format or the preprocessing changes (2: anatomy checks in meta; 3: slice folders
+# windowed with the cache's window, not the default one, and their runs of consecutive slices in meta).
+CACHE_VERSION = 3
 
 
 # --------------------------------------------------------------------------------------------
@@ -41,12 +43,14 @@ CACHE_VERSION = 2  # bump when the cache format or the preprocessing changes (2:
 
 @dataclass(frozen=True)
 class Case:
-    """One patient. NIfTI layouts hold one image and one label path; slice folders hold one per slice."""
+    """One patient. NIfTI layouts hold one image and one label path; slice folders hold one per slice,
+    with each slice's number (the stem's index; None where it is not a number, e.g. `f103`)."""
 
     case_id: str
     layout: str  # "lits", "msd" or "slices"
     images: tuple[Path, ...]
     labels: tuple[Path, ...]
+    numbers: tuple[int | None, ...] = ()  # slice folders only
 
 
 _LITS_VOL = re.compile(r"^volume-(\d+)\.nii(\.gz)?$")
@@ -124,11 +128,26 @@ def find_cases(data_dir: str | Path) -> list[Case]:
         cases = []
         for case_id, items in sorted(groups.items()):
             items.sort(key=lambda it: (int(it[0]) if it[0].isdigit() else math.inf, it[0]))
-            cases.append(Case(case_id, "slices", tuple(i[1] for i in items), tuple(i[2] for i in items)))
+            cases.append(Case(case_id, "slices", tuple(i[1] for i in items), tuple(i[2] for i in items),
+                              tuple(int(i[0]) if i[0].isdigit() else None for i in items)))
         return cases
 
     raise DataError(f"{root}: found no cases; expected volume-N.nii[.gz] with segmentation-N.nii[.gz], "
                     f"imagesTr/ with labelsTr/, or images/ with masks/")
+
+
+def slice_runs(numbers: Sequence[int | None]) -> list[list[int]]:
+    """[start, stop) ranges of a slice folder case's sorted slices that are true neighbours: numbers
+    that follow each other one by one. A slice whose index is not a number, or whose number's
+    neighbours are missing, is a run of its own, so its 2.5D context is itself (as at a volume's
+    end), never an unrelated slice that happens to sort beside it."""
+    runs: list[list[int]] = []
+    for i, n in enumerate(numbers):
+        if runs and n is not None and numbers[i - 1] is not None and n == numbers[i - 1] + 1:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return runs
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,6 +167,9 @@ class PreparedCase:
     tumor_pixels: np.ndarray  # (Z,) int64, label == 2, native resolution
     spacing: tuple[float, float, float]
     meta: dict = field(default_factory=dict, repr=False)
+    # [start, stop) ranges of slices that neighbour each other; the 2.5D context stays inside its
+    # slice's run. Empty: the whole case is one run (a volume).
+    runs: tuple[tuple[int, int], ...] = ()
 
 
 def _fingerprint(case: Case) -> list[list]:
@@ -176,15 +198,17 @@ def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
         np.save(fh, array)
 
 
-def _load_case_arrays(case: Case) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float], bool]:
-    """Returns (image (Z,H,W) float32, label (Z,H,W) uint8, spacing, image_is_windowed)."""
+def _load_case_arrays(case: Case, window: Sequence[float]
+                      ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float], bool]:
+    """Returns (image (Z,H,W) float32, label (Z,H,W) uint8, spacing, image_is_windowed): volumes in HU,
+    slices windowed with `window` as they are read (`load_slice_image`, as the predict scripts read them)."""
     if case.layout in ("lits", "msd"):
         hu, geom = load_volume(case.images[0])
         lab, _ = load_label_volume(case.labels[0], expected_shape=geom.shape, image_path=case.images[0])
         return hu, lab, geom.spacing, False
     images, masks = [], []
     for ip, mp in zip(case.images, case.labels):
-        img, msk = load_slice_image(ip), load_slice_mask(mp)
+        img, msk = load_slice_image(ip, window), load_slice_mask(mp)
         if img.shape != msk.shape:
             raise DataError(f"{mp}: found shape {msk.shape}; expected {img.shape} as its image {ip.name}")
         if images and img.shape != images[0].shape:
@@ -226,7 +250,7 @@ def _prepare_case(case: Case, folder: Path, image_size: int, window: Sequence[fl
                   single_thread: bool = False) -> dict:
     if single_thread:
         torch.set_num_threads(1)
-    image, label, spacing, windowed = _load_case_arrays(case)
+    image, label, spacing, windowed = _load_case_arrays(case, window)
     unit = image if windowed else window_hu(image, window)  # (Z, H, W) float32 in [0, 1]
     small = resize_slices(unit, image_size, "image").numpy().astype(np.float16)
     small_lab = resize_slices(label, image_size, "label").numpy()
@@ -239,6 +263,7 @@ def _prepare_case(case: Case, folder: Path, image_size: int, window: Sequence[fl
         "spacing": [float(s) for s in spacing],
         "liver_pixels": (label >= 1).sum(axis=(1, 2)).astype(int).tolist(),
         "tumor_pixels": (label == 2).sum(axis=(1, 2)).astype(int).tolist(),
+        "runs": slice_runs(case.numbers) if case.layout == "slices" else [[0, int(label.shape[0])]],
         # Volumes in HU only: windowed slice exports hold no HU to find the bone with.
         "anatomy_warnings": [] if windowed else anatomy_warnings(image, label),
     }
@@ -265,7 +290,8 @@ def _as_prepared(folder: Path, meta: dict) -> PreparedCase:
     cid = meta["case_id"]
     return PreparedCase(cid, folder / f"{cid}.image.npy", folder / f"{cid}.label.npy", meta["num_slices"],
                         np.asarray(meta["liver_pixels"], dtype=np.int64),
-                        np.asarray(meta["tumor_pixels"], dtype=np.int64), tuple(meta["spacing"]), meta)
+                        np.asarray(meta["tumor_pixels"], dtype=np.int64), tuple(meta["spacing"]), meta,
+                        tuple((int(a), int(b)) for a, b in meta["runs"]))
 
 
 def prepare_cases(cases: Sequence[Case], cache_dir: str | Path, data_dir: str | Path, image_size: int = 256,
@@ -378,7 +404,8 @@ class LiTSSliceDataset(Dataset):
     """Axial slices from prepared cases.
 
     Items are (image, target): image (2k+1, S, S) float32 in [0, 1] (k = context_slices neighbours on
-    each side as channels); target (S, S) int64 in {0, 1, 2} for segmentation, or a scalar int64
+    each side as channels, clamped at the ends of the slice's run of true neighbours, see
+    `PreparedCase.runs`: the end slice repeats, as at a volume's ends); target (S, S) int64 in {0, 1, 2} for segmentation, or a scalar int64
     (1 when the slice holds at least `min_tumor_pixels` tumor pixels at native resolution) for
     classification, whose items also carry the slice's label map (S, S) uint8 as a third element
     (the classifier's deep supervision: where the tumour is). `liver_only` keeps only slices that
@@ -401,6 +428,13 @@ class LiTSSliceDataset(Dataset):
         self.index = np.concatenate(index) if index else np.zeros((0, 2), dtype=np.int64)
         self.tumor = np.array([self.cases[ci].tumor_pixels[z] >= min_tumor_pixels for ci, z in self.index],
                               dtype=bool)
+        # For each case, the first slice of each slice's run and the run's length.
+        self._runs = []
+        for c in self.cases:
+            start, length = np.zeros(c.num_slices, np.int64), np.full(c.num_slices, c.num_slices, np.int64)
+            for a, b in c.runs:
+                start[a:b], length[a:b] = a, b - a
+            self._runs.append((start, length))
         self._arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def __len__(self) -> int:
@@ -421,7 +455,8 @@ class LiTSSliceDataset(Dataset):
     def __getitem__(self, i: int):
         ci, z = (int(v) for v in self.index[i])
         images, labels = self._open(ci)
-        zs = context_indices(z, self.cases[ci].num_slices, self.context_slices)
+        start, length = (int(v[z]) for v in self._runs[ci])
+        zs = start + context_indices(z - start, length, self.context_slices)
         # The fancy index copies out of the memory map; torch's float16 -> float32 cast is vectorised
         # where numpy's is a scalar loop (about 5x slower, most of the item's time at 256x256).
         image = torch.from_numpy(images[zs]).float()  # (2k+1, S, S)

@@ -390,15 +390,17 @@ def check_labels(data: np.ndarray, path: Path) -> np.ndarray:
     return data.astype(np.uint8, copy=False)
 
 
-def load_slice_image(path: str | Path) -> np.ndarray:
-    """Read one 2D slice as float32 (H, W) in [0, 1].
+def load_slice_image(path: str | Path, window: Sequence[float]) -> np.ndarray:
+    """Read one 2D slice as float32 (H, W) in [0, 1]: the model's input before resizing.
 
-    PNG/JPG must be 8-bit and are taken as already windowed (value / 255); `.npy` holds HU and is
-    windowed with the default window; a DICOM file is one CT slice, turned to HU and to the display
-    orientation of the slices (see `read_dicom_slice`), then windowed like `.npy`."""
+    `.npy` holds HU and a DICOM file is one CT slice (turned to HU and to the display orientation of
+    the slices, see `read_dicom_slice`); both are windowed with `window`, the run's own (training:
+    --window, prediction: the checkpoint's), never a default, so a run with another window trains
+    and predicts with it. PNG/JPG must be 8-bit and are taken as already windowed (value / 255):
+    they hold no HU to window."""
     path = Path(path)
     if _is_dicom_file(path):
-        return window_hu(read_dicom_slice(path))
+        return window_hu(read_dicom_slice(path), window)
     try:
         if path.suffix.lower() == ".npy":
             arr = np.load(path, allow_pickle=False)
@@ -418,7 +420,7 @@ def load_slice_image(path: str | Path) -> np.ndarray:
     if arr.ndim != 2:
         raise DataError(f"{path}: found an array of shape {arr.shape}; expected a 2D slice (H, W)")
     if kind == "npy":
-        return window_hu(arr)
+        return window_hu(arr, window)
     return arr.astype(np.float32) / 255.0
 
 

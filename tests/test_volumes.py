@@ -391,7 +391,7 @@ def test_pydicom_ct_small_is_a_one_slice_input(tmp_path):
     assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]  # rows A -> P, columns R -> L
     expected = volumes.window_hu(ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept))
     assert volumes.input_kind(path) == "image"
-    np.testing.assert_allclose(volumes.load_slice_image(path), expected, atol=1e-6)
+    np.testing.assert_allclose(volumes.load_slice_image(path, volumes.WINDOW_HU), expected, atol=1e-6)
     hu = volumes.read_dicom_slice(path)
     assert hu.shape == (128, 128) and hu.min() < -100 and hu.max() > 500  # air and bone, in HU
     one = tmp_path / "one"
