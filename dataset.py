@@ -567,6 +567,45 @@ def tumor_sampler(tumor: np.ndarray, fraction: float, num_samples: int | None = 
 # LightningDataModule
 # --------------------------------------------------------------------------------------------
 
+def choose_split(prepared: dict[str, PreparedCase], split_file: Path | None, val_fraction: float,
+                 test_fraction: float, seed: int) -> dict[str, list[str]]:
+    """The patient-level split of the prepared cases: `split_file` when given, else a seeded draw
+    with the cases that hold tumour spread over the parts (`split_cases`)."""
+    if split_file is not None:
+        return load_split(split_file, list(prepared))
+    has_tumor = {cid: bool((c.tumor_pixels > 0).any()) for cid, c in prepared.items()}
+    return split_cases(list(prepared), val_fraction, test_fraction, seed, has_tumor)
+
+
+def slice_loader(ds: LiTSSliceDataset, batch_size: int, num_workers: int, train: bool,
+                 oversample_tumor: float = 0.0, seed: int = 0) -> DataLoader:
+    """A DataLoader of one part: shuffled for training, or drawn with tumour slices oversampled
+    (`tumor_sampler`) when `oversample_tumor` > 0; in order otherwise."""
+    sampler = tumor_sampler(ds.tumor, oversample_tumor, seed=seed) if train and oversample_tumor > 0 else None
+    return DataLoader(ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+                      num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=num_workers > 0, drop_last=False)
+
+
+def augment_training_batch(batch: tuple, task: str, paste_tumor: float = 0.0, flip: bool = False,
+                           rotation: float = 10.0, scale: tuple[float, float] = (0.9, 1.1)) -> tuple:
+    """One training batch augmented, on its device: tumours pasted between slices (`paste_tumors`)
+    first, then the geometric and intensity augmentation (`augment_batch`), which apply to them too.
+
+    The label map moves with the image: the target for segmentation; for classification the third
+    element, which supervises where the tumour is (the second is the slice label, set to tumour on
+    a slice that received a lesion)."""
+    at = 1 if task == "segmentation" else 2
+    items = list(batch)
+    images, labels = items[0], items[at]
+    if paste_tumor > 0:
+        images, labels, pasted = paste_tumors(images, labels, paste_tumor)
+        if task == "classification":
+            items[1] = items[1].masked_fill(pasted, 1)
+    items[0], items[at] = augment_batch(images, labels, hflip=flip, vflip=flip, max_rotation=rotation, scale=scale)
+    return tuple(items)
+
+
 def _datamodule_class():
     # Lightning takes seconds to import; the CLI and the predict scripts do not need it.
     import pytorch_lightning as pl
@@ -611,11 +650,7 @@ def _datamodule_class():
             if self.datasets:
                 return
             prepared = {c.case_id: c for c in self._prepare()}
-            if self.split_file is not None:
-                self.split = load_split(self.split_file, list(prepared))
-            else:
-                has_tumor = {cid: bool((c.tumor_pixels > 0).any()) for cid, c in prepared.items()}
-                self.split = split_cases(list(prepared), self.val_fraction, self.test_fraction, self.seed, has_tumor)
+            self.split = choose_split(prepared, self.split_file, self.val_fraction, self.test_fraction, self.seed)
             if self.output_dir is not None:
                 self.output_dir.mkdir(parents=True, exist_ok=True)
                 record = dict(self.split, seed=self.seed, val_fraction=self.val_fraction,
@@ -627,39 +662,20 @@ def _datamodule_class():
                     self.min_tumor_pixels, self.liver_only,
                     return_case=part == "test" or (part == "val" and self.task == "classification"))
 
-        def _loader(self, part: str, train: bool) -> DataLoader:
-            ds = self.datasets[part]
-            sampler = None
-            if train and self.oversample_tumor > 0:
-                sampler = tumor_sampler(ds.tumor, self.oversample_tumor, seed=self.seed)
-            return DataLoader(ds, batch_size=self.batch_size, shuffle=train and sampler is None, sampler=sampler,
-                              num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                              persistent_workers=self.num_workers > 0, drop_last=False)
-
         def train_dataloader(self) -> DataLoader:
-            return self._loader("train", True)
+            return slice_loader(self.datasets["train"], self.batch_size, self.num_workers, True,
+                                self.oversample_tumor, self.seed)
 
         def val_dataloader(self) -> DataLoader:
-            return self._loader("val", False)
+            return slice_loader(self.datasets["val"], self.batch_size, self.num_workers, False)
 
         def test_dataloader(self) -> DataLoader:
-            return self._loader("test", False)
+            return slice_loader(self.datasets["test"], self.batch_size, self.num_workers, False)
 
         def on_after_batch_transfer(self, batch, dataloader_idx: int):
             trainer = getattr(self, "trainer", None)
             if self.augment and trainer is not None and trainer.training:
-                spatial = dict(hflip=self.flip, vflip=self.flip, max_rotation=self.rotation, scale=self.scale)
-                # The label map moves with the image: the target for segmentation; for classification the
-                # third element, which supervises where the tumour is (the second is the slice label).
-                at = 1 if self.task == "segmentation" else 2
-                items = list(batch)
-                images, labels = items[0], items[at]
-                if self.paste_tumor > 0:  # before the geometric and intensity augmentation, which then apply to it
-                    images, labels, pasted = paste_tumors(images, labels, self.paste_tumor)
-                    if self.task == "classification":
-                        items[1] = items[1].masked_fill(pasted, 1)  # a slice that received a lesion shows tumour
-                items[0], items[at] = augment_batch(images, labels, **spatial)
-                batch = tuple(items)
+                return augment_training_batch(batch, self.task, self.paste_tumor, self.flip, self.rotation, self.scale)
             return batch
 
     LiTSDataModule.__module__ = __name__
