@@ -76,7 +76,9 @@ def find_cases(data_dir: str | Path) -> list[Case]:
     - LiTS: volume-N.nii[.gz] with segmentation-N.nii[.gz], at any depth;
     - MSD Task03_Liver: imagesTr/liver_N.nii.gz with labelsTr/liver_N.nii.gz;
     - slice folders: images/ and masks/ with matching stems (PNG, JPG or NPY); the case id is the
-      stem before its last underscore (liver_17_0093.png -> liver_17).
+      stem before its last underscore (liver_17_0093.png -> liver_17), the rest the slice's index:
+      slices sort by number (indices that are not numbers, such as f103, after them), and only
+      slices numbered one apart are each other's 2.5D context (`slice_runs`).
     """
     root = Path(data_dir)
     if not root.is_dir():
@@ -405,11 +407,11 @@ class LiTSSliceDataset(Dataset):
 
     Items are (image, target): image (2k+1, S, S) float32 in [0, 1] (k = context_slices neighbours on
     each side as channels, clamped at the ends of the slice's run of true neighbours, see
-    `PreparedCase.runs`: the end slice repeats, as at a volume's ends); target (S, S) int64 in {0, 1, 2} for segmentation, or a scalar int64
-    (1 when the slice holds at least `min_tumor_pixels` tumor pixels at native resolution) for
-    classification, whose items also carry the slice's label map (S, S) uint8 as a third element
-    (the classifier's deep supervision: where the tumour is). `liver_only` keeps only slices that
-    show liver. With `return_case`, items end with the index of their case in `cases` (for
+    `PreparedCase.runs`: the end slice repeats, as at a volume's ends); target (S, S) int64 in {0, 1, 2}
+    for segmentation, or a scalar int64 (1 when the slice holds at least `min_tumor_pixels` tumor pixels
+    at native resolution) for classification, whose items also carry the slice's label map (S, S) uint8
+    as a third element (the classifier's deep supervision: where the tumour is). `liver_only` keeps only
+    slices that show liver. With `return_case`, items end with the index of their case in `cases` (for
     per-patient and per-volume metrics).
     """
 

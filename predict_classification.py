@@ -50,10 +50,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                     "so it stands in for them in the 2.5D stack.")
     p.add_argument("--checkpoint", required=True, type=Path, help="classification .ckpt written by train.py")
     p.add_argument("--input", required=True, type=Path,
-                   help="a NIfTI volume (.nii, .nii.gz), a folder holding a DICOM CT series (any depth, files with "
-                        "or without extension), a 2D slice (PNG/JPG: 8-bit, already windowed; .npy or one .dcm: HU, "
-                        "windowed with the checkpoint's window) or a folder of them (NIfTI and slices at its top level, every CT series at any depth; "
-                        "segmentation-N.nii and this project's outputs skipped)")
+                   help="a NIfTI volume (.nii, .nii.gz), a folder holding a DICOM CT series (any depth, files with or "
+                        "without extension), a 2D slice (PNG/JPG: 8-bit, already windowed; .npy or one .dcm: HU, "
+                        "windowed with the checkpoint's window) or a folder of them (NIfTI and slices at its top "
+                        "level, every CT series at any depth; segmentation-N.nii and this project's outputs skipped)")
     p.add_argument("--series", default=None, metavar="UID",
                    help="with a folder as --input: only the DICOM series with this SeriesInstanceUID "
                         "(default: every CT series in the folder)")

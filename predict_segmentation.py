@@ -84,10 +84,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                     "A lone 2D slice has no neighbours, so it stands in for them in the 2.5D stack.")
     p.add_argument("--checkpoint", required=True, type=Path, help="segmentation .ckpt written by train.py")
     p.add_argument("--input", required=True, type=Path,
-                   help="a NIfTI volume (.nii, .nii.gz), a folder holding a DICOM CT series (any depth, files with "
-                        "or without extension), a 2D slice (PNG/JPG: 8-bit, already windowed; .npy or one .dcm: HU, "
-                        "windowed with the checkpoint's window) or a folder of them (NIfTI and slices at its top level, every CT series at any depth; "
-                        "*_seg.nii.gz, *_mask.png, *_overlay.png and segmentation-N.nii are skipped)")
+                   help="a NIfTI volume (.nii, .nii.gz), a folder holding a DICOM CT series (any depth, files with or "
+                        "without extension), a 2D slice (PNG/JPG: 8-bit, already windowed; .npy or one .dcm: HU, "
+                        "windowed with the checkpoint's window) or a folder of them (NIfTI and slices at its top "
+                        "level, every CT series at any depth; *_seg.nii.gz, *_mask.png, *_overlay.png and "
+                        "segmentation-N.nii are skipped)")
     p.add_argument("--series", default=None, metavar="UID",
                    help="with a folder as --input: only the DICOM series with this SeriesInstanceUID "
                         "(default: every CT series in the folder)")
