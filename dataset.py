@@ -32,7 +32,9 @@ from volumes import (IMAGE_SUFFIXES, WINDOW_HU, DataError, atomic_output, atomic
                      load_label_volume, load_slice_image, load_slice_mask, load_volume, one_line, resize_slices,
                      run_cli, visible_files, window_hu)
 
-CACHE_VERSION = 2  # bump when the cache format or the preprocessing changes (2: anatomy checks in meta)
+# Bump when the cache format or the preprocessing changes (2: anatomy checks in meta; 3: slice folders
+# windowed with the cache's window, not the default one, and their runs of consecutive slices in meta).
+CACHE_VERSION = 3
 
 
 # --------------------------------------------------------------------------------------------
@@ -41,12 +43,14 @@ CACHE_VERSION = 2  # bump when the cache format or the preprocessing changes (2:
 
 @dataclass(frozen=True)
 class Case:
-    """One patient. NIfTI layouts hold one image and one label path; slice folders hold one per slice."""
+    """One patient. NIfTI layouts hold one image and one label path; slice folders hold one per slice,
+    with each slice's number (the stem's index; None where it is not a number, e.g. `f103`)."""
 
     case_id: str
     layout: str  # "lits", "msd" or "slices"
     images: tuple[Path, ...]
     labels: tuple[Path, ...]
+    numbers: tuple[int | None, ...] = ()  # slice folders only
 
 
 _LITS_VOL = re.compile(r"^volume-(\d+)\.nii(\.gz)?$")
@@ -72,7 +76,9 @@ def find_cases(data_dir: str | Path) -> list[Case]:
     - LiTS: volume-N.nii[.gz] with segmentation-N.nii[.gz], at any depth;
     - MSD Task03_Liver: imagesTr/liver_N.nii.gz with labelsTr/liver_N.nii.gz;
     - slice folders: images/ and masks/ with matching stems (PNG, JPG or NPY); the case id is the
-      stem before its last underscore (liver_17_0093.png -> liver_17).
+      stem before its last underscore (liver_17_0093.png -> liver_17), the rest the slice's index:
+      slices sort by number (indices that are not numbers, such as f103, after them), and only
+      slices numbered one apart are each other's 2.5D context (`slice_runs`).
     """
     root = Path(data_dir)
     if not root.is_dir():
@@ -124,11 +130,26 @@ def find_cases(data_dir: str | Path) -> list[Case]:
         cases = []
         for case_id, items in sorted(groups.items()):
             items.sort(key=lambda it: (int(it[0]) if it[0].isdigit() else math.inf, it[0]))
-            cases.append(Case(case_id, "slices", tuple(i[1] for i in items), tuple(i[2] for i in items)))
+            cases.append(Case(case_id, "slices", tuple(i[1] for i in items), tuple(i[2] for i in items),
+                              tuple(int(i[0]) if i[0].isdigit() else None for i in items)))
         return cases
 
     raise DataError(f"{root}: found no cases; expected volume-N.nii[.gz] with segmentation-N.nii[.gz], "
                     f"imagesTr/ with labelsTr/, or images/ with masks/")
+
+
+def slice_runs(numbers: Sequence[int | None]) -> list[list[int]]:
+    """[start, stop) ranges of a slice folder case's sorted slices that are true neighbours: numbers
+    that follow each other one by one. A slice whose index is not a number, or whose number's
+    neighbours are missing, is a run of its own, so its 2.5D context is itself (as at a volume's
+    end), never an unrelated slice that happens to sort beside it."""
+    runs: list[list[int]] = []
+    for i, n in enumerate(numbers):
+        if runs and n is not None and numbers[i - 1] is not None and n == numbers[i - 1] + 1:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return runs
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,6 +169,9 @@ class PreparedCase:
     tumor_pixels: np.ndarray  # (Z,) int64, label == 2, native resolution
     spacing: tuple[float, float, float]
     meta: dict = field(default_factory=dict, repr=False)
+    # [start, stop) ranges of slices that neighbour each other; the 2.5D context stays inside its
+    # slice's run. Empty: the whole case is one run (a volume).
+    runs: tuple[tuple[int, int], ...] = ()
 
 
 def _fingerprint(case: Case) -> list[list]:
@@ -176,15 +200,17 @@ def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
         np.save(fh, array)
 
 
-def _load_case_arrays(case: Case) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float], bool]:
-    """Returns (image (Z,H,W) float32, label (Z,H,W) uint8, spacing, image_is_windowed)."""
+def _load_case_arrays(case: Case, window: Sequence[float]
+                      ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float], bool]:
+    """Returns (image (Z,H,W) float32, label (Z,H,W) uint8, spacing, image_is_windowed): volumes in HU,
+    slices windowed with `window` as they are read (`load_slice_image`, as the predict scripts read them)."""
     if case.layout in ("lits", "msd"):
         hu, geom = load_volume(case.images[0])
         lab, _ = load_label_volume(case.labels[0], expected_shape=geom.shape, image_path=case.images[0])
         return hu, lab, geom.spacing, False
     images, masks = [], []
     for ip, mp in zip(case.images, case.labels):
-        img, msk = load_slice_image(ip), load_slice_mask(mp)
+        img, msk = load_slice_image(ip, window), load_slice_mask(mp)
         if img.shape != msk.shape:
             raise DataError(f"{mp}: found shape {msk.shape}; expected {img.shape} as its image {ip.name}")
         if images and img.shape != images[0].shape:
@@ -226,7 +252,7 @@ def _prepare_case(case: Case, folder: Path, image_size: int, window: Sequence[fl
                   single_thread: bool = False) -> dict:
     if single_thread:
         torch.set_num_threads(1)
-    image, label, spacing, windowed = _load_case_arrays(case)
+    image, label, spacing, windowed = _load_case_arrays(case, window)
     unit = image if windowed else window_hu(image, window)  # (Z, H, W) float32 in [0, 1]
     small = resize_slices(unit, image_size, "image").numpy().astype(np.float16)
     small_lab = resize_slices(label, image_size, "label").numpy()
@@ -239,6 +265,7 @@ def _prepare_case(case: Case, folder: Path, image_size: int, window: Sequence[fl
         "spacing": [float(s) for s in spacing],
         "liver_pixels": (label >= 1).sum(axis=(1, 2)).astype(int).tolist(),
         "tumor_pixels": (label == 2).sum(axis=(1, 2)).astype(int).tolist(),
+        "runs": slice_runs(case.numbers) if case.layout == "slices" else [[0, int(label.shape[0])]],
         # Volumes in HU only: windowed slice exports hold no HU to find the bone with.
         "anatomy_warnings": [] if windowed else anatomy_warnings(image, label),
     }
@@ -265,7 +292,8 @@ def _as_prepared(folder: Path, meta: dict) -> PreparedCase:
     cid = meta["case_id"]
     return PreparedCase(cid, folder / f"{cid}.image.npy", folder / f"{cid}.label.npy", meta["num_slices"],
                         np.asarray(meta["liver_pixels"], dtype=np.int64),
-                        np.asarray(meta["tumor_pixels"], dtype=np.int64), tuple(meta["spacing"]), meta)
+                        np.asarray(meta["tumor_pixels"], dtype=np.int64), tuple(meta["spacing"]), meta,
+                        tuple((int(a), int(b)) for a, b in meta["runs"]))
 
 
 def prepare_cases(cases: Sequence[Case], cache_dir: str | Path, data_dir: str | Path, image_size: int = 256,
@@ -396,11 +424,12 @@ class LiTSSliceDataset(Dataset):
     """Axial slices from prepared cases.
 
     Items are (image, target): image (2k+1, S, S) float32 in [0, 1] (k = context_slices neighbours on
-    each side as channels); target (S, S) int64 in {0, 1, 2} for segmentation, or a scalar int64
-    (1 when the slice holds at least `min_tumor_pixels` tumor pixels at native resolution) for
-    classification, whose items also carry the slice's label map (S, S) uint8 as a third element
-    (the classifier's deep supervision: where the tumour is). `liver_only` keeps only slices that
-    show liver. With `return_case`, items end with the index of their case in `cases` (for
+    each side as channels, clamped at the ends of the slice's run of true neighbours, see
+    `PreparedCase.runs`: the end slice repeats, as at a volume's ends); target (S, S) int64 in {0, 1, 2}
+    for segmentation, or a scalar int64 (1 when the slice holds at least `min_tumor_pixels` tumor pixels
+    at native resolution) for classification, whose items also carry the slice's label map (S, S) uint8
+    as a third element (the classifier's deep supervision: where the tumour is). `liver_only` keeps only
+    slices that show liver. With `return_case`, items end with the index of their case in `cases` (for
     per-patient and per-volume metrics).
     """
 
@@ -419,6 +448,13 @@ class LiTSSliceDataset(Dataset):
         self.index = np.concatenate(index) if index else np.zeros((0, 2), dtype=np.int64)
         self.tumor = np.array([self.cases[ci].tumor_pixels[z] >= min_tumor_pixels for ci, z in self.index],
                               dtype=bool)
+        # For each case, the first slice of each slice's run and the run's length.
+        self._runs = []
+        for c in self.cases:
+            start, length = np.zeros(c.num_slices, np.int64), np.full(c.num_slices, c.num_slices, np.int64)
+            for a, b in c.runs:
+                start[a:b], length[a:b] = a, b - a
+            self._runs.append((start, length))
         self._arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def __len__(self) -> int:
@@ -439,7 +475,8 @@ class LiTSSliceDataset(Dataset):
     def __getitem__(self, i: int):
         ci, z = (int(v) for v in self.index[i])
         images, labels = self._open(ci)
-        zs = context_indices(z, self.cases[ci].num_slices, self.context_slices)
+        start, length = (int(v[z]) for v in self._runs[ci])
+        zs = start + context_indices(z - start, length, self.context_slices)
         # The fancy index copies out of the memory map; torch's float16 -> float32 cast is vectorised
         # where numpy's is a scalar loop (about 5x slower, most of the item's time at 256x256).
         image = torch.from_numpy(images[zs]).float()  # (2k+1, S, S)
@@ -550,6 +587,45 @@ def tumor_sampler(tumor: np.ndarray, fraction: float, num_samples: int | None = 
 # LightningDataModule
 # --------------------------------------------------------------------------------------------
 
+def choose_split(prepared: dict[str, PreparedCase], split_file: Path | None, val_fraction: float,
+                 test_fraction: float, seed: int) -> dict[str, list[str]]:
+    """The patient-level split of the prepared cases: `split_file` when given, else a seeded draw
+    with the cases that hold tumour spread over the parts (`split_cases`)."""
+    if split_file is not None:
+        return load_split(split_file, list(prepared))
+    has_tumor = {cid: bool((c.tumor_pixels > 0).any()) for cid, c in prepared.items()}
+    return split_cases(list(prepared), val_fraction, test_fraction, seed, has_tumor)
+
+
+def slice_loader(ds: LiTSSliceDataset, batch_size: int, num_workers: int, train: bool,
+                 oversample_tumor: float = 0.0, seed: int = 0) -> DataLoader:
+    """A DataLoader of one part: shuffled for training, or drawn with tumour slices oversampled
+    (`tumor_sampler`) when `oversample_tumor` > 0; in order otherwise."""
+    sampler = tumor_sampler(ds.tumor, oversample_tumor, seed=seed) if train and oversample_tumor > 0 else None
+    return DataLoader(ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+                      num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=num_workers > 0, drop_last=False)
+
+
+def augment_training_batch(batch: tuple, task: str, paste_tumor: float = 0.0, flip: bool = False,
+                           rotation: float = 10.0, scale: tuple[float, float] = (0.9, 1.1)) -> tuple:
+    """One training batch augmented, on its device: tumours pasted between slices (`paste_tumors`)
+    first, then the geometric and intensity augmentation (`augment_batch`), which apply to them too.
+
+    The label map moves with the image: the target for segmentation; for classification the third
+    element, which supervises where the tumour is (the second is the slice label, set to tumour on
+    a slice that received a lesion)."""
+    at = 1 if task == "segmentation" else 2
+    items = list(batch)
+    images, labels = items[0], items[at]
+    if paste_tumor > 0:
+        images, labels, pasted = paste_tumors(images, labels, paste_tumor)
+        if task == "classification":
+            items[1] = items[1].masked_fill(pasted, 1)
+    items[0], items[at] = augment_batch(images, labels, hflip=flip, vflip=flip, max_rotation=rotation, scale=scale)
+    return tuple(items)
+
+
 def _datamodule_class():
     # Lightning takes seconds to import; the CLI and the predict scripts do not need it.
     import pytorch_lightning as pl
@@ -594,11 +670,7 @@ def _datamodule_class():
             if self.datasets:
                 return
             prepared = {c.case_id: c for c in self._prepare()}
-            if self.split_file is not None:
-                self.split = load_split(self.split_file, list(prepared))
-            else:
-                has_tumor = {cid: bool((c.tumor_pixels > 0).any()) for cid, c in prepared.items()}
-                self.split = split_cases(list(prepared), self.val_fraction, self.test_fraction, self.seed, has_tumor)
+            self.split = choose_split(prepared, self.split_file, self.val_fraction, self.test_fraction, self.seed)
             if self.output_dir is not None:
                 self.output_dir.mkdir(parents=True, exist_ok=True)
                 record = dict(self.split, seed=self.seed, val_fraction=self.val_fraction,
@@ -610,39 +682,20 @@ def _datamodule_class():
                     self.min_tumor_pixels, self.liver_only,
                     return_case=part == "test" or (part == "val" and self.task == "classification"))
 
-        def _loader(self, part: str, train: bool) -> DataLoader:
-            ds = self.datasets[part]
-            sampler = None
-            if train and self.oversample_tumor > 0:
-                sampler = tumor_sampler(ds.tumor, self.oversample_tumor, seed=self.seed)
-            return DataLoader(ds, batch_size=self.batch_size, shuffle=train and sampler is None, sampler=sampler,
-                              num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                              persistent_workers=self.num_workers > 0, drop_last=False)
-
         def train_dataloader(self) -> DataLoader:
-            return self._loader("train", True)
+            return slice_loader(self.datasets["train"], self.batch_size, self.num_workers, True,
+                                self.oversample_tumor, self.seed)
 
         def val_dataloader(self) -> DataLoader:
-            return self._loader("val", False)
+            return slice_loader(self.datasets["val"], self.batch_size, self.num_workers, False)
 
         def test_dataloader(self) -> DataLoader:
-            return self._loader("test", False)
+            return slice_loader(self.datasets["test"], self.batch_size, self.num_workers, False)
 
         def on_after_batch_transfer(self, batch, dataloader_idx: int):
             trainer = getattr(self, "trainer", None)
             if self.augment and trainer is not None and trainer.training:
-                spatial = dict(hflip=self.flip, vflip=self.flip, max_rotation=self.rotation, scale=self.scale)
-                # The label map moves with the image: the target for segmentation; for classification the
-                # third element, which supervises where the tumour is (the second is the slice label).
-                at = 1 if self.task == "segmentation" else 2
-                items = list(batch)
-                images, labels = items[0], items[at]
-                if self.paste_tumor > 0:  # before the geometric and intensity augmentation, which then apply to it
-                    images, labels, pasted = paste_tumors(images, labels, self.paste_tumor)
-                    if self.task == "classification":
-                        items[1] = items[1].masked_fill(pasted, 1)  # a slice that received a lesion shows tumour
-                items[0], items[at] = augment_batch(images, labels, **spatial)
-                batch = tuple(items)
+                return augment_training_batch(batch, self.task, self.paste_tumor, self.flip, self.rotation, self.scale)
             return batch
 
     LiTSDataModule.__module__ = __name__

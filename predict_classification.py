@@ -50,10 +50,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                     "so it stands in for them in the 2.5D stack.")
     p.add_argument("--checkpoint", required=True, type=Path, help="classification .ckpt written by train.py")
     p.add_argument("--input", required=True, type=Path,
-                   help="a NIfTI volume (.nii, .nii.gz), a folder holding a DICOM CT series (any depth, files with "
-                        "or without extension), a 2D slice (PNG/JPG: 8-bit, already windowed; .npy or one .dcm: HU) "
-                        "or a folder of them (NIfTI and slices at its top level, every CT series at any depth; "
-                        "segmentation-N.nii and this project's outputs skipped)")
+                   help="a NIfTI volume (.nii, .nii.gz), a folder holding a DICOM CT series (any depth, files with or "
+                        "without extension), a 2D slice (PNG/JPG: 8-bit, already windowed; .npy or one .dcm: HU, "
+                        "windowed with the checkpoint's window) or a folder of them (NIfTI and slices at its top "
+                        "level, every CT series at any depth; segmentation-N.nii and this project's outputs skipped)")
     p.add_argument("--series", default=None, metavar="UID",
                    help="with a folder as --input: only the DICOM series with this SeriesInstanceUID "
                         "(default: every CT series in the folder)")
@@ -209,8 +209,10 @@ def main(args: argparse.Namespace) -> dict:
             bar.update()
     images = [p for p, kind in inputs if kind == "image"]
     if images:
-        # Every slice is resized to the model's size, so slices of any size share the batches.
-        volume = torch.cat([preprocess_volume(load_slice_image(p)[None], hp, device, windowed=True) for p in images])
+        # Windowed with the checkpoint's window, as training windowed its slices; every slice is resized
+        # to the model's size, so slices of any size share the batches.
+        volume = torch.cat([preprocess_volume(load_slice_image(p, hp["window"])[None], hp, device, windowed=True)
+                            for p in images])
         probs = infer_batched(get_net(), volume, hp["context_slices"], tumor_probability, args.batch_size,
                               lone=True, desc=f"{len(images)} slice(s)", cpu_bf16=args.cpu_bf16).numpy()
         for path, p in zip(images, probs):

@@ -86,10 +86,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                     "A lone 2D slice has no neighbours, so it stands in for them in the 2.5D stack.")
     p.add_argument("--checkpoint", required=True, type=Path, help="segmentation .ckpt written by train.py")
     p.add_argument("--input", required=True, type=Path,
-                   help="a NIfTI volume (.nii, .nii.gz), a folder holding a DICOM CT series (any depth, files with "
-                        "or without extension), a 2D slice (PNG/JPG: 8-bit, already windowed; .npy or one .dcm: HU) "
-                        "or a folder of them (NIfTI and slices at its top level, every CT series at any depth; "
-                        "*_seg.nii.gz, *_mask.png, *_overlay.png and segmentation-N.nii are skipped)")
+                   help="a NIfTI volume (.nii, .nii.gz), a folder holding a DICOM CT series (any depth, files with or "
+                        "without extension), a 2D slice (PNG/JPG: 8-bit, already windowed; .npy or one .dcm: HU, "
+                        "windowed with the checkpoint's window) or a folder of them (NIfTI and slices at its top "
+                        "level, every CT series at any depth; *_seg.nii.gz, *_mask.png, *_overlay.png and "
+                        "segmentation-N.nii are skipped)")
     p.add_argument("--series", default=None, metavar="UID",
                    help="with a folder as --input: only the DICOM series with this SeriesInstanceUID "
                         "(default: every CT series in the folder)")
@@ -221,7 +222,7 @@ def _predict_volume(job: _Job, args: argparse.Namespace, hp: dict, device: torch
 def _predict_images(jobs: list[_Job], args: argparse.Namespace, hp: dict, device: torch.device, get_net) -> list[dict]:
     """All slices are read first (a bad one stops the run before anything is written), then segmented
     in batches of slices with the same size."""
-    images = [load_slice_image(job.source) for job in jobs]  # (H, W) in [0, 1]
+    images = [load_slice_image(job.source, hp["window"]) for job in jobs]  # (H, W) in [0, 1], the checkpoint's window
     by_size: dict[tuple[int, int], list[int]] = {}
     for i, image in enumerate(images):
         by_size.setdefault(image.shape, []).append(i)

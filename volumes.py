@@ -390,15 +390,17 @@ def check_labels(data: np.ndarray, path: Path) -> np.ndarray:
     return data.astype(np.uint8, copy=False)
 
 
-def load_slice_image(path: str | Path) -> np.ndarray:
-    """Read one 2D slice as float32 (H, W) in [0, 1].
+def load_slice_image(path: str | Path, window: Sequence[float]) -> np.ndarray:
+    """Read one 2D slice as float32 (H, W) in [0, 1]: the model's input before resizing.
 
-    PNG/JPG must be 8-bit and are taken as already windowed (value / 255); `.npy` holds HU and is
-    windowed with the default window; a DICOM file is one CT slice, turned to HU and to the display
-    orientation of the slices (see `read_dicom_slice`), then windowed like `.npy`."""
+    `.npy` holds HU and a DICOM file is one CT slice (turned to HU and to the display orientation of
+    the slices, see `read_dicom_slice`); both are windowed with `window`, the run's own (training:
+    --window, prediction: the checkpoint's), never a default, so a run with another window trains
+    and predicts with it. PNG/JPG must be 8-bit and are taken as already windowed (value / 255):
+    they hold no HU to window."""
     path = Path(path)
     if _is_dicom_file(path):
-        return window_hu(read_dicom_slice(path))
+        return window_hu(read_dicom_slice(path), window)
     try:
         if path.suffix.lower() == ".npy":
             arr = np.load(path, allow_pickle=False)
@@ -418,7 +420,7 @@ def load_slice_image(path: str | Path) -> np.ndarray:
     if arr.ndim != 2:
         raise DataError(f"{path}: found an array of shape {arr.shape}; expected a 2D slice (H, W)")
     if kind == "npy":
-        return window_hu(arr)
+        return window_hu(arr, window)
     return arr.astype(np.float32) / 255.0
 
 
@@ -534,14 +536,55 @@ def _is_ct_image(ds) -> bool:
     return "LOCALIZER" not in [str(v).upper() for v in (ds.get("ImageType") or [])]
 
 
+def _plane(iop: np.ndarray | None) -> str:
+    """The anatomical plane closest to a slice orientation (ImageOrientationPatient), by its normal."""
+    if iop is None:
+        return "unknown"
+    normal = np.abs(np.cross(iop[:3], iop[3:]))
+    return ("sagittal", "coronal", "axial")[int(np.argmax(normal))]
+
+
+def _axial_group(uid: str, members: list[dict], noted: bool) -> dict:
+    """The one group of files to read among the groups one SeriesInstanceUID spans: scanners store
+    coronal and sagittal reformats (ImageType DERIVED\\SECONDARY\\REFORMATTED) in the series of the axial
+    slices they were computed from. Its axial slices are the series; the rest are skipped with one
+    note line on stderr (`noted`). Files in other frames of reference, or no axial group or several
+    with different orientations, cannot be told apart: a DataError."""
+    files = ", ".join(str(g["files"][0]) for g in members[:2])
+    if len({g["frame"] for g in members}) > 1:
+        raise DataError(f"series {uid}: found {len(members)} different frames of reference (FrameOfReferenceUID) "
+                        f"among its files (e.g. {files}); expected one per series")
+    axial = [g for g in members if _plane(g["iop"]) == "axial"]
+    if len(axial) != 1:
+        planes = ", ".join(f"{len(g['files'])} {_plane(g['iop'])}" for g in members)
+        raise DataError(f"series {uid}: found {len(members)} different orientations (ImageOrientationPatient) "
+                        f"among its files ({planes}; e.g. {files}); expected one per series, or one axial stack "
+                        f"beside reformats")
+    kept = axial[0]
+    if noted:
+        skipped: dict[str, int] = {}
+        for g in members:
+            if g is not kept:
+                skipped[_plane(g["iop"])] = skipped.get(_plane(g["iop"]), 0) + len(g["files"])
+        kinds = sorted({"\\".join(str(v) for v in (g["ds"].get("ImageType") or [])) or "none"
+                        for g in members if g is not kept})
+        what = " and ".join(f"{n} {plane}" for plane, n in skipped.items())
+        sys.stderr.write(f"note: series {uid}: read its {len(kept['files'])} axial slice(s); skipped {what} "
+                         f"file(s) of the same series (ImageType {', '.join(kinds)}), e.g. "
+                         f"{next(g for g in members if g is not kept)['files'][0]}\n")
+    return kept
+
+
 def find_dicom_series(root: str | Path, series_uid: str | None = None) -> list[DicomSeries]:
     """The CT series among the DICOM files under `root` (any depth; `.dcm` files and files that carry
     the DICOM preamble, whatever their names), sorted by folder and series number.
 
     Files group by SeriesInstanceUID, frame of reference and orientation (anonymised files may carry
     an empty SeriesInstanceUID); SEG, RTSTRUCT, SR and other non-image objects, non-CT images and
-    localiser images are skipped. `series_uid` keeps that series only. A series whose files disagree
-    on orientation or frame of reference is a DataError; so is a `series_uid` found nowhere.
+    localiser images are skipped. A series that holds coronal or sagittal reformats beside its axial
+    slices is its axial slices (a note on stderr names what was skipped, see `_axial_group`).
+    `series_uid` keeps that series only. A series whose files disagree otherwise on orientation, or
+    on frame of reference, is a DataError; so is a `series_uid` found nowhere.
     Returns [] when there is no CT series (the caller says what it expected)."""
     root = Path(root)
     groups: list[dict] = []
@@ -561,14 +604,11 @@ def find_dicom_series(root: str | Path, series_uid: str | None = None) -> list[D
                 break
         else:
             groups.append({"uid": uid, "frame": frame, "iop": iop, "files": [path], "ds": ds})
-    for uid in {g["uid"] for g in groups if g["uid"]}:
+    for uid in sorted({g["uid"] for g in groups if g["uid"]}):
         members = [g for g in groups if g["uid"] == uid]
-        if len(members) > 1 and (series_uid is None or series_uid == uid):
-            what = ("orientations (ImageOrientationPatient)" if len({g["frame"] for g in members}) == 1
-                    else "frames of reference (FrameOfReferenceUID)")
-            files = ", ".join(str(g["files"][0]) for g in members[:2])
-            raise DataError(f"series {uid}: found {len(members)} different {what} among its files (e.g. {files}); "
-                            f"expected one per series")
+        if len(members) > 1:
+            kept = _axial_group(uid, members, noted=series_uid is None or series_uid == uid)
+            groups = [g for g in groups if g["uid"] != uid or g is kept]
     series = []
     for g in groups:
         files = tuple(sorted(g["files"]))
@@ -751,8 +791,9 @@ def find_inputs(path: str | Path, series: str | None = None) -> list[tuple[Path 
 
     A file is one item. A folder gives its NIfTI volumes and slices (top level, sorted by name;
     hidden files, the predict scripts' own outputs and LiTS `segmentation-N.nii[.gz]` skipped) and
-    every CT series among its DICOM files (any depth; see `find_dicom_series`). `series` picks one
-    DICOM series by SeriesInstanceUID and nothing else."""
+    every CT series among its DICOM files (any depth; see `find_dicom_series`) that holds more than
+    one slice (see `_without_lone_slices`). `series` picks one DICOM series by SeriesInstanceUID and
+    nothing else."""
     path = Path(path)
     expected = ("a NIfTI volume (.nii, .nii.gz), a 2D slice (.png, .jpg, .npy, .dcm), a folder holding a "
                 "DICOM CT series, or a folder of them")
@@ -772,11 +813,36 @@ def find_inputs(path: str | Path, series: str | None = None) -> list[tuple[Path 
                 kind = input_kind(p)
                 if kind is not None:
                     found.append((p, kind))
-    found += [(s, "volume") for s in find_dicom_series(path, series)]
+    dicom = find_dicom_series(path, series)
+    if series is None:
+        dicom = _without_lone_slices(path, dicom, beside=bool(found))
+    found += [(s, "volume") for s in dicom]
     if not found:
         raise DataError(f"{path}: found no volumes or slices in this folder, nor a DICOM CT series at any depth "
                         f"({_folder_summary(path)}); expected {expected}")
     return found
+
+
+def _without_lone_slices(root: Path, series: list[DicomSeries], beside: bool = False) -> list[DicomSeries]:
+    """The series of a folder that can be volumes: those of one file (a lone slice, a dose report
+    page, or files each written as a series of its own) cannot. Beside other inputs (`beside`, or
+    series of several slices) they are skipped with one note line on stderr; alone they are a
+    DataError that says what was found."""
+    lone = [s for s in series if len(s.files) == 1]
+    if not lone:
+        return series
+    rest = [s for s in series if len(s.files) > 1]
+    names = ", ".join(s.files[0].name for s in lone[:3]) + (", ..." if len(lone) > 3 else "")
+    if rest or beside:
+        sys.stderr.write(f"note: {root}: skipped {len(lone)} DICOM CT file(s) that are each a series of a single "
+                         f"slice ({names}); give such a file as --input to predict that slice alone\n")
+        return rest
+    if len(lone) == 1:
+        raise DataError(f"{root}: found one DICOM CT file, {names}, a series of a single slice; expected at least 2 "
+                        f"slices of a series to form a volume (give the file itself as --input for one slice)")
+    raise DataError(f"{root}: found {len(lone)} DICOM CT files that are each a series of a single slice "
+                    f"({len({s.uid for s in lone})} different SeriesInstanceUIDs; {names}); expected at least 2 "
+                    f"slices sharing one SeriesInstanceUID to form a volume (give one file as --input for one slice)")
 
 
 def _folder_summary(root: Path) -> str:
@@ -822,7 +888,7 @@ def read_volume(source: str | Path | DicomSeries, dtype=np.float32) -> tuple[np.
         return read_dicom_series(source)
     path = Path(source)
     if path.is_dir():
-        found = find_dicom_series(path)
+        found = _without_lone_slices(path, find_dicom_series(path))
         if len(found) != 1:
             raise DataError(f"{path}: found {len(found)} DICOM CT series; expected exactly one (pick one with "
                             f"--series UID)")

@@ -160,8 +160,73 @@ def test_find_cases_slice_folders_png_and_npy(tmp_path):
     assert len(ds) == 6
     image, target = ds[1]  # liver_3, slice 2 (middle)
     assert image.shape == (3, 32, 32) and target.shape == (32, 32)
-    np.testing.assert_allclose(image.mean(dim=(1, 2)).numpy(), [10 / 255, 20 / 255, 100 / 255], atol=1e-3)
+    # Slice 10 sorts beside slice 2 but is no neighbour of it: slice 2 repeats in its place.
+    np.testing.assert_allclose(image.mean(dim=(1, 2)).numpy(), [10 / 255, 20 / 255, 20 / 255], atol=1e-3)
     assert set(target.unique().tolist()) == {0, 1, 2}
+    image, _ = ds[2]  # liver_3, slice 10: no neighbour at all
+    np.testing.assert_allclose(image.mean(dim=(1, 2)).numpy(), [100 / 255] * 3, atol=1e-3)
+
+
+def hand_window(hu, low, high) -> np.ndarray:
+    """HU -> [0, 1] as the window is defined: low and below 0, high and above 1, linear between."""
+    return np.clip((np.asarray(hu, np.float64) - low) / (high - low), 0.0, 1.0)
+
+
+def test_npy_slices_are_windowed_with_the_runs_window(tmp_path):
+    """.npy slices hold HU: the cache (what training reads) holds them windowed with the window it is
+    prepared with, not the built-in one, and another window gives another cache."""
+    root = tmp_path / "slices"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    ramp = np.linspace(-300, 300, 32 * 32, dtype=np.float32).reshape(32, 32)  # crosses both windows' ends
+    for idx in range(3):
+        np.save(root / "images" / f"pat_1_{idx}.npy", ramp + 10 * idx)
+        Image.fromarray(np.ones((32, 32), np.uint8)).save(root / "masks" / f"pat_1_{idx}.png")
+    for window in ((-100.0, 200.0), volumes.WINDOW_HU):
+        (case,) = prepare(root, tmp_path / "cache", image_size=32, window=window)
+        assert case.image_path.parent == dataset.cache_folder(tmp_path / "cache", root, 32, window)
+        cached = np.load(case.image_path).astype(np.float32)  # (3, 32, 32) float16 in the cache
+        expected = np.stack([hand_window(ramp + 10 * idx, *window) for idx in range(3)])
+        np.testing.assert_allclose(cached, expected, atol=1e-3)
+        item, _ = dataset.LiTSSliceDataset([case], "segmentation", context_slices=0)[1]
+        np.testing.assert_allclose(item[0].numpy(), expected[1], atol=1e-3)
+
+
+def _write_named_slices(root: Path, stems: list[str]) -> dict[str, float]:
+    """One 8x8 PNG slice per stem, each its own grey (so a channel tells which slice it holds)."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    grey = {}
+    for i, stem in enumerate(stems):
+        grey[stem] = 10.0 * (i + 1)
+        Image.fromarray(np.full((8, 8), grey[stem], np.uint8)).save(root / "images" / f"{stem}.png")
+        Image.fromarray(np.ones((8, 8), np.uint8)).save(root / "masks" / f"{stem}.png")
+    return grey
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_slice_folder_context_comes_from_true_neighbours_only(tmp_path, k):
+    """Stems whose index is not a number (the flipped and mirrored exports f103, m102) and numbers
+    with a gap between them are no neighbours: such a slice's context is the slice itself, as at a
+    volume's end; numbers that follow each other are stacked, clamped at the end of their run."""
+    root = tmp_path / "slices"
+    grey = _write_named_slices(root, ["p1_f103", "p1_f104", "p1_m102", "q2_4", "q2_5", "q2_6", "q2_9", "q2_11"])
+    # Each slice's context, written out by hand for k = 1 (k = 2 extends the same rule).
+    by_hand = {1: {"p1_f103": ["p1_f103"] * 3, "p1_f104": ["p1_f104"] * 3, "p1_m102": ["p1_m102"] * 3,
+                   "q2_4": ["q2_4", "q2_4", "q2_5"], "q2_5": ["q2_4", "q2_5", "q2_6"],
+                   "q2_6": ["q2_5", "q2_6", "q2_6"], "q2_9": ["q2_9"] * 3, "q2_11": ["q2_11"] * 3},
+               2: {"p1_f103": ["p1_f103"] * 5, "p1_f104": ["p1_f104"] * 5, "p1_m102": ["p1_m102"] * 5,
+                   "q2_4": ["q2_4", "q2_4", "q2_4", "q2_5", "q2_6"], "q2_5": ["q2_4", "q2_4", "q2_5", "q2_6", "q2_6"],
+                   "q2_6": ["q2_4", "q2_5", "q2_6", "q2_6", "q2_6"], "q2_9": ["q2_9"] * 5, "q2_11": ["q2_11"] * 5}}[k]
+    cases = dataset.find_cases(root)
+    prepared = prepare(root, tmp_path / "cache", image_size=8)
+    ds = dataset.LiTSSliceDataset(prepared, "segmentation", context_slices=k)
+    seen = {}
+    for i, (ci, z) in enumerate(ds.index):
+        stem = cases[ci].images[z].stem
+        image, _ = ds[i]
+        seen[stem] = (image.mean(dim=(1, 2)).numpy() * 255).round().tolist()
+    assert seen == {stem: [grey[s] for s in context] for stem, context in by_hand.items()}
 
 
 # ------------------------------------------------------------------------------------------------

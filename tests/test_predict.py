@@ -216,6 +216,92 @@ def test_checkpoint_written_by_train_py_loads_and_predicts(tmp_path):
     assert pred.shape == nib.load(volume).shape and set(np.unique(pred)) <= {0, 1, 2}
 
 
+def hand_window(hu, low: float, high: float) -> np.ndarray:
+    """HU -> [0, 1] as the window is defined: low and below 0, high and above 1, linear between."""
+    return np.clip((np.asarray(hu, np.float64) - low) / (high - low), 0.0, 1.0)
+
+
+class Recorder(nn.Module):
+    """Wraps a network and keeps every input it is given: the model input a test checks."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net, self.inputs = net, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x.detach().float().cpu().clone())
+        return self.net(x)
+
+
+def test_the_window_given_to_training_is_the_one_applied_to_npy_and_dicom_slices(tmp_path, monkeypatch):
+    """--window -100 200 on a folder of .npy slices (HU): training's model input, the checkpoint and
+    both predict scripts' model input on an .npy and a 2D DICOM slice all use -100..200, checked
+    against the slices windowed by hand."""
+    import train
+    from lit_model import LitClassifier, LitSegmenter
+    window = (-100.0, 200.0)
+    data = tmp_path / "slices"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    ramp = np.linspace(-300.0, 300.0, 32 * 32).reshape(32, 32)  # beyond both ends of both windows
+    mask = np.zeros((32, 32), np.uint8)
+    mask[4:28, 4:28] = 1
+    mask[10:16, 10:16] = 2
+    expected = {}
+    for case in range(3):
+        for idx in range(3):
+            hu = (ramp + 20 * case + 5 * idx).astype(np.float32)
+            np.save(data / "images" / f"pat_{case}_{idx}.npy", hu)
+            Image.fromarray(mask).save(data / "masks" / f"pat_{case}_{idx}.png")
+            expected[f"pat_{case}_{idx}"] = hand_window(hu, *window)
+
+    seen = []  # validation batches: the model's input as training prepares it, without augmentation
+    validation_step = LitSegmenter.validation_step
+
+    def recording(self, batch, *args, **kwargs):
+        seen.append(batch[0].detach().float().cpu().clone())
+        return validation_step(self, batch, *args, **kwargs)
+
+    monkeypatch.setattr(LitSegmenter, "validation_step", recording)
+    argv = ["--task", "segmentation", "--data-dir", str(data), "--output-dir", str(tmp_path / "run"),
+            "--cache-dir", str(tmp_path / "cache"), "--graphs-dir", str(tmp_path / "graphs"), "--max-epochs", "1",
+            "--image-size", "32", "--base-width", "4", "--num-workers", "0", "--batch-size", "4",
+            "--context-slices", "1", "--window", "-100", "200", "--accelerator", "cpu"]
+    summary = train.main(train.get_args_parser().parse_args(argv))
+    centres = torch.cat(seen)[:, 1].numpy()  # (N, 32, 32)
+    assert len(centres) >= 3
+    for centre in centres:  # each is one of the slices, windowed -100..200 (float16 in the cache)
+        assert min(np.abs(centre - e).max() for e in expected.values()) < 1e-3
+    seg_ckpt = Path(summary["checkpoint"])
+    hparams = torch.load(seg_ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]
+    assert tuple(hparams["window"]) == window
+    monkeypatch.setattr(LitSegmenter, "validation_step", validation_step)
+    cls_ckpt = save_checkpoint(LitClassifier(in_channels=3, hidden=16, image_size=32, window=window),
+                               tmp_path / "cls.ckpt")
+
+    npy = tmp_path / "one.npy"
+    np.save(npy, (ramp * 1.2).astype(np.float32))
+    # A 2D DICOM slice with the usual orientation (rows anterior -> posterior, columns right -> left):
+    # its pixels are shown, and windowed, as stored.
+    (dcm,) = phantom.write_phantom_dicom(tmp_path / "dcm", np.round(ramp.T * 1.5)[:, :, None],
+                                         np.diag([-1.0, -1.0, 1.0, 1.0]))
+    ds = pydicom.dcmread(dcm)
+    assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+    dcm_hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    recorders = []
+    network = inference.Checkpoint.network
+    monkeypatch.setattr(inference.Checkpoint, "network",
+                        lambda self, device: recorders.append(Recorder(network(self, device))) or recorders[-1])
+    for path, hu in ((npy, ramp * 1.2), (dcm, dcm_hu)):
+        ps.main(seg_args("--checkpoint", seg_ckpt, "--input", path, "--output", tmp_path / f"{path.stem}.png",
+                         "--device", "cpu", "--exact"))
+        pc.main(cls_args("--checkpoint", cls_ckpt, "--input", path, "--device", "cpu", "--exact"))
+        for recorder in recorders[-2:]:
+            (x,) = recorder.inputs  # (1, 3, 32, 32): a lone slice stands in for its neighbours
+            for channel in x[0].numpy():
+                np.testing.assert_allclose(channel, hand_window(hu, *window), atol=1e-5)
+
+
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
     marker = tmp_path / "pwned"

@@ -391,7 +391,7 @@ def test_pydicom_ct_small_is_a_one_slice_input(tmp_path):
     assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]  # rows A -> P, columns R -> L
     expected = volumes.window_hu(ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept))
     assert volumes.input_kind(path) == "image"
-    np.testing.assert_allclose(volumes.load_slice_image(path), expected, atol=1e-6)
+    np.testing.assert_allclose(volumes.load_slice_image(path, volumes.WINDOW_HU), expected, atol=1e-6)
     hu = volumes.read_dicom_slice(path)
     assert hu.shape == (128, 128) and hu.min() < -100 and hu.max() > 500  # air and bone, in HU
     one = tmp_path / "one"
@@ -434,14 +434,81 @@ def test_gantry_tilt_is_a_data_error(tmp_path):
     assert "15.0 degrees" in msg
 
 
-def test_mixed_orientations_in_one_series_are_a_data_error(tmp_path):
+def test_two_axial_orientations_in_one_series_are_a_data_error(tmp_path):
+    """Files of one series whose axial orientations disagree (here columns flipped in one file) cannot
+    be stacked: which is right is not known."""
     files = _series(tmp_path)
     ds = pydicom.dcmread(files[3])
-    ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+    ds.ImageOrientationPatient = [-1, 0, 0, 0, 1, 0]
     ds.save_as(files[3], enforce_file_format=True)
     with pytest.raises(DataError) as exc:
         volumes.find_inputs(tmp_path / "ct")
-    assert_one_line_naming(exc, ds.SeriesInstanceUID, "orientations", "expected one per series")
+    assert_one_line_naming(exc, ds.SeriesInstanceUID, "orientations", "11 axial, 1 axial", "expected one per series")
+
+
+def reformat(folder: Path, vol: Path, axes: tuple[int, int, int], keep: slice, series_uid: str,
+             series_number: int) -> list[Path]:
+    """Slices `keep` of a reformat of the phantom `vol` (its file axes reordered by `axes`, the third
+    the new slice axis), written as a scanner writes an MPR: DERIVED\\SECONDARY\\REFORMATTED images
+    in the series `series_uid` of the axial slices, at the same world positions."""
+    img = nib.load(str(vol))
+    array = np.transpose(raw_array(vol), axes)
+    affine = img.affine[:, [*axes, 3]]
+    shift = np.eye(4)
+    shift[2, 3] = keep.start
+    files = phantom.write_phantom_dicom(folder, array[:, :, keep], affine @ shift, series_uid=series_uid,
+                                        series_number=series_number)
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.ImageType = ["DERIVED", "SECONDARY", "REFORMATTED"]
+        ds.save_as(path, enforce_file_format=True)
+    return files
+
+
+def test_reformats_beside_the_axial_slices_are_skipped_with_one_note(tmp_path, capsys):
+    vol, _ = nifti_twin(tmp_path / "nifti", (True, True, True))  # slices head to feet: reformats head up
+    folder = tmp_path / "ct"
+    axial = dicom_twin(folder, vol)
+    uid = pydicom.dcmread(axial[0]).SeriesInstanceUID
+    coronal = reformat(folder, vol, (0, 2, 1), slice(20, 24), uid, 2)
+    sagittal = reformat(folder, vol, (1, 2, 0), slice(30, 33), uid, 3)
+    iops = {p: [float(v) for v in pydicom.dcmread(p).ImageOrientationPatient] for p in (coronal[0], sagittal[0])}
+    assert iops == {coronal[0]: [1, 0, 0, 0, 0, -1], sagittal[0]: [0, 1, 0, 0, 0, -1]}  # as scanners write them
+
+    ((series, kind),) = volumes.find_inputs(folder)
+    assert kind == "volume" and series.uid == uid and sorted(series.files) == sorted(axial)
+    note = capsys.readouterr().err
+    assert note.count("\n") == 1 and note.startswith("note: ")
+    for part in (uid, "12 axial", "4 coronal", "3 sagittal", "DERIVED\\SECONDARY\\REFORMATTED"):
+        assert part in note, part
+    hu, geom = volumes.read_volume(folder)
+    np.testing.assert_array_equal(hu, canonical_slices(raw_array(vol), nib.load(str(vol)).affine)[0])
+    assert len(geom.dicom) == 12
+
+
+def test_single_slice_series_say_what_was_found(tmp_path, capsys):
+    """Files each written as a series of their own (one slice each) form no volume: alone, one line
+    saying so; beside a series of several slices, skipped with one note line."""
+    vol, _ = nifti_twin(tmp_path / "nifti", (True, True, False))
+    img = nib.load(str(vol))
+    folder = tmp_path / "ct"
+    for k in range(3):
+        shift = np.eye(4)
+        shift[2, 3] = k
+        phantom.write_phantom_dicom(folder, raw_array(vol)[:, :, k:k + 1], img.affine @ shift, series_number=k + 1)
+    assert len({pydicom.dcmread(p).SeriesInstanceUID for p in folder.iterdir()}) == 3
+    for call in (volumes.find_inputs, volumes.read_volume):
+        with pytest.raises(DataError) as exc:
+            call(folder)
+        assert_one_line_naming(exc, str(folder), "3 DICOM CT files", "each a series of a single slice",
+                               "3 different SeriesInstanceUIDs", "S1_IM0000.dcm", "expected")
+
+    series = dicom_twin(folder, vol, series_number=9)
+    capsys.readouterr()
+    ((found, kind),) = volumes.find_inputs(folder)
+    assert sorted(found.files) == sorted(series)
+    note = capsys.readouterr().err
+    assert note.count("\n") == 1 and note.startswith("note: ") and "skipped 3 DICOM CT file(s)" in note
 
 
 @pytest.mark.parametrize("problem", ["no pixel data", "truncated", "not dicom"])
