@@ -79,6 +79,9 @@ class DicomCase:
     def name(self) -> str:
         return self.case_id
 
+    def __str__(self) -> str:  # how messages name the case
+        return str(self.folder)
+
 
 def safe_id(text: str) -> str:
     """A case id usable as a file name in the cache (ids name the cache's .npy files)."""
