@@ -338,6 +338,11 @@ def _read_mask_series(folder: Path, geom: Geometry, structure: str) -> np.ndarra
         else:
             raise DataError(f"{path}: a {structure} mask slice with neither ImagePositionPatient nor the name of a "
                             f"CT file; expected mask slices named as the CT's (image_N) or carrying positions")
+        iop = ds.get("ImageOrientationPatient")
+        if iop is not None and np.abs(np.array([float(v) for v in iop])
+                                      - np.array([float(v) for v in headers[0].ImageOrientationPatient])).max() > 1e-3:
+            raise DataError(f"{path}: a {structure} mask slice oriented {list(iop)} where the CT is "
+                            f"{list(headers[0].ImageOrientationPatient)}; expected mask series on the CT's grid")
         if (int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)) != (rows, cols):
             raise DataError(f"{path}: a {structure} mask slice of {ds.get('Rows')}x{ds.get('Columns')} pixels; "
                             f"expected {rows}x{cols} as the CT's slices")
@@ -480,6 +485,9 @@ def _load_seg(case, options: DicomOptions) -> tuple[np.ndarray, np.ndarray, Geom
         chosen = [n for p, n in liver + tumor if p == path]
         if not chosen:
             continue
+        if (int(seg.Rows), int(seg.Columns)) != (rows, cols):
+            raise DataError(f"{path}: frames of {seg.Rows}x{seg.Columns} pixels; expected {rows}x{cols} as the slices "
+                            f"of CT series {geom.dicom[0].SeriesInstanceUID} it references")
         masks = _seg_masks(path, seg, chosen, geom)
         for j, number in enumerate(chosen):
             if (path, number) in tumor:

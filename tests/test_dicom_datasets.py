@@ -9,6 +9,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 import torch
 
@@ -19,6 +20,7 @@ import phantom
 import train
 import volumes
 from tests.dicom_helpers import canonical_slices
+from tests.helpers import assert_one_line_naming
 
 SIZE, SLICES = 48, 8
 
@@ -128,6 +130,42 @@ def test_seg_segments_named_by_flags(nifti, tmp_path):
     options = dicom_datasets.DicomOptions(seg_liver=("organ a",), seg_tumor=("SPOT",))
     _, got, _ = dicom_datasets.load_dicom_case(dataset.find_cases(tmp_path / "s", options)[0])
     assert np.array_equal(got, twin_labels(seg))
+
+
+def _seg_on_ct(nifti: Path, folder: Path) -> tuple[Path, np.ndarray]:
+    """A CT series of phantom 1 and a SEG of it ("Liver", "Tumor"), edited by the tests with pydicom."""
+    img = nib.load(str(nifti / "volume-1.nii"))
+    ct = phantom.write_phantom_dicom(folder / "CT", np.asanyarray(img.dataobj), img.affine, seed=1)
+    labels = np.asanyarray(nib.load(str(nifti / "segmentation-1.nii")).dataobj)
+    return phantom.write_phantom_seg(folder / "seg.dcm", ct, {"Liver": labels >= 1, "Tumor": labels == 2}), labels
+
+
+def test_seg_frames_without_references_are_placed_by_position(nifti, tmp_path):
+    path, _ = _seg_on_ct(nifti, tmp_path / "s")
+    ds = pydicom.dcmread(path)
+    for item in ds.PerFrameFunctionalGroupsSequence:
+        del item.DerivationImageSequence  # frames that say where they lie, not which slice they came from
+    ds.save_as(path)
+    _, got, _ = dicom_datasets.load_dicom_case(dataset.find_cases(tmp_path / "s")[0])
+    assert np.array_equal(got, twin_labels(nifti / "segmentation-1.nii"))
+
+
+@pytest.mark.parametrize("by", ["reference", "position"])
+def test_seg_frames_matching_no_ct_slice_are_one_error(nifti, tmp_path, by):
+    path, _ = _seg_on_ct(nifti, tmp_path / "s")
+    ds = pydicom.dcmread(path)
+    item = ds.PerFrameFunctionalGroupsSequence[0]
+    if by == "reference":
+        item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID = "1.2.3.4.5"
+    else:
+        for frame in ds.PerFrameFunctionalGroupsSequence:
+            del frame.DerivationImageSequence
+        position = item.PlanePositionSequence[0].ImagePositionPatient
+        item.PlanePositionSequence[0].ImagePositionPatient = [position[0], position[1], float(position[2]) + 0.4]
+    ds.save_as(path)
+    with pytest.raises(volumes.DataError) as exc:
+        dicom_datasets.load_dicom_case(dataset.find_cases(tmp_path / "s")[0])
+    assert_one_line_naming(exc, "seg.dcm", "1.2.3.4.5" if by == "reference" else "matches no slice")
 
 
 # ------------------------------------------------------------------------------------------------
