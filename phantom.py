@@ -5,7 +5,9 @@
 `write_phantom_case` writes one phantom as LiTS NIfTI files (volume-N, segmentation-N), with its axes
 stored flipped as scanners and LiTS files often are; `write_phantom_dicom` writes a CT volume as a
 DICOM series (one file per slice), so DICOM input is tested on real files with the orientations
-scanners produce. Both go through exactly the loading code real data goes through.
+scanners produce. `write_phantom_ircadb` and `write_phantom_seg_study` write a phantom's LiTS files again
+as a 3D-IRCADb patient folder and as a DICOM study with a SEG (TCIA's layout), so the DICOM training
+layouts are tested against their NIfTI twin. All go through exactly the loading code real data goes through.
 """
 from __future__ import annotations
 
