@@ -77,6 +77,13 @@ def test_ircadb_folders_and_zips_give_the_twins_labels_and_cache(nifti, tmp_path
         ref_image, ref_labels = cached(ref, f"volume-{i}")
         np.testing.assert_array_equal(labels, ref_labels)
         np.testing.assert_array_equal(image, ref_image)
+    # A second run finds its entries fresh (the fingerprint, options included, survives its JSON file).
+    stamps = {c.case_id: c.label_path.stat().st_mtime_ns for c in mine}
+    again, _ = dataset.prepare_datasets([root], tmp_path / "cache", image_size=32, workers=1, progress=False)
+    assert {c.case_id: c.label_path.stat().st_mtime_ns for c in again} == stamps
+    named, _ = dataset.prepare_datasets([root], tmp_path / "cache", image_size=32, workers=1, progress=False,
+                                        dicom_options=dicom_datasets.DicomOptions(ircadb_tumor=("tumor",)))
+    assert all(c.label_path.stat().st_mtime_ns != stamps[c.case_id] for c in named)
 
 
 def test_ircadb_named_structure_counts_as_tumour(nifti, tmp_path):
