@@ -10,6 +10,7 @@ The synthetic phantom that `synth` writes lives in `phantom.py`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -28,6 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
+from dicom_datasets import LAYOUTS as DICOM_LAYOUTS
+from dicom_datasets import (DicomOptions, add_dicom_arguments, find_dicom_cases, load_dicom_case, options_from_args,
+                            safe_id)
 from volumes import (IMAGE_SUFFIXES, WINDOW_HU, DataError, atomic_output, atomic_write_text, context_indices,
                      load_label_volume, load_slice_image, load_slice_mask, load_volume, one_line, resize_slices,
                      run_cli, visible_files, window_hu)
@@ -70,19 +74,24 @@ def _unique_by_key(paths, pattern, what):
     return found
 
 
-def find_cases(data_dir: str | Path) -> list[Case]:
-    """Find the cases under `data_dir` in one of three layouts (tried in this order):
+def find_cases(data_dir: str | Path, dicom_options: DicomOptions | None = None) -> list[Case]:
+    """Find the cases under `data_dir` in one of five layouts (tried in this order):
 
     - LiTS: volume-N.nii[.gz] with segmentation-N.nii[.gz], at any depth;
     - MSD Task03_Liver: imagesTr/liver_N.nii.gz with labelsTr/liver_N.nii.gz;
     - slice folders: images/ and masks/ with matching stems (PNG, JPG or NPY); the case id is the
       stem before its last underscore (liver_17_0093.png -> liver_17), the rest the slice's index:
       slices sort by number (indices that are not numbers, such as f103, after them), and only
-      slices numbered one apart are each other's 2.5D context (`slice_runs`).
+      slices numbered one apart are each other's 2.5D context (`slice_runs`);
+    - 3D-IRCADb: patient folders holding PATIENT_DICOM/ and MASKS_DICOM/ (or their .zip), at any depth;
+    - DICOM SEG: CT series with the DICOM SEG files that reference them, at any depth.
+    The two DICOM layouts (`dicom_datasets.py`, labels chosen by `dicom_options`) give cases with the
+    fields of `Case` and the options that chose their labels.
     """
     root = Path(data_dir)
     if not root.is_dir():
-        raise DataError(f"{root}: data directory not found; expected a folder of LiTS, MSD or slice data")
+        raise DataError(f"{root}: data directory not found; expected a folder of LiTS, MSD, slice, 3D-IRCADb "
+                        f"or DICOM SEG data")
     files = list(visible_files(root))
 
     vols = _unique_by_key(files, _LITS_VOL, "volume")
@@ -134,8 +143,12 @@ def find_cases(data_dir: str | Path) -> list[Case]:
                               tuple(int(i[0]) if i[0].isdigit() else None for i in items)))
         return cases
 
+    dicom_cases = find_dicom_cases(root, dicom_options)
+    if dicom_cases:
+        return dicom_cases
     raise DataError(f"{root}: found no cases; expected volume-N.nii[.gz] with segmentation-N.nii[.gz], "
-                    f"imagesTr/ with labelsTr/, or images/ with masks/")
+                    f"imagesTr/ with labelsTr/, images/ with masks/, 3D-IRCADb PATIENT_DICOM/ with MASKS_DICOM/, "
+                    f"or CT series with DICOM SEG files")
 
 
 def slice_runs(numbers: Sequence[int | None]) -> list[list[int]]:
@@ -179,6 +192,9 @@ def _fingerprint(case: Case) -> list[list]:
     for p in case.images + case.labels:
         st = p.stat()
         out.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
+    options = getattr(case, "options", ())  # the DICOM layouts' choice of structures and segments
+    if options:
+        out.append(["options", [[k, list(v)] for k, v in options]])
     return out
 
 
@@ -204,6 +220,9 @@ def _load_case_arrays(case: Case, window: Sequence[float]
                       ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float], bool]:
     """Returns (image (Z,H,W) float32, label (Z,H,W) uint8, spacing, image_is_windowed): volumes in HU,
     slices windowed with `window` as they are read (`load_slice_image`, as the predict scripts read them)."""
+    if case.layout in DICOM_LAYOUTS:
+        hu, lab, geom = load_dicom_case(case)
+        return hu, lab, geom.spacing, False
     if case.layout in ("lits", "msd"):
         hu, geom = load_volume(case.images[0])
         lab, _ = load_label_volume(case.labels[0], expected_shape=geom.shape, image_path=case.images[0])
@@ -346,6 +365,76 @@ def prepare_cases(cases: Sequence[Case], cache_dir: str | Path, data_dir: str | 
             sys.stderr.write(f"warning: {case.images[0]}: after reorientation {' and '.join(found)}; its affine "
                              f"is probably wrong (anatomy mirrored), so check this file's orientation\n")
     return [_as_prepared(folder, metas[c.case_id]) for c in cases]
+
+
+# 3D-IRCADb-01's 20 patients are LiTS's volumes 28-47 (LiTS took them over; MSD Task03_Liver's liver_28..47
+# are the same files): in a mixture they would be one patient in two cases, possibly in two splits.
+IRCADB_IN_LITS = range(28, 48)
+
+
+def _lits_number(case) -> int | None:
+    m = re.search(r"(\d+)$", case.case_id) if case.layout in ("lits", "msd") else None
+    return int(m.group(1)) if m else None
+
+
+def prepare_datasets(data_dirs: Sequence[str | Path], cache_dir: str | Path, image_size: int = 256,
+                     window: Sequence[float] = WINDOW_HU, workers: int | None = None, progress: bool = True,
+                     dicom_options: DicomOptions | None = None,
+                     drop_ircadb_duplicates: bool = True) -> tuple[list[PreparedCase], list[dict]]:
+    """Find and prepare the cases of one or several data folders (each its own layout and cache folder).
+
+    With several folders, case ids carry the folder's name (`LiTS/volume-3`, `3Dircadb1/3Dircadb1.17`),
+    so one patient is one case whatever the mixture; one folder keeps the ids as they are (and existing
+    split files working). When a 3D-IRCADb folder is mixed with LiTS or MSD data, LiTS volumes 28-47
+    (MSD liver_28..47), the same patients as 3D-IRCADb-01's, are left out unless
+    `drop_ircadb_duplicates` is false. Returns (prepared cases, one record per folder: name, data_dir,
+    layout, cases, dropped)."""
+    dirs = [Path(d) for d in data_dirs]
+    if not dirs:
+        raise ValueError("no data folder given")
+    names = [safe_id(d.resolve().name) for d in dirs]
+    for i, name in enumerate(names):
+        if names.index(name) != i:
+            raise DataError(f"{dirs[i]}: named {name} as {dirs[names.index(name)]} is; expected data folders of "
+                            f"different names (the name prefixes their case ids)")
+    found = [find_cases(d, dicom_options) for d in dirs]
+    has_ircadb = any(c.layout == "ircadb" for cases in found for c in cases)
+    records, prepared = [], []
+    for d, name, cases in zip(dirs, names, found):
+        dropped = []
+        if has_ircadb and len(dirs) > 1:
+            dropped = [c for c in cases if _lits_number(c) in IRCADB_IN_LITS]
+            if dropped and drop_ircadb_duplicates:
+                cases = [c for c in cases if c not in dropped]
+                sys.stderr.write(f"note: {d}: left out {len(dropped)} case(s) numbered 28-47, the 3D-IRCADb-01 "
+                                 f"patients also given as 3D-IRCADb (--no-drop-ircadb-duplicates keeps them)\n")
+            elif dropped:
+                sys.stderr.write(f"warning: {d}: {len(dropped)} case(s) numbered 28-47 are the 3D-IRCADb-01 "
+                                 f"patients also given as 3D-IRCADb: the same patients twice\n")
+                dropped = []
+            if not cases:
+                raise DataError(f"{d}: no case left once LiTS volumes 28-47 (3D-IRCADb-01's patients) are left "
+                                f"out; expected other cases, or --no-drop-ircadb-duplicates")
+        ready = prepare_cases(cases, cache_dir, d, image_size, window, workers=workers, progress=progress)
+        if len(dirs) > 1:
+            ready = [dataclasses.replace(c, case_id=f"{name}/{c.case_id}") for c in ready]
+        prepared += ready
+        records.append({"name": name, "data_dir": str(d.resolve()), "layout": cases[0].layout,
+                        "cases": len(ready), "dropped": len(dropped)})
+    return prepared, records
+
+
+def training_data_record(records: Sequence[dict], split: dict[str, list[str]]) -> list[dict]:
+    """What a checkpoint records of its data: per data folder its name, layout and how many of its cases
+    each part of the split holds."""
+    multi = len(records) > 1
+    out = []
+    for r in records:
+        def count(part: str) -> int:
+            return sum(1 for cid in split.get(part, []) if not multi or cid.startswith(r["name"] + "/"))
+        out.append({"name": r["name"], "layout": r["layout"], "data_dir": r["data_dir"], "cases": r["cases"],
+                    **{part: count(part) for part in ("train", "val", "test")}})
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -643,9 +732,15 @@ def _datamodule_class():
                      output_dir: str | Path | None = None, oversample_tumor: float = 0.0,
                      min_tumor_pixels: int = 1, liver_only: bool | None = None, augment: bool = True,
                      flip: bool = False, prepare_workers: int | None = None, rotation: float = 10.0,
-                     scale: Sequence[float] = (0.9, 1.1), paste_tumor: float = 0.0):
+                     scale: Sequence[float] = (0.9, 1.1), paste_tumor: float = 0.0,
+                     dicom_options: DicomOptions | None = None, drop_ircadb_duplicates: bool = True):
             super().__init__()
-            self.data_dir, self.task, self.cache_dir = Path(data_dir), task, Path(cache_dir)
+            # One data folder, or several trained on together (`prepare_datasets`).
+            self.data_dirs = [Path(d) for d in (data_dir if isinstance(data_dir, (list, tuple)) else [data_dir])]
+            self.dicom_options, self.drop_ircadb_duplicates = dicom_options, bool(drop_ircadb_duplicates)
+            self.data_records: list[dict] = []
+            self.training_data: list[dict] = []  # per data folder: its cases in each part of the split
+            self.data_dir, self.task, self.cache_dir = self.data_dirs[0], task, Path(cache_dir)
             self.image_size, self.window, self.context_slices = int(image_size), tuple(window), int(context_slices)
             self.batch_size, self.num_workers = int(batch_size), int(num_workers)
             self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, int(seed)
@@ -660,8 +755,10 @@ def _datamodule_class():
             self.datasets: dict[str, LiTSSliceDataset] = {}
 
         def _prepare(self) -> list[PreparedCase]:
-            return prepare_cases(find_cases(self.data_dir), self.cache_dir, self.data_dir, self.image_size,
-                                 self.window, workers=self.prepare_workers)
+            prepared, self.data_records = prepare_datasets(
+                self.data_dirs, self.cache_dir, self.image_size, self.window, workers=self.prepare_workers,
+                dicom_options=self.dicom_options, drop_ircadb_duplicates=self.drop_ircadb_duplicates)
+            return prepared
 
         def prepare_data(self) -> None:
             self._prepare()
@@ -671,10 +768,13 @@ def _datamodule_class():
                 return
             prepared = {c.case_id: c for c in self._prepare()}
             self.split = choose_split(prepared, self.split_file, self.val_fraction, self.test_fraction, self.seed)
+            self.training_data = training_data_record(self.data_records, self.split)
             if self.output_dir is not None:
                 self.output_dir.mkdir(parents=True, exist_ok=True)
+                dirs = [str(d.resolve()) for d in self.data_dirs]
                 record = dict(self.split, seed=self.seed, val_fraction=self.val_fraction,
-                              test_fraction=self.test_fraction, data_dir=str(self.data_dir.resolve()))
+                              test_fraction=self.test_fraction, data_dir=dirs[0] if len(dirs) == 1 else dirs,
+                              datasets=self.training_data)
                 atomic_write_text(self.output_dir / "splits.json", json.dumps(record, indent=2))
             for part in ("train", "val", "test"):
                 self.datasets[part] = LiTSSliceDataset(
@@ -724,7 +824,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     s.add_argument("--compress", action="store_true", help="write .nii.gz instead of .nii (default: off)")
     p = sub.add_parser("prepare", help="prepare the slice cache for a data folder")
-    p.add_argument("--data-dir", required=True, type=Path, help="LiTS, MSD or slice-folder data")
+    p.add_argument("--data-dir", required=True, type=Path, action="append",
+                   help="LiTS, MSD, slice-folder, 3D-IRCADb or DICOM SEG data; repeat it to prepare several "
+                        "folders as one mixture (case ids then carry the folder's name)")
+    p.add_argument("--drop-ircadb-duplicates", action=argparse.BooleanOptionalAction, default=True,
+                   help="with 3D-IRCADb and LiTS or MSD folders together, leave out LiTS volumes 28-47 (MSD "
+                        "liver_28..47), the same patients as 3D-IRCADb-01's (default: on)")
+    add_dicom_arguments(p)
     p.add_argument("--cache-dir", type=Path, default=Path("data/cache"), help="cache root (default: data/cache)")
     p.add_argument("--image-size", type=int, default=256, help="training resolution in pixels (default: 256)")
     p.add_argument("--window", type=float, nargs=2, default=list(WINDOW_HU), metavar=("LOW", "HIGH"),
@@ -741,11 +847,12 @@ def main(args: argparse.Namespace) -> int:
         paths = write_synthetic_lits(args.out_dir, args.cases, args.size, args.seed, args.compress, progress=True)
         sys.stderr.write(f"wrote {len(paths)} synthetic case(s) to {args.out_dir}\n")
     else:
-        cases = find_cases(args.data_dir)
-        prepared = prepare_cases(cases, args.cache_dir, args.data_dir, args.image_size, args.window, args.workers)
+        prepared, records = prepare_datasets(args.data_dir, args.cache_dir, args.image_size, args.window,
+                                             args.workers, dicom_options=options_from_args(args),
+                                             drop_ircadb_duplicates=args.drop_ircadb_duplicates)
         slices = sum(c.num_slices for c in prepared)
-        folder = prepared[0].image_path.parent
-        sys.stderr.write(f"prepared {len(prepared)} case(s), {slices} slices, in {folder}\n")
+        folders = sorted({str(c.image_path.parent) for c in prepared})
+        sys.stderr.write(f"prepared {len(prepared)} case(s), {slices} slices, in {', '.join(folders)}\n")
     return 0
 
 

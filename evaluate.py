@@ -39,6 +39,7 @@ import numpy as np
 from scipy import ndimage
 
 # The lesion and burden rules live with the measurements, so a report and a score count alike.
+from dicom_datasets import DicomOptions, add_dicom_arguments, find_dicom_cases, ground_truth_image, options_from_args
 from lesions import label_lesions, largest_axial_diameters, tumor_burden
 from volumes import DataError, atomic_write_text, check_labels, read_nifti, run_cli, visible_files
 
@@ -485,26 +486,51 @@ def _by_number(paths: Sequence[Path], what: str) -> dict[int, Path]:
     return found
 
 
-def pair_files(pred_dir: str | Path, gt_dir: str | Path,
-               cases: Sequence[int] | None = None) -> tuple[list[tuple[int, Path, Path]], list[Path]]:
+def _dicom_ground_truth(gt_dir: Path, options: DicomOptions | None) -> list:
+    """The cases of a 3D-IRCADb or DICOM SEG folder (their number: the last integer of the case id, as
+    in 3Dircadb1.17 or HCC_017), or [] when `gt_dir` holds NIfTI files or is no folder."""
+    if not gt_dir.is_dir() or any(_NIFTI.search(p.name) for p in visible_files(gt_dir)):
+        return []
+    return find_dicom_cases(gt_dir, options)
+
+
+def _dicom_by_number(cases) -> dict:
+    found: dict = {}
+    for case in cases:
+        n = case_number(case.case_id)
+        if n is None:
+            raise DataError(f"{case.folder}: found no case number in the case id {case.case_id}; expected one, "
+                            f"e.g. 3Dircadb1.17")
+        if n in found:
+            raise DataError(f"{case.folder}: a second ground truth for case {n} (also {found[n].folder}); expected "
+                            f"one case per number")
+        found[n] = case
+    return found
+
+
+def pair_files(pred_dir: str | Path, gt_dir: str | Path, cases: Sequence[int] | None = None,
+               dicom_options: DicomOptions | None = None) -> tuple[list[tuple[int, Path, Path]], list[Path]]:
     """Pair ground truth and prediction files by case number: returns ([(case, pred, gt)] sorted by
     case, prediction files with no ground truth). With `cases` (e.g. a run's test patients), only
     those ground-truth cases are scored; each must be in `gt_dir`. Raises DataError when there is no
-    ground truth or a scored ground-truth case has no prediction."""
+    ground truth or a scored ground-truth case has no prediction. A ground-truth folder in a DICOM
+    layout (`dicom_datasets.py`) gives its cases in place of files; their predictions are NIfTI files
+    on the CT series' grid."""
     gt_dir, pred_dir = Path(gt_dir), Path(pred_dir)
-    gt_files = _niftis(gt_dir, "ground-truth")
+    dicom_gt = _dicom_ground_truth(gt_dir, dicom_options)
+    gt_files = [] if dicom_gt else _niftis(gt_dir, "ground-truth")
     # A LiTS or MSD folder also holds the CT volumes; only its label files are ground truth.
     if any(_LITS_SEG.match(p.name) for p in gt_files):
         gt_files = [p for p in gt_files if _LITS_SEG.match(p.name)]
     elif any(p.parent.name == "labelsTr" for p in gt_files):
         gt_files = [p for p in gt_files if p.parent.name == "labelsTr"]
-    if not gt_files:
+    if not gt_files and not dicom_gt:
         raise DataError(f"{gt_dir}: found no NIfTI files; expected ground-truth label volumes such as "
                         f"segmentation-N.nii[.gz] or labelsTr/liver_N.nii.gz")
     for p in gt_files:
         if case_number(p) is None:
             raise DataError(f"{p}: found no case number in the name; expected one, e.g. segmentation-N.nii")
-    gts = _by_number(gt_files, "ground truth")
+    gts = _dicom_by_number(dicom_gt) if dicom_gt else _by_number(gt_files, "ground truth")
     extra_of = set(gts)  # a prediction of a case outside the selection is not an extra one
     if cases is not None:
         missing = sorted(set(cases) - set(gts))
@@ -530,7 +556,7 @@ def load_pair(pred_path: Path, gt_path: Path) -> tuple[np.ndarray, np.ndarray, t
     the array axis nearest the patient's head-feet direction, across which the slices are axial)."""
     import nibabel as nib
 
-    gt_img, gt = read_nifti(gt_path)
+    gt_img, gt = read_nifti(gt_path) if isinstance(gt_path, Path) else ground_truth_image(gt_path)
     pred_img, pred = read_nifti(pred_path)
     if pred.shape != gt.shape:
         raise DataError(f"{pred_path}: found shape {pred.shape}; expected {gt.shape}, the shape of "
@@ -550,7 +576,8 @@ def load_pair(pred_path: Path, gt_path: Path) -> tuple[np.ndarray, np.ndarray, t
 
 
 def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, *, cases: Sequence[int] | None = None,
-                     progress: bool = False) -> tuple[list[dict], dict]:
+                     progress: bool = False, dicom_options: DicomOptions | None = None
+                     ) -> tuple[list[dict], dict]:
     """Score every ground-truth case in `gt_dir` against its prediction in `pred_dir`.
 
     Returns (rows, summary). rows: one dict per case, sorted by case number, with `case` (int), the 12
@@ -559,7 +586,7 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, *, cases: Sequenc
     truth, ignored). `cases`: only these case numbers (see `pair_files`)."""
     from tqdm import tqdm
 
-    pairs, extra = pair_files(pred_dir, gt_dir, cases)
+    pairs, extra = pair_files(pred_dir, gt_dir, cases, dicom_options)
     rows, scores = [], []
     # The context closes the bar (ending its line) before an error propagates, so the CLI's
     # `error:` line starts a line of its own.
@@ -622,7 +649,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pred", required=True, type=Path,
                         help="folder of predicted label volumes, one NIfTI per case named with its number")
     parser.add_argument("--gt", required=True, type=Path,
-                        help="folder of ground-truth label volumes (segmentation-N.nii[.gz], labelsTr/liver_N.nii.gz)")
+                        help="folder of ground-truth label volumes (segmentation-N.nii[.gz], labelsTr/liver_N.nii.gz), "
+                             "or of 3D-IRCADb patients or CT series with DICOM SEG (case N: the last number of the "
+                             "patient's folder, e.g. 3Dircadb1.17; predictions on the CT series' grid)")
     parser.add_argument("--output", type=Path, default=None,
                         help="CSV file for the per-case metrics (default: none, print the summary only)")
     parser.add_argument("--summary", type=Path, default=None,
@@ -632,6 +661,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "of one of its parts, matched by case number (default: every case in --gt)")
     parser.add_argument("--split", choices=("train", "val", "test"), default=None,
                         help="which part of --split-file to score (default: test)")
+    add_dicom_arguments(parser)
     return parser
 
 
@@ -656,7 +686,8 @@ def main(args: argparse.Namespace) -> int:
     if args.split is not None and args.split_file is None:
         raise DataError(f"found --split {args.split} without --split-file; expected the run's splits.json too")
     cases = split_case_numbers(args.split_file, args.split or "test") if args.split_file is not None else None
-    rows, summary = evaluate_folders(args.pred, args.gt, cases=cases, progress=True)
+    rows, summary = evaluate_folders(args.pred, args.gt, cases=cases, progress=True,
+                                     dicom_options=options_from_args(args))
     if cases is not None:
         sys.stderr.write(f"scored the {len(cases)} {args.split or 'test'} case(s) of {args.split_file}\n")
     if summary["extra_predictions"]:

@@ -5,7 +5,9 @@
 `write_phantom_case` writes one phantom as LiTS NIfTI files (volume-N, segmentation-N), with its axes
 stored flipped as scanners and LiTS files often are; `write_phantom_dicom` writes a CT volume as a
 DICOM series (one file per slice), so DICOM input is tested on real files with the orientations
-scanners produce. Both go through exactly the loading code real data goes through.
+scanners produce. `write_phantom_ircadb` and `write_phantom_seg_study` write a phantom's LiTS files again
+as a 3D-IRCADb patient folder and as a DICOM study with a SEG (TCIA's layout), so the DICOM training
+layouts are tested against their NIfTI twin. All go through exactly the loading code real data goes through.
 """
 from __future__ import annotations
 
@@ -165,7 +167,7 @@ _LPS = np.diag([-1.0, -1.0, 1.0])
 def write_phantom_dicom(out_dir: str | Path, hu: np.ndarray, affine: np.ndarray, *, seed: int = 0,
                         series_number: int = 1, series_uid: str | None = None, study_uid: str | None = None,
                         frame_of_reference: bool = True, transfer_syntax: str | None = None,
-                        suffix: str = ".dcm", patient_position: str = "HFS") -> list[Path]:
+                        suffix: str = ".dcm", patient_position: str = "HFS", rescale: bool = True) -> list[Path]:
     """Write a CT volume as a DICOM series (CT Image Storage), one file per slice of its third axis.
 
     `hu` (X, Y, Z) holds whole HU values in the file's voxel order and `affine` is its NIfTI-style
@@ -178,7 +180,8 @@ def write_phantom_dicom(out_dir: str | Path, hu: np.ndarray, affine: np.ndarray,
     must apply the rescale. `transfer_syntax` compresses the pixel data (e.g.
     pydicom.uid.JPEG2000Lossless or RLELossless); `frame_of_reference=False` leaves
     FrameOfReferenceUID out, as some public series (3D-IRCADb) do; `series_uid=""` writes an empty
-    SeriesInstanceUID, as some anonymisers do. UIDs not given are derived from `seed` and
+    SeriesInstanceUID, as some anonymisers do; `rescale=False` stores the values as they are, without
+    rescale attributes (as 3D-IRCADb's 0/255 mask series are). UIDs not given are derived from `seed` and
     `series_number`, so a rerun writes the same files. Returns the paths in k order."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -200,7 +203,7 @@ def write_phantom_dicom(out_dir: str | Path, hu: np.ndarray, affine: np.ndarray,
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     row_dir, col_dir = _LPS @ affine[:3, 0] / zooms[0], _LPS @ affine[:3, 1] / zooms[1]
     signed = float(hu.min()) < -1024  # only then is a signed store needed
-    intercept = 0.0 if signed else -1024.0
+    intercept = 0.0 if signed or not rescale else -1024.0
     stored = np.round(hu - intercept).astype(np.int16 if signed else np.uint16)
     paths = []
     for k in range(hu.shape[2]):
@@ -228,10 +231,129 @@ def write_phantom_dicom(out_dir: str | Path, hu: np.ndarray, affine: np.ndarray,
         ds.Rows, ds.Columns = int(hu.shape[1]), int(hu.shape[0])
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, int(signed)
-        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = format_number_as_ds(intercept), "1", "HU"
+        if rescale:
+            ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = format_number_as_ds(intercept), "1", "HU"
         ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
         if transfer_syntax is not None:
             ds.compress(transfer_syntax)
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+# --------------------------------------------------------------------------------------------
+# The same phantom in the DICOM layouts of annotated public data (3D-IRCADb, DICOM SEG collections)
+# --------------------------------------------------------------------------------------------
+
+def _nifti_twin(volume: Path, segmentation: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    img, seg = nib.load(str(volume)), nib.load(str(segmentation))
+    return np.asanyarray(img.dataobj), np.asanyarray(seg.dataobj).astype(np.uint8), np.asarray(img.affine)
+
+
+def _vein(labels: np.ndarray) -> np.ndarray:
+    """A distractor structure inside the liver: a one-voxel tube along z through a liver voxel of the
+    liver's middle slice, wherever that column is liver."""
+    vein = np.zeros(labels.shape, dtype=bool)
+    zs = np.flatnonzero((labels == 1).any(axis=(0, 1)))
+    if len(zs):
+        xs, ys = np.nonzero(labels[:, :, zs[len(zs) // 2]] == 1)
+        vein[xs[len(xs) // 2], ys[len(ys) // 2], :] = labels[xs[len(xs) // 2], ys[len(ys) // 2], :] >= 1
+    return vein
+
+
+def write_phantom_ircadb(patient_dir: str | Path, volume: str | Path, segmentation: str | Path, *, seed: int = 0,
+                         zipped: bool = False) -> Path:
+    """Write a phantom's LiTS files (its NIfTI twin) again as a 3D-IRCADb patient folder: PATIENT_DICOM/
+    image_0..image_N-1 (the CT) and MASKS_DICOM/<structure>/image_k, one 0/255 mask series per structure,
+    as 3D-IRCADb distributes them: `liver` (labels 1 and 2), one `livertumorNN` per connected tumour
+    (and `livertumors`, their union, where there are several), and distractors that are not liver
+    tumour: `bone` (the spine), `tumor` (a lesion drawn outside the liver, as some patients have) and
+    `portalvein` (a tube inside the liver). With `zipped`, the two folders become PATIENT_DICOM.zip and
+    MASKS_DICOM.zip. Returns the patient folder."""
+    import shutil
+    import zipfile
+
+    from pydicom.uid import generate_uid
+    from scipy.ndimage import label as connected
+
+    patient_dir = Path(patient_dir)
+    hu, labels, affine = _nifti_twin(Path(volume), Path(segmentation))
+    study = generate_uid(entropy_srcs=["phantom ircadb study", str(seed)])
+
+    def series(folder: Path, values: np.ndarray, number: int, rescale: bool) -> None:
+        for k, path in enumerate(write_phantom_dicom(folder, values, affine, seed=seed, series_number=number,
+                                                     study_uid=study, frame_of_reference=False, suffix="",
+                                                     rescale=rescale)):
+            path.rename(folder / f"image_{k}")  # 3D-IRCADb's names, without suffix
+
+    series(patient_dir / "PATIENT_DICOM", hu, 1, True)
+    tumors, count = connected(labels == 2)
+    structures = {"liver": labels >= 1, "bone": hu > 300}
+    for i in range(1, count + 1):
+        structures[f"livertumor{i:02d}"] = tumors == i
+    if count > 1:
+        structures["livertumors"] = labels == 2
+    outside = (labels == 0) & (hu > -200)  # body outside the liver
+    box = np.zeros_like(outside)
+    nx, ny = labels.shape[:2]
+    box[nx // 2 - nx // 8: nx // 2 + nx // 8, ny // 2 - ny // 8: ny // 2 + ny // 8, :] = True
+    structures["tumor"] = outside & box
+    structures["portalvein"] = _vein(labels)
+    for j, (name, mask) in enumerate(sorted(structures.items())):
+        series(patient_dir / "MASKS_DICOM" / name, mask.astype(np.uint16) * 255, 100 + j, False)
+    if zipped:
+        for part in ("PATIENT_DICOM", "MASKS_DICOM"):
+            with zipfile.ZipFile(patient_dir / f"{part}.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+                for path in sorted((patient_dir / part).rglob("*")):
+                    zf.write(path, path.relative_to(patient_dir).as_posix())
+            shutil.rmtree(patient_dir / part)
+    return patient_dir
+
+
+def write_phantom_seg(path: str | Path, source_files: Sequence[str | Path], segments: dict[str, np.ndarray]) -> Path:
+    """A DICOM SEG (BINARY, highdicom) of the CT series in `source_files` (written by `write_phantom_dicom`,
+    in its k order) with one segment per item of `segments`: label -> bool mask (X, Y, Z) in the series'
+    voxel order (as the NIfTI twin holds it). Segments may overlap (a liver segment that holds the
+    tumours, as many annotators draw it)."""
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    sources = [pydicom.dcmread(p) for p in source_files]
+    descriptions, planes = [], []
+    for number, (label, mask) in enumerate(segments.items(), start=1):
+        tumor = "liver" not in label.lower() or "tumo" in label.lower()
+        descriptions.append(hd.seg.SegmentDescription(
+            number, label, codes.SCT.MorphologicallyAbnormalStructure if tumor else codes.SCT.AnatomicalStructure,
+            codes.SCT.Neoplasm if tumor else codes.SCT.Liver, hd.seg.SegmentAlgorithmTypeValues.MANUAL))
+        planes.append(np.transpose(np.asarray(mask, dtype=bool), (2, 1, 0)))  # (slices, rows, columns)
+    pixels = np.stack(planes, axis=-1).astype(np.uint8)  # (slices, rows, columns, segments)
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=300,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="phantom.py", manufacturer_model_name="phantom",
+        software_versions="1", device_serial_number="none", series_description="phantom segmentation")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as tmp:
+        seg.save_as(tmp)
+    return path
+
+
+def write_phantom_seg_study(study_dir: str | Path, volume: str | Path, segmentation: str | Path, *,
+                            seed: int = 0) -> dict[str, list[Path]]:
+    """Write a phantom's LiTS files (its NIfTI twin) again as a DICOM study as TCIA collections hold one:
+    the CT in `CT/` (series 1), another phase the SEG does not reference in `CT-late/` (series 2, the
+    same anatomy 30 HU darker), and `SEG/seg.dcm` referencing series 1 with segments "Liver" (labels 1
+    and 2: the liver with its tumours), "Tumor" (label 2) and "Portal vein" (a distractor inside the
+    liver, not counted). Returns {"ct": files, "other": files, "seg": [path]}."""
+    from pydicom.uid import generate_uid
+    study_dir = Path(study_dir)
+    hu, labels, affine = _nifti_twin(Path(volume), Path(segmentation))
+    study = generate_uid(entropy_srcs=["phantom seg study", str(seed)])
+    ct = write_phantom_dicom(study_dir / "CT", hu, affine, seed=seed, series_number=1, study_uid=study)
+    other = write_phantom_dicom(study_dir / "CT-late", hu - 30, affine, seed=seed, series_number=2, study_uid=study)
+    vein = _vein(labels)
+    seg = write_phantom_seg(study_dir / "SEG" / "seg.dcm", ct,
+                            {"Liver": labels >= 1, "Tumor": labels == 2, "Portal vein": vein})
+    return {"ct": ct, "other": other, "seg": [seg]}

@@ -128,6 +128,7 @@ def checkpoint_record(ckpt, role: str) -> dict:
         record["network"] = {"name": "VGG16", "head": hp.get("head", "fc"), "hidden": hp.get("hidden")}
         record["threshold"] = float(hp.get("threshold", 0.5))
     record["training"] = training_record(ckpt.path)
+    record["training_data"] = hp.get("training_data")  # what train.py wrote into the checkpoint itself
     return record
 
 
@@ -390,6 +391,16 @@ def _kv(pairs) -> str:
     return "<table class=kv>" + "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in pairs) + "</table>"
 
 
+def training_data_text(record: dict) -> str:
+    """The data sets a checkpoint records it was trained on (`training_data`, written by train.py), as
+    a sentence; empty for checkpoints that record none."""
+    found = record.get("training_data") or []
+    if not found:
+        return ""
+    return " Trained on " + "; ".join(f"{d.get('name')} ({d.get('layout')}): {d.get('train')} of {d.get('cases')} "
+                                      f"cases" for d in found) + " (recorded in the checkpoint)."
+
+
 def _training_text(record: dict) -> str:
     found = record.get("training")
     if not found:
@@ -479,7 +490,7 @@ def render_html(report: dict, key_images: dict[int, str], plot: str) -> str:
         f"<tr><td>{_e(role)}</td><td>{_e(c['network']['name'])}</td><td>{_e(Path(c['path']).name)}</td>"
         f"<td><code>{_e(c['sha256'][:16])}</code></td><td>window {c['preprocessing']['window_hu'][0]:g} to "
         f"{c['preprocessing']['window_hu'][1]:g} HU, {c['preprocessing']['image_size']}², "
-        f"{2 * c['preprocessing']['context_slices'] + 1} slices in</td><td>{_e(_training_text(c))}</td></tr>"
+        f"{2 * c['preprocessing']['context_slices'] + 1} slices in</td><td>{_e(_training_text(c) + training_data_text(c))}</td></tr>"
         for role, c in (("segmentation", seg_ckpt), ("classification", cls_ckpt)))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">

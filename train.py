@@ -31,6 +31,7 @@ import dataset
 from evaluate import json_safe
 from inference import cpu_has_fast_bf16, keep_freed_memory
 from phantom import write_synthetic_lits
+from dicom_datasets import add_dicom_arguments, options_from_args
 from volumes import CLS_CLASSES, SEG_CLASSES, WINDOW_HU, DataError, atomic_output, atomic_write_text, run_cli
 from lit_model import LitClassifier, LitSegmenter, overlay
 
@@ -79,9 +80,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train VGG16 (tumor / healthy slice) or U-Net (liver and tumor masks).",
                                 formatter_class=_HelpWithDefaults)
     p.add_argument("--task", required=True, choices=["classification", "segmentation"], help="what to train")
-    p.add_argument("--data-dir", type=Path, default=None,
-                   help=f"LiTS, MSD Task03_Liver or slice-folder data (default: synthetic phantoms in "
+    p.add_argument("--data-dir", type=Path, default=None, action="append",
+                   help=f"LiTS, MSD Task03_Liver, slice-folder, 3D-IRCADb or DICOM SEG data; repeat it to train on "
+                        f"several together, e.g. LiTS and 3D-IRCADb (default: synthetic phantoms in "
                         f"{DEMO_DATA_DIR}, written there when absent)")
+    p.add_argument("--drop-ircadb-duplicates", action=argparse.BooleanOptionalAction, default=True,
+                   help="with 3D-IRCADb and LiTS or MSD data together, leave out LiTS volumes 28-47 (MSD "
+                        "liver_28..47), the same patients as 3D-IRCADb-01's")
+    add_dicom_arguments(p)
     p.add_argument("--output-dir", type=Path, default=None, help="run folder (default: runs/<task>)")
     p.add_argument("--cache-dir", type=Path, default=Path("data/cache"), help="prepared slice cache")
     p.add_argument("--graphs-dir", type=Path, default=None,
@@ -225,10 +231,13 @@ def parse_duration(text: str) -> float:
 def ensure_data(args: argparse.Namespace) -> bool:
     """Returns whether the data is the synthetic demo set (generated here when absent)."""
     if args.data_dir is not None:
-        if not args.data_dir.is_dir():
-            raise DataError(f"{args.data_dir}: data directory not found; expected a folder of LiTS, MSD or slice data")
+        args.data_dir = list(args.data_dir) if isinstance(args.data_dir, (list, tuple)) else [args.data_dir]
+        for folder in args.data_dir:
+            if not Path(folder).is_dir():
+                raise DataError(f"{folder}: data directory not found; expected a folder of LiTS, MSD, slice, "
+                                f"3D-IRCADb or DICOM SEG data")
         return False
-    args.data_dir = DEMO_DATA_DIR
+    args.data_dir = [DEMO_DATA_DIR]
     if not any(DEMO_DATA_DIR.glob("volume-*.nii*")):
         sys.stderr.write(f"writing {DEMO_CASES} synthetic LiTS phantoms to {DEMO_DATA_DIR} (first run only)\n")
         write_synthetic_lits(DEMO_DATA_DIR, cases=DEMO_CASES, size=DEMO_SIZE, seed=0, progress=True)
@@ -372,6 +381,17 @@ class EMAWeights(WeightAveraging):
     def on_validation_end(self, trainer, pl_module) -> None:
         # Before the checkpoint callbacks (Lightning runs them last), which save the average.
         self._take_chosen(pl_module)
+
+
+class RecordTrainingData(pl.Callback):
+    """Writes into every checkpoint's hyperparameters (`training_data`) which data folders the run
+    trained on and how many of each one's cases were in training, validation and test
+    (`dataset.training_data_record`): a checkpoint says what it learnt from."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        found = getattr(trainer.datamodule, "training_data", None)
+        if found:
+            checkpoint.setdefault("hyper_parameters", {})["training_data"] = found
 
 
 class Throughput(pl.Callback):
@@ -538,7 +558,8 @@ def main(args: argparse.Namespace) -> dict:
         context_slices=args.context_slices, batch_size=args.batch_size, num_workers=args.num_workers,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed, split_file=split_file,
         output_dir=out, oversample_tumor=args.oversample_tumor, min_tumor_pixels=args.min_tumor_pixels,
-        flip=args.flip, rotation=args.rotation, scale=args.scale, paste_tumor=args.paste_tumor)
+        flip=args.flip, rotation=args.rotation, scale=args.scale, paste_tumor=args.paste_tumor,
+        dicom_options=options_from_args(args), drop_ircadb_duplicates=args.drop_ircadb_duplicates)
     model = build_model(args)
     model.set_speed(channels_last=args.channels_last, compile=args.compile)
     # Listed best first: Lightning runs checkpoint callbacks in order, so last.ckpt holds best's updated state.
@@ -551,7 +572,8 @@ def main(args: argparse.Namespace) -> dict:
         accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy,
         precision=args.precision, max_epochs=args.max_epochs,
         max_time=timedelta(seconds=parse_duration(args.max_time)) if args.max_time else None, logger=logger,
-        callbacks=[*checkpoints, LearningRateMonitor(logging_interval="step"), Throughput(), *averaging],
+        callbacks=[*checkpoints, LearningRateMonitor(logging_interval="step"), Throughput(), RecordTrainingData(),
+                   *averaging],
         fast_dev_run=args.fast_dev_run, log_every_n_steps=5, deterministic="warn" if args.accelerator != "cpu" else True,
         default_root_dir=str(out))
     started = time.perf_counter()
@@ -560,7 +582,9 @@ def main(args: argparse.Namespace) -> dict:
     best = checkpoint.best_model_path if not args.fast_dev_run and checkpoint.best_model_path else None
     results = trainer.test(model, datamodule=dm, ckpt_path=best, verbose=False)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
-    summary = {"task": args.task, "data_dir": str(args.data_dir), "synthetic": synthetic,
+    data_dirs = [str(d) for d in args.data_dir]
+    summary = {"task": args.task, "data_dir": data_dirs[0] if len(data_dirs) == 1 else data_dirs,
+               "datasets": dm.training_data, "synthetic": synthetic,
                "checkpoint": best, "last_checkpoint": str(out / "checkpoints" / "last.ckpt"),
                "tensorboard": logger.log_dir, "graphs": str(args.graphs_dir),
                "fit_seconds": round(fit_seconds, 1), "epochs": trainer.current_epoch, "test": metrics,
@@ -575,9 +599,17 @@ def main(args: argparse.Namespace) -> dict:
     return summary
 
 
+def _data_text(summary: dict) -> str:
+    """The data a run trained on: its folder, or each data set with its count of training cases."""
+    found = summary.get("datasets") or []
+    if len(found) > 1:
+        return ", ".join(f"{d['name']}: {d['train']} of {d['cases']} cases in training" for d in found)
+    return str(summary["data_dir"])
+
+
 def print_summary(summary: dict) -> None:
     lines = [f"\n{summary['task']} run finished in {summary['fit_seconds']} s "
-             f"({'synthetic phantoms' if summary['synthetic'] else summary['data_dir']})",
+             f"({'synthetic phantoms' if summary['synthetic'] else _data_text(summary)})",
              f"  best checkpoint: {summary['checkpoint']}", f"  TensorBoard:     tensorboard --logdir {summary['tensorboard']}",
              f"  graphs:          {summary['graphs']}/", "  test metrics (held-out patients):"]
     lines += [f"    {k:28s} {v:.4f}" for k, v in sorted(summary["test"].items())]
