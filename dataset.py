@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from volumes import (IMAGE_SUFFIXES, WINDOW_HU, DataError, atomic_output, atomic_write_text, context_indices,
-                     load_label_volume, load_slice_image, load_slice_mask, load_volume, one_line, resize_slices,
-                     run_cli, visible_files, window_hu)
+                     int_at_least, load_label_volume, load_slice_image, load_slice_mask, load_volume, one_line,
+                     ordered_pair, resize_slices, run_cli, visible_files, window_hu)
 
 CACHE_VERSION = 2  # bump when the cache format or the preprocessing changes (2: anatomy checks in meta)
 
@@ -648,24 +648,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("synth", help="write synthetic CT phantoms in the LiTS layout")
     s.add_argument("--out-dir", required=True, type=Path, help="folder to write volume-N/segmentation-N into")
-    s.add_argument("--cases", type=int, default=12, help="number of cases (default: 12)")
-    s.add_argument("--size", type=int, default=128, help="in-plane size in voxels (default: 128)")
+    s.add_argument("--cases", type=int_at_least(1), default=12, help="number of cases (default: 12)")
+    s.add_argument("--size", type=int_at_least(32), default=128, help="in-plane size in voxels (default: 128)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     s.add_argument("--compress", action="store_true", help="write .nii.gz instead of .nii (default: off)")
     p = sub.add_parser("prepare", help="prepare the slice cache for a data folder")
     p.add_argument("--data-dir", required=True, type=Path, help="LiTS, MSD or slice-folder data")
     p.add_argument("--cache-dir", type=Path, default=Path("data/cache"), help="cache root (default: data/cache)")
-    p.add_argument("--image-size", type=int, default=256, help="training resolution in pixels (default: 256)")
-    p.add_argument("--window", type=float, nargs=2, default=list(WINDOW_HU), metavar=("LOW", "HIGH"),
+    p.add_argument("--image-size", type=int_at_least(32), default=256, help="training resolution in pixels (default: 256)")
+    p.add_argument("--window", type=float, nargs=2, action=ordered_pair(), default=list(WINDOW_HU), metavar=("LOW", "HIGH"),
                    help="HU window (default: -200 250)")
-    p.add_argument("--workers", type=int, default=None, help="parallel processes (default: one per core)")
+    p.add_argument("--workers", type=int_at_least(1), default=None, help="parallel processes (default: one per core)")
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
     if args.command == "synth":
-        if args.cases < 1 or args.size < 32:
-            raise DataError(f"found --cases {args.cases} --size {args.size}; expected cases >= 1 and size >= 32")
         from phantom import write_synthetic_lits  # phantoms are demo data, not part of training
         paths = write_synthetic_lits(args.out_dir, args.cases, args.size, args.seed, args.compress, progress=True)
         sys.stderr.write(f"wrote {len(paths)} synthetic case(s) to {args.out_dir}\n")

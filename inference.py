@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from volumes import DataError, context_indices, one_line, resize_slices, window_hu
+from volumes import DataError, context_indices, int_at_least, one_line, resize_slices, window_hu
 
 _REQUIRED_HPARAMS = ("task", "in_channels", "window", "image_size", "context_slices")
 
@@ -95,14 +95,19 @@ def prepare_for_inference(net: nn.Module, device: torch.device) -> nn.Module:
     return net.to(device).to(memory_format=torch.channels_last)
 
 
-def load_checkpoint(path: str | Path, task: str, flag: str | None = None) -> Checkpoint:
+def load_checkpoint(path: str | Path, task: str, flag: str | None = None,
+                    expected: dict[str, tuple[str, object]] | None = None) -> Checkpoint:
     """Read a Lightning checkpoint of `task` without running any code from it.
 
     `weights_only=True` unpickles tensors and plain containers only, so a crafted file cannot execute
     anything on load (a checkpoint may come from anywhere). Raises DataError for a missing file, a file
     that is not a checkpoint of this project (random bytes, a bare state dict, a refused pickle) or a
     checkpoint of the other task. `flag` names the command-line flag that gave the path, for a command
-    that takes both tasks' checkpoints (report.py): the message then names the flag, not a script."""
+    that takes both tasks' checkpoints (report.py): the message then names the flag, not a script.
+    `expected` maps hyperparameters to (the flag that sets them, the value it gives): a checkpoint that
+    recorded another value is refused, naming each such flag (train.py's --resume: a network of another
+    shape, or other preprocessing, cannot go on training). A hyperparameter it did not record is not
+    compared."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: checkpoint not found; expected a .ckpt file written by train.py")
@@ -120,16 +125,38 @@ def load_checkpoint(path: str | Path, task: str, flag: str | None = None) -> Che
                  all(isinstance(v, torch.Tensor) for v in ckpt.values()) else f"a {type(ckpt).__name__}")
         raise DataError(f"{path}: found {found} without hyper_parameters and state_dict; expected a Lightning "
                         f"checkpoint written by train.py (it records the network and its preprocessing)")
+    # The task first: a checkpoint of the other task is the likelier mistake than a damaged one.
+    if "task" in hp and hp["task"] != task:
+        hint = (f"given as {flag}" if flag else f"use predict_{hp['task']}.py for this one")
+        raise DataError(f"{path}: found a {hp['task']} checkpoint; expected a {task} checkpoint ({hint})")
     missing = [k for k in _REQUIRED_HPARAMS if k not in hp]
     if missing:
         raise DataError(f"{path}: hyper_parameters lack {', '.join(missing)}; expected a checkpoint written by train.py")
-    if hp["task"] != task:
-        hint = (f"given as {flag}" if flag else f"use predict_{hp['task']}.py for this one")
-        raise DataError(f"{path}: found a {hp['task']} checkpoint; expected a {task} checkpoint ({hint})")
+    differ = [(name, hp[name], value) for name, (name_flag, value) in (expected or {}).items()
+              if name in hp and _plain(hp[name]) != _plain(value)]
+    if differ:
+        flags = dict((name, f) for name, (f, _) in expected.items())
+        raise DataError(f"{path}: found a checkpoint of {', '.join(f'{flags[n]} {_shown(v)}' for n, v, _ in differ)}; "
+                        f"expected {', '.join(f'{flags[n]} {_shown(w)}' for n, _, w in differ)} as given "
+                        f"(give the values it was trained with)")
     net_state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
     if not net_state:
         raise DataError(f"{path}: found no 'net.' weights in its state_dict; expected a checkpoint written by train.py")
     return Checkpoint(path, dict(hp), net_state)
+
+
+def _plain(value):
+    """A hyperparameter comparable whatever container it was saved in (a window as list or tuple)."""
+    return tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _shown(value) -> str:
+    """A hyperparameter as a command line would give it."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return " ".join(f"{float(v):g}" for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def pick_device(name: str) -> torch.device:
@@ -146,8 +173,8 @@ def add_runtime_flags(p, batch_help: str) -> None:
     """--device, --batch-size and --threads of a prediction command, as `runtime` reads them."""
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto takes CUDA when available (default: auto)")
-    p.add_argument("--batch-size", type=int, default=None, help=batch_help)
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--batch-size", type=int_at_least(1), default=None, help=batch_help)
+    p.add_argument("--threads", type=int_at_least(1), default=None,
                    help="CPU threads for torch (default: the cores this process may run on, as torch counts them)")
 
 
