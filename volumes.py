@@ -64,7 +64,11 @@ def run_cli(entry, parser, argv=None) -> int:
     refused while parsing (argparse's message, without its usage block) and a DataError raised by
     `entry`. Anything else is a bug and keeps its traceback."""
     _one_line_parse_errors(parser)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _FlagError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
     try:
         rc = entry(args)
         return rc if isinstance(rc, int) else 0
@@ -73,12 +77,30 @@ def run_cli(entry, parser, argv=None) -> int:
         return 2
 
 
+# argparse's own messages, said as every other error here is: what was found, what was expected.
+_ARGPARSE_MESSAGES = (
+    (re.compile(r"(argument \S+: )invalid choice: (.+) \(choose from (.+)\)$"), r"\1found \2; expected one of \3"),
+    (re.compile(r"the following arguments are required: (.+)$"), r"found no \1; expected \1 (required)"),
+    (re.compile(r"unrecognized arguments: (.+)$"), r"found unknown \1; expected the flags --help lists"),
+)
+
+
+def _found_expected(message: str) -> str:
+    for pattern, replacement in _ARGPARSE_MESSAGES:
+        if pattern.match(message):
+            return pattern.sub(replacement, message)
+    return message
+
+
+class _FlagError(Exception):
+    """A flag argparse refused, on its way from the parser to `run_cli`."""
+
+
 def _one_line_parse_errors(parser: argparse.ArgumentParser) -> None:
-    """Make `parser` (and its subcommands' parsers) report a refused flag as one line and exit 2,
-    as every other user mistake is reported; argparse would print its usage block first."""
+    """Make `parser` (and its subcommands' parsers) hand a refused flag to `run_cli`, which reports it
+    as one line and exit status 2 like every other user mistake; argparse would print its usage block."""
     def error(message: str, prog: str = parser.prog):
-        sys.stderr.write(f"error: {one_line(message)} (see {prog} --help)\n")
-        sys.exit(2)
+        raise _FlagError(f"{_found_expected(one_line(message))} (see {prog} --help)")
     parser.error = error
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
