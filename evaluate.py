@@ -635,14 +635,14 @@ def main(args: argparse.Namespace) -> int:
     texts = {"--output": rows_to_csv(rows) if args.output else None,
              "--summary": json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n"}
     # Both files or neither: each is renamed into place only once both were written in full.
+    writing = None
     try:
         with ExitStack() as stack:
-            for flag, path in outputs:
-                ensure_folder(path.parent)
-                stack.enter_context(atomic_output(path)).write_text(texts[flag])
+            for flag, writing in outputs:
+                ensure_folder(writing.parent)
+                stack.enter_context(atomic_output(writing)).write_text(texts[flag])
     except OSError as exc:  # the disk filled, or the folder changed, since `check_output`
-        raise DataError(f"{exc.filename or args.output or args.summary}: cannot write ({exc.strerror or exc}); "
-                        f"expected a writable location") from None
+        raise DataError(f"{writing}: cannot write ({exc.strerror or exc}); expected a writable location") from None
     print(format_summary(summary))
     if args.output is not None:
         print(f"per-case metrics: {args.output}")

@@ -633,6 +633,22 @@ def test_cli_synth_then_prepare(tmp_path):
     assert "prepared 2 case(s)" in proc.stderr
 
 
+@pytest.mark.parametrize("argv, named", [
+    (["prepare", "--window", "250", "-200"], "argument --window: found 250 -200; expected LOW < HIGH"),
+    (["prepare", "--workers", "0"], "argument --workers: found 0; expected 1 or more"),
+    (["prepare", "--image-size", "8"], "argument --image-size: found 8; expected 32 or more"),
+    (["synth", "--cases", "0"], "argument --cases: found 0; expected 1 or more"),
+    (["synth", "--size", "16"], "argument --size: found 16; expected 32 or more"),
+])
+def test_cli_bad_flags_one_line_exit_2_nothing_written(lits_dir, tmp_path, capsys, argv, named):
+    where = ["--data-dir", str(lits_dir), "--cache-dir", str(tmp_path / "cache")] if argv[0] == "prepare" else \
+        ["--out-dir", str(tmp_path / "synth")]
+    assert volumes.run_cli(dataset.main, dataset.get_args_parser(), [*argv, *where]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: ") and named in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lits"]
+
+
 @pytest.mark.parametrize("compress", [False, True])
 def test_synth_is_deterministic_per_seed(tmp_path, compress):
     parser = dataset.get_args_parser()
