@@ -655,8 +655,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="prepare the slice cache for a data folder")
     p.add_argument("--data-dir", required=True, type=Path, help="LiTS, MSD or slice-folder data")
     p.add_argument("--cache-dir", type=Path, default=Path("data/cache"), help="cache root (default: data/cache)")
-    p.add_argument("--image-size", type=int_at_least(32), default=256, help="training resolution in pixels (default: 256)")
-    p.add_argument("--window", type=float, nargs=2, action=ordered_pair(), default=list(WINDOW_HU), metavar=("LOW", "HIGH"),
+    p.add_argument("--image-size", type=int_at_least(32), default=256,
+                   help="training resolution in pixels (default: 256)")
+    p.add_argument("--window", type=float, nargs=2, action=ordered_pair(), default=list(WINDOW_HU),
+                   metavar=("LOW", "HIGH"),
                    help="HU window (default: -200 250)")
     p.add_argument("--workers", type=int_at_least(1), default=None, help="parallel processes (default: one per core)")
     return parser

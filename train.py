@@ -115,16 +115,18 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "this time instead of an epoch count (default: none)")
     p.add_argument("--batch-size", type=int_at_least(1), default=None, help=_default_help("batch_size"))
     p.add_argument("--lr", type=POSITIVE, default=None, help="peak learning rate of AdamW " + _default_help("lr"))
-    p.add_argument("--weight-decay", type=float_in(0, math.inf, high_open=True), default=1e-4, help="AdamW weight decay")
+    p.add_argument("--weight-decay", type=float_in(0, math.inf, high_open=True), default=1e-4,
+                   help="AdamW weight decay")
     p.add_argument("--ema", type=float_in(0, 1, high_open=True, what="a decay"), default=None, metavar="DECAY",
                    help="keep an exponential moving average of the weights (each step: average = DECAY * average + "
                         "(1 - DECAY) * weights) and validate, test and save it instead of the raw weights; 0 = off "
                         + _default_help("ema"))
-    p.add_argument("--image-size", type=int_at_least(32), default=None, help="training resolution " + _default_help("image_size"))
+    p.add_argument("--image-size", type=int_at_least(32), default=None,
+                   help="training resolution " + _default_help("image_size"))
     p.add_argument("--context-slices", type=int_at_least(0), default=None,
                    help="neighbour slices on each side stacked as channels (2.5D) " + _default_help("context_slices"))
-    p.add_argument("--window", type=float, nargs=2, action=ordered_pair(), default=list(WINDOW_HU), metavar=("LOW", "HIGH"),
-                   help="HU window mapped to [0, 1]")
+    p.add_argument("--window", type=float, nargs=2, action=ordered_pair(), default=list(WINDOW_HU),
+                   metavar=("LOW", "HIGH"), help="HU window mapped to [0, 1]")
     p.add_argument("--base-width", type=int_at_least(1), default=None,
                    help="U-Net channels at the top level " + _default_help("base_width"))
     p.add_argument("--attention", action="store_true", help="U-Net with attention gates on the skips (default: off)")
@@ -160,7 +162,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--rotation", type=float_in(0, 180, what="an angle in degrees"), default=None, metavar="DEG",
                    help="training augmentation: rotate each slice by a random angle within +-DEG degrees "
                         + _default_help("rotation"))
-    p.add_argument("--scale", type=float, nargs=2, action=ordered_pair(strict=False, positive=True), default=None, metavar=("LOW", "HIGH"),
+    p.add_argument("--scale", type=float, nargs=2, action=ordered_pair(strict=False, positive=True), default=None,
+                   metavar=("LOW", "HIGH"),
                    help="training augmentation: zoom each slice by a random factor in [LOW, HIGH] "
                         + _default_help("scale"))
     p.add_argument("--paste-tumor", type=float_in(0, 1, what="a probability"), default=None, metavar="P",
@@ -169,10 +172,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                         + _default_help("paste_tumor"))
     p.add_argument("--min-tumor-pixels", type=int_at_least(1), default=1,
                    help="a slice counts as tumor from this many tumor pixels (classification)")
-    p.add_argument("--val-fraction", type=float_in(0, 1, low_open=True, high_open=True, what="a share"), default=0.15, help="share of patients for validation")
-    p.add_argument("--test-fraction", type=float_in(0, 1, high_open=True, what="a share"), default=0.15, help="share of patients for the test")
+    p.add_argument("--val-fraction", type=float_in(0, 1, low_open=True, high_open=True, what="a share"), default=0.15,
+                   help="share of patients for validation")
+    p.add_argument("--test-fraction", type=float_in(0, 1, high_open=True, what="a share"), default=0.15,
+                   help="share of patients for the test")
     p.add_argument("--split-file", type=Path, default=None, help="reuse a splits.json (default: a new seeded split)")
-    p.add_argument("--num-workers", type=int_at_least(0), default=None, help="DataLoader workers " + _default_help("num_workers"))
+    p.add_argument("--num-workers", type=int_at_least(0), default=None,
+                   help="DataLoader workers " + _default_help("num_workers"))
     p.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation and augmentation")
     p.add_argument("--accelerator", default="auto", choices=ACCELERATORS, help="cpu, gpu or auto")
     p.add_argument("--devices", default="auto", type=_devices,

@@ -245,7 +245,7 @@ def fetch_imagenet_state_dict(batch_norm: bool) -> dict[str, torch.Tensor]:
         # mmap avoids holding a second ~530 MB copy in RAM while copying.
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
-        raise DataError(f"{path}: found a cached file torch cannot read ({type(exc).__name__}: "
+        raise DataError(f"{path}: found an unreadable cached file ({type(exc).__name__}: "
                         f"{one_line(exc)[:100]}); expected torchvision's ImageNet weights (delete it to download "
                         f"them again)") from exc
 

@@ -256,7 +256,7 @@ def check_output(path: Path, flag: str, folder: bool = False) -> None:
     if path.exists() and path.is_dir() != folder:
         raise DataError(f"{path}: {flag} is {'a file' if folder else 'a folder'}; expected "
                         f"{'a folder' if folder else 'a file name'}")
-    above = path.parent
+    above = path if folder and path.exists() else path.parent  # where the new entries will go
     while not above.exists() and above != above.parent:
         above = above.parent
     if not above.is_dir():
