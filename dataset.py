@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from volumes import (IMAGE_SUFFIXES, WINDOW_HU, DataError, atomic_output, atomic_write_text, context_indices,
-                     int_at_least, load_label_volume, load_slice_image, load_slice_mask, load_volume, one_line,
-                     ordered_pair, resize_slices, run_cli, visible_files, window_hu)
+from volumes import (IMAGE_SUFFIXES, WINDOW_HU, DataError, atomic_output, atomic_write_text, check_output,
+                     context_indices, int_at_least, load_label_volume, load_slice_image, load_slice_mask, load_volume,
+                     one_line, ordered_pair, resize_slices, run_cli, visible_files, window_hu)
 
 CACHE_VERSION = 2  # bump when the cache format or the preprocessing changes (2: anatomy checks in meta)
 
@@ -666,10 +666,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     if args.command == "synth":
+        check_output(args.out_dir, "--out-dir", folder=True)
         from phantom import write_synthetic_lits  # phantoms are demo data, not part of training
         paths = write_synthetic_lits(args.out_dir, args.cases, args.size, args.seed, args.compress, progress=True)
         sys.stderr.write(f"wrote {len(paths)} synthetic case(s) to {args.out_dir}\n")
     else:
+        check_output(args.cache_dir, "--cache-dir", folder=True)
         cases = find_cases(args.data_dir)
         prepared = prepare_cases(cases, args.cache_dir, args.data_dir, args.image_size, args.window, args.workers)
         slices = sum(c.num_slices for c in prepared)

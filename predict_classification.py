@@ -37,8 +37,8 @@ from tqdm import tqdm
 
 from inference import (VOLUME_TOP_K, add_runtime_flags, classify, cpu_has_fast_bf16, evidence_maps, infer_batched,
                        load_checkpoint, preprocess_volume, runtime, tumor_probability, volume_score)
-from volumes import (CLS_CLASSES, DataError, DicomSeries, atomic_output, atomic_write_text, ensure_folder, find_inputs,
-                     float_in, input_name, int_at_least, load_slice_image, one_volume, read_volume, run_cli,
+from volumes import (CLS_CLASSES, DataError, DicomSeries, atomic_output, atomic_write_text, check_output, ensure_folder,
+                     find_inputs, float_in, input_name, int_at_least, load_slice_image, one_volume, read_volume, run_cli,
                      slice_of_file)
 
 COLUMNS = ("case", "slice", "probability", "prediction")
@@ -180,6 +180,7 @@ def main(args: argparse.Namespace) -> dict:
         raise DataError(f"found threshold {threshold}; expected a probability in [0, 1]")
     names = tuple(hp.get("class_names", CLS_CLASSES))
     if args.heatmap is not None:
+        check_output(args.heatmap, "--heatmap", folder=True)  # not after classifying every volume
         if hp.get("head", "fc") != "evidence":
             raise DataError(f"{args.checkpoint}: found a VGG16 with the {hp.get('head', 'fc')!r} head; --heatmap "
                             f"expected a checkpoint with the evidence head (train.py --head evidence)")

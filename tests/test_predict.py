@@ -638,6 +638,7 @@ def test_more_bad_flags_in_process(phantoms, ckpts, slice_files, bad_files, tmp_
         (pc, [*cls, "--input", str(vol), "--heatmap", str(tmp_path / "maps"), "--heatmap-slices", "0"],
          "argument --heatmap-slices: found 0; expected 1 or more"),
         (pc, [*cls, "--input", str(vol), "--threshold", "nan"], "argument --threshold: found nan; expected a probability"),
+        (pc, [*cls, "--input", str(vol), "--heatmap", str(bad_files["a_file"] / "maps")], "--heatmap lies under the file"),
         (ps, [*seg, "--input", str(vol), "--device", "tpu"], "argument --device: found 'tpu'; expected one of"),
         (ps, [*seg, "--input", str(vol), "--output", str(vol)], "the input itself"),
         (pc, [*cls, "--input", str(vol), "--output", str(tmp_path / "p.txt")], "expected .csv or .json"),
