@@ -32,9 +32,9 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from dicom_datasets import LAYOUTS as DICOM_LAYOUTS
 from dicom_datasets import (DicomOptions, add_dicom_arguments, find_dicom_cases, load_dicom_case, options_from_args,
                             safe_id)
-from volumes import (IMAGE_SUFFIXES, WINDOW_HU, DataError, atomic_output, atomic_write_text, context_indices,
-                     load_label_volume, load_slice_image, load_slice_mask, load_volume, one_line, resize_slices,
-                     run_cli, visible_files, window_hu)
+from volumes import (IMAGE_SUFFIXES, WINDOW_HU, DataError, atomic_output, atomic_write_text, check_output,
+                     context_indices, int_at_least, load_label_volume, load_slice_image, load_slice_mask, load_volume,
+                     one_line, ordered_pair, resize_slices, run_cli, visible_files, window_hu)
 
 # Bump when the cache format or the preprocessing changes (2: anatomy checks in meta; 3: slice folders
 # windowed with the cache's window, not the default one, and their runs of consecutive slices in meta).
@@ -819,8 +819,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("synth", help="write synthetic CT phantoms in the LiTS layout")
     s.add_argument("--out-dir", required=True, type=Path, help="folder to write volume-N/segmentation-N into")
-    s.add_argument("--cases", type=int, default=12, help="number of cases (default: 12)")
-    s.add_argument("--size", type=int, default=128, help="in-plane size in voxels (default: 128)")
+    s.add_argument("--cases", type=int_at_least(1), default=12, help="number of cases (default: 12)")
+    s.add_argument("--size", type=int_at_least(32), default=128, help="in-plane size in voxels (default: 128)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     s.add_argument("--compress", action="store_true", help="write .nii.gz instead of .nii (default: off)")
     p = sub.add_parser("prepare", help="prepare the slice cache for a data folder")
@@ -832,21 +832,23 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "liver_28..47), the same patients as 3D-IRCADb-01's (default: on)")
     add_dicom_arguments(p)
     p.add_argument("--cache-dir", type=Path, default=Path("data/cache"), help="cache root (default: data/cache)")
-    p.add_argument("--image-size", type=int, default=256, help="training resolution in pixels (default: 256)")
-    p.add_argument("--window", type=float, nargs=2, default=list(WINDOW_HU), metavar=("LOW", "HIGH"),
+    p.add_argument("--image-size", type=int_at_least(32), default=256,
+                   help="training resolution in pixels (default: 256)")
+    p.add_argument("--window", type=float, nargs=2, action=ordered_pair(), default=list(WINDOW_HU),
+                   metavar=("LOW", "HIGH"),
                    help="HU window (default: -200 250)")
-    p.add_argument("--workers", type=int, default=None, help="parallel processes (default: one per core)")
+    p.add_argument("--workers", type=int_at_least(1), default=None, help="parallel processes (default: one per core)")
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
     if args.command == "synth":
-        if args.cases < 1 or args.size < 32:
-            raise DataError(f"found --cases {args.cases} --size {args.size}; expected cases >= 1 and size >= 32")
+        check_output(args.out_dir, "--out-dir", folder=True)
         from phantom import write_synthetic_lits  # phantoms are demo data, not part of training
         paths = write_synthetic_lits(args.out_dir, args.cases, args.size, args.seed, args.compress, progress=True)
         sys.stderr.write(f"wrote {len(paths)} synthetic case(s) to {args.out_dir}\n")
     else:
+        check_output(args.cache_dir, "--cache-dir", folder=True)
         prepared, records = prepare_datasets(args.data_dir, args.cache_dir, args.image_size, args.window,
                                              args.workers, dicom_options=options_from_args(args),
                                              drop_ircadb_duplicates=args.drop_ircadb_duplicates)

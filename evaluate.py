@@ -32,6 +32,7 @@ import math
 import re
 import sys
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +42,8 @@ from scipy import ndimage
 # The lesion and burden rules live with the measurements, so a report and a score count alike.
 from dicom_datasets import DicomOptions, add_dicom_arguments, find_dicom_cases, ground_truth_image, options_from_args
 from lesions import label_lesions, largest_axial_diameters, tumor_burden
-from volumes import DataError, atomic_write_text, check_labels, read_nifti, run_cli, visible_files
+from volumes import (DataError, atomic_output, check_labels, check_output, ensure_folder, read_nifti, run_cli,
+                     visible_files)
 
 REGIONS: tuple[str, ...] = ("liver", "tumor")
 METRICS: tuple[str, ...] = ("dice", "voe", "rvd", "assd", "mssd", "rmsd")
@@ -680,9 +682,11 @@ def split_case_numbers(split_file: Path, part: str) -> list[int]:
 
 
 def main(args: argparse.Namespace) -> int:
-    for flag, path, kind in (("--output", args.output, "CSV"), ("--summary", args.summary, "JSON")):
-        if path is not None and path.is_dir():
-            raise DataError(f"{path}: {flag} is a folder; expected a {kind} file name")
+    outputs = [(flag, path) for flag, path in (("--output", args.output), ("--summary", args.summary)) if path]
+    for flag, path in outputs:  # before the scoring, which takes minutes on LiTS
+        check_output(path, flag)
+    if len(outputs) == 2 and outputs[0][1].resolve() == outputs[1][1].resolve():
+        raise DataError(f"{args.output}: found the same file for --output and --summary; expected two files")
     if args.split is not None and args.split_file is None:
         raise DataError(f"found --split {args.split} without --split-file; expected the run's splits.json too")
     cases = split_case_numbers(args.split_file, args.split or "test") if args.split_file is not None else None
@@ -693,11 +697,17 @@ def main(args: argparse.Namespace) -> int:
     if summary["extra_predictions"]:
         sys.stderr.write(f"note: {summary['extra_predictions']} prediction file(s) in {args.pred} have no "
                          f"ground truth and were ignored\n")
-    for path, text in ((args.output, rows_to_csv(rows) if args.output else None),
-                       (args.summary, json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")):
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, text)
+    texts = {"--output": rows_to_csv(rows) if args.output else None,
+             "--summary": json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n"}
+    # Both files or neither: each is renamed into place only once both were written in full.
+    writing = None
+    try:
+        with ExitStack() as stack:
+            for flag, writing in outputs:
+                ensure_folder(writing.parent)
+                stack.enter_context(atomic_output(writing)).write_text(texts[flag])
+    except OSError as exc:  # the disk filled, or the folder changed, since `check_output`
+        raise DataError(f"{writing}: cannot write ({exc.strerror or exc}); expected a writable location") from None
     print(format_summary(summary))
     if args.output is not None:
         print(f"per-case metrics: {args.output}")

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from volumes import DataError, context_indices, one_line, resize_slices, window_hu
+from volumes import DataError, context_indices, int_at_least, one_line, resize_slices, window_hu
 
 _REQUIRED_HPARAMS = ("task", "in_channels", "window", "image_size", "context_slices")
 
@@ -95,14 +95,19 @@ def prepare_for_inference(net: nn.Module, device: torch.device) -> nn.Module:
     return net.to(device).to(memory_format=torch.channels_last)
 
 
-def load_checkpoint(path: str | Path, task: str, flag: str | None = None) -> Checkpoint:
+def load_checkpoint(path: str | Path, task: str, flag: str | None = None,
+                    expected: dict[str, tuple[str, object]] | None = None) -> Checkpoint:
     """Read a Lightning checkpoint of `task` without running any code from it.
 
     `weights_only=True` unpickles tensors and plain containers only, so a crafted file cannot execute
     anything on load (a checkpoint may come from anywhere). Raises DataError for a missing file, a file
     that is not a checkpoint of this project (random bytes, a bare state dict, a refused pickle) or a
     checkpoint of the other task. `flag` names the command-line flag that gave the path, for a command
-    that takes both tasks' checkpoints (report.py): the message then names the flag, not a script."""
+    that takes both tasks' checkpoints (report.py): the message then names the flag, not a script.
+    `expected` maps hyperparameters to (the flag that sets them, the value it gives): a checkpoint that
+    recorded another value is refused, naming each such flag (train.py's --resume: a network of another
+    shape, or other preprocessing, cannot go on training). A hyperparameter it did not record is not
+    compared."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: checkpoint not found; expected a .ckpt file written by train.py")
@@ -120,16 +125,38 @@ def load_checkpoint(path: str | Path, task: str, flag: str | None = None) -> Che
                  all(isinstance(v, torch.Tensor) for v in ckpt.values()) else f"a {type(ckpt).__name__}")
         raise DataError(f"{path}: found {found} without hyper_parameters and state_dict; expected a Lightning "
                         f"checkpoint written by train.py (it records the network and its preprocessing)")
+    # The task first: a checkpoint of the other task is the likelier mistake than a damaged one.
+    if "task" in hp and hp["task"] != task:
+        hint = (f"given as {flag}" if flag else f"use predict_{hp['task']}.py for this one")
+        raise DataError(f"{path}: found a {hp['task']} checkpoint; expected a {task} checkpoint ({hint})")
     missing = [k for k in _REQUIRED_HPARAMS if k not in hp]
     if missing:
         raise DataError(f"{path}: hyper_parameters lack {', '.join(missing)}; expected a checkpoint written by train.py")
-    if hp["task"] != task:
-        hint = (f"given as {flag}" if flag else f"use predict_{hp['task']}.py for this one")
-        raise DataError(f"{path}: found a {hp['task']} checkpoint; expected a {task} checkpoint ({hint})")
+    differ = [(name, hp[name], value) for name, (name_flag, value) in (expected or {}).items()
+              if name in hp and _plain(hp[name]) != _plain(value)]
+    if differ:
+        flags = dict((name, f) for name, (f, _) in expected.items())
+        raise DataError(f"{path}: found a checkpoint of {', '.join(f'{flags[n]} {_shown(v)}' for n, v, _ in differ)}; "
+                        f"expected {', '.join(f'{flags[n]} {_shown(w)}' for n, _, w in differ)} as given "
+                        f"(give the values it was trained with)")
     net_state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
     if not net_state:
         raise DataError(f"{path}: found no 'net.' weights in its state_dict; expected a checkpoint written by train.py")
     return Checkpoint(path, dict(hp), net_state)
+
+
+def _plain(value):
+    """A hyperparameter comparable whatever container it was saved in (a window as list or tuple)."""
+    return tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _shown(value) -> str:
+    """A hyperparameter as a command line would give it."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return " ".join(f"{float(v):g}" for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def pick_device(name: str) -> torch.device:
@@ -146,8 +173,8 @@ def add_runtime_flags(p, batch_help: str) -> None:
     """--device, --batch-size and --threads of a prediction command, as `runtime` reads them."""
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto takes CUDA when available (default: auto)")
-    p.add_argument("--batch-size", type=int, default=None, help=batch_help)
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--batch-size", type=int_at_least(1), default=None, help=batch_help)
+    p.add_argument("--threads", type=int_at_least(1), default=None,
                    help="CPU threads for torch (default: the cores this process may run on, as torch counts them)")
 
 
@@ -313,7 +340,7 @@ def evidence_maps(net: nn.Module, volume: torch.Tensor, context_slices: int, sli
 
     class _Evidence(nn.Module):
         def forward(self, x):
-            return net.forward_with_evidence(x)[1]  # (B, 1, S/16, S/16) logits
+            return net.forward_with_evidence(x)[1]  # (B, 1, S/4, S/4) logits
 
     def head(evidence: torch.Tensor) -> torch.Tensor:
         up = torch.nn.functional.interpolate(evidence, size=size, mode="bilinear", align_corners=False)
@@ -567,15 +594,15 @@ def fast_segment(net: nn.Module, volume: torch.Tensor, hparams: dict, size: Sequ
     """Labels (Z, H, W) uint8 of a preprocessed volume (Z, S, S) whose slices are (H, W) natively, with
     the full-resolution network run only where the liver is.
 
-    1. Coarse pass: the same network on every COARSE_STRIDE-th slice (from COARSE_STRIDE // 2),
+    1. Coarse pass (`_coarse_liver`): the same network on every COARSE_STRIDE-th slice (from COARSE_STRIDE // 2),
        shrunk COARSE_FACTOR times: at the defaults a quarter of the arithmetic per slice on a
        quarter of the slices, 1/16 of a full pass.
     2. `region_from_mask` turns its liver's largest 3D component into the block of slices to
        segment, `slice_boxes` into each slice's in-plane crop (the liver's box on the nearest
        sampled slices, with a margin, on the U-Net's pooling grid); the full network runs on each
-       slice's crop, its logits put back in place (`_placed_head`); outside the crops everything is
+       slice's crop (`_segment_crops`), its logits put back in place (`_placed_head`); outside the crops everything is
        background.
-    3. The block grows while the full-resolution liver's largest 3D component touches its edge: by
+    3. The block grows (`_grow`) while the full-resolution liver's largest 3D component touches its edge: by
        MARGIN_SLICES + the stride where it reaches an end slice, and a slice's crop by MARGIN_PX at
        each side its liver comes within GROW_WITHIN_PX of (that slice then runs again; the others
        keep their answer, their crop held their liver and its margin). A component that ends inside
@@ -586,18 +613,7 @@ def fast_segment(net: nn.Module, volume: torch.Tensor, hparams: dict, size: Sequ
     num, grid = volume.shape[0], volume.shape[-1]
     context = hparams["context_slices"]
     align = 2 ** int(hparams.get("depth", 4))
-    step = COARSE_STRIDE
-    coarse_size = max(align, grid // COARSE_FACTOR)
-    scale = grid / coarse_size
-    zs = np.arange(min(step // 2, num - 1), num, step)
-    coarse = resize_slices(volume, coarse_size, "image")  # (Z, s, s)
-    liver = infer_batched(net, coarse, context, lambda logits: logits.argmax(dim=1) >= 1, batch_size, zs,
-                          desc=f"{desc or 'volume'}: finding the liver", cpu_bf16=cpu_bf16)  # (len(zs), s, s)
-    del coarse
-    # Only the coarse liver's largest component: a speck of false liver far from the liver would
-    # otherwise stretch the block over the slices between them (and its crops to the speck). A true
-    # piece of liver left out here still joins through step 3, where it touches the block.
-    liver = largest_component(liver.numpy())
+    zs, liver, scale = _coarse_liver(net, volume, context, align, batch_size, cpu_bf16, desc)
     box = None if liver is None else region_from_mask(liver, zs, num, grid, scale, MARGIN_PX, MARGIN_SLICES, align)
     labels = np.zeros((num, *size), dtype=np.uint8)
     if box is None:
@@ -607,61 +623,96 @@ def fast_segment(net: nn.Module, volume: torch.Tensor, hparams: dict, size: Sequ
     z0, z1 = box.z0, box.z1
     planes = np.zeros((num, 4), dtype=np.int64)  # per slice (y0, y1, x0, x1); used on z0..z1-1
     planes[z0:z1] = slice_boxes(liver, zs, z0, z1, grid, scale, MARGIN_PX, align)
-    rows_per_px, cols_per_px = size[0] / grid, size[1] / grid
-    full_slices, grown = 0, 0
 
-    def run(zlist: np.ndarray) -> None:
-        """Slices `zlist` through the full network, each on its own crop; slices that share a crop
-        share the batches."""
-        nonlocal full_slices
-        crops, which = np.unique(planes[zlist], axis=0, return_inverse=True)
-        for k, (y0, y1, x0, x1) in enumerate(crops.tolist()):
-            group = zlist[which.ravel() == k]
-            crop = Box(0, 0, y0, y1, x0, x1)
-            labels[group] = infer_batched(net, volume[(slice(None), *crop.plane)], context,
-                                          _placed_head(crop, grid, size), batch_size, group, desc=desc,
-                                          cpu_bf16=cpu_bf16).numpy()
-        full_slices += len(zlist)
+    def run(zlist: np.ndarray) -> int:
+        return _segment_crops(net, volume, labels, planes, zlist, context, size, batch_size, cpu_bf16, desc)
 
-    run(np.arange(z0, z1))
-    near = GROW_WITHIN_PX
+    full_slices, grown = run(np.arange(z0, z1)), 0
     while True:
-        # Only the liver's largest 3D component decides (the one `postprocess` keeps): specks of
-        # false liver near an edge must not drag the block over the whole volume.
-        p = planes[z0:z1]  # a view: widening below edits `planes`
-        r0, c0 = math.floor(p[:, 0].min() * rows_per_px), math.floor(p[:, 2].min() * cols_per_px)
-        r1, c1 = math.ceil(p[:, 1].max() * rows_per_px), math.ceil(p[:, 3].max() * cols_per_px)
-        liver3d = largest_component(labels[z0:z1, r0:r1, c0:c1] >= 1)  # (z, r, c) in the block's window
-        if liver3d is None:
-            break
-        rows, cols = liver3d.any(axis=2), liver3d.any(axis=1)  # (z, r), (z, c)
-        has = rows.any(axis=1)
-        # Each slice's liver extent on the model grid, then the sides it comes within `near` of.
-        top = (rows.argmax(axis=1) + r0) / rows_per_px
-        bottom = (rows.shape[1] - rows[:, ::-1].argmax(axis=1) + r0) / rows_per_px
-        left = (cols.argmax(axis=1) + c0) / cols_per_px
-        right = (cols.shape[1] - cols[:, ::-1].argmax(axis=1) + c0) / cols_per_px
-        sides = [has & (p[:, 0] > 0) & (top < p[:, 0] + near), has & (p[:, 1] < grid) & (bottom > p[:, 1] - near),
-                 has & (p[:, 2] > 0) & (left < p[:, 2] + near), has & (p[:, 3] < grid) & (right > p[:, 3] - near)]
-        for j, side in enumerate(sides):
-            p[side, j] = (_lower_out(p[side, j], MARGIN_PX, align) if j % 2 == 0
-                          else _upper_out(p[side, j], MARGIN_PX, align, grid))
-        touched = np.flatnonzero(sides[0] | sides[1] | sides[2] | sides[3]) + z0
-        # Beyond an end slice that holds liver the block goes on, each new slice with that end's crop.
-        new_z0 = max(0, z0 - MARGIN_SLICES - step) if z0 > 0 and has[0] else z0
-        new_z1 = min(num, z1 + MARGIN_SLICES + step) if z1 < num and has[-1] else z1
-        planes[new_z0:z0], planes[z1:new_z1] = planes[z0], planes[z1 - 1]
-        fresh = np.concatenate([np.arange(new_z0, z0), touched, np.arange(z1, new_z1)]).astype(np.int64)
+        new_z0, new_z1, fresh = _grow(labels, planes, z0, z1, grid, size, align)
         if fresh.size == 0:
             break
-        # Slices whose liver stayed clear of every side keep their answer: their crop held all of
-        # their liver with its margin. The touched ones, and the new ones, run on their wider crops.
         z0, z1, grown = new_z0, new_z1, grown + 1
-        run(fresh)
+        full_slices += run(fresh)
     p = planes[z0:z1]
     box = Box(z0, z1, int(p[:, 0].min()), int(p[:, 1].max()), int(p[:, 2].min()), int(p[:, 3].max()))
     share = float(((p[:, 1] - p[:, 0]) * (p[:, 3] - p[:, 2])).sum()) / (num * grid * grid)
     return labels, FastInfo(box, len(zs), full_slices, grown, cpu_bf16, share)
+
+
+def _coarse_liver(net: nn.Module, volume: torch.Tensor, context: int, align: int, batch_size: int, cpu_bf16: bool,
+                  desc: str | None) -> tuple[np.ndarray, np.ndarray | None, float]:
+    """The fast path's step 1: the network on every COARSE_STRIDE-th slice of a preprocessed volume
+    (Z, S, S), shrunk COARSE_FACTOR times. Returns the slices it saw (N,), their liver's largest 3D
+    component (N, s, s) bool (None: no liver), and how many model pixels a coarse pixel spans."""
+    num, grid = volume.shape[0], volume.shape[-1]
+    coarse_size = max(align, grid // COARSE_FACTOR)
+    zs = np.arange(min(COARSE_STRIDE // 2, num - 1), num, COARSE_STRIDE)
+    coarse = resize_slices(volume, coarse_size, "image")  # (Z, s, s)
+    liver = infer_batched(net, coarse, context, lambda logits: logits.argmax(dim=1) >= 1, batch_size, zs,
+                          desc=f"{desc or 'volume'}: finding the liver", cpu_bf16=cpu_bf16)  # (len(zs), s, s)
+    # Only the coarse liver's largest component: a speck of false liver far from the liver would
+    # otherwise stretch the block over the slices between them (and its crops to the speck). A true
+    # piece of liver left out here still joins through step 3, where it touches the block.
+    return zs, largest_component(liver.numpy()), grid / coarse_size
+
+
+def _segment_crops(net: nn.Module, volume: torch.Tensor, labels: np.ndarray, planes: np.ndarray, zlist: np.ndarray,
+                   context: int, size: Sequence[int], batch_size: int, cpu_bf16: bool, desc: str | None) -> int:
+    """Slices `zlist` of a preprocessed volume (Z, S, S) through the full network, each on its crop
+    `planes[z]` (y0, y1, x0, x1), their labels written into `labels` (Z, H, W); slices that share a
+    crop share the batches. Returns how many slices ran."""
+    grid = volume.shape[-1]
+    crops, which = np.unique(planes[zlist], axis=0, return_inverse=True)
+    for k, (y0, y1, x0, x1) in enumerate(crops.tolist()):
+        group = zlist[which.ravel() == k]
+        crop = Box(0, 0, y0, y1, x0, x1)
+        labels[group] = infer_batched(net, volume[(slice(None), *crop.plane)], context,
+                                      _placed_head(crop, grid, size), batch_size, group, desc=desc,
+                                      cpu_bf16=cpu_bf16).numpy()
+    return len(zlist)
+
+
+def _grow(labels: np.ndarray, planes: np.ndarray, z0: int, z1: int, grid: int, size: Sequence[int],
+          align: int) -> tuple[int, int, np.ndarray]:
+    """The fast path's step 3, once, on the labels (Z, H, W) of the block z0..z1-1 and its crops
+    `planes` (Z, 4) as (y0, y1, x0, x1) on the model's grid x grid: a crop's side that the liver's
+    largest 3D component comes within GROW_WITHIN_PX of moves out by MARGIN_PX; at an end slice that
+    holds liver the block goes on by MARGIN_SLICES + the coarse stride, each new slice with that end's
+    crop (both written into `planes`). Returns the block's new ends and the slices to run (again):
+    the touched ones and the new ones; none once the block holds the liver."""
+    num, near = len(planes), GROW_WITHIN_PX
+    rows_per_px, cols_per_px = size[0] / grid, size[1] / grid
+    # Only the liver's largest 3D component decides (the one `postprocess` keeps): specks of
+    # false liver near an edge must not drag the block over the whole volume.
+    p = planes[z0:z1]  # a view: widening below edits `planes`
+    r0, c0 = math.floor(p[:, 0].min() * rows_per_px), math.floor(p[:, 2].min() * cols_per_px)
+    r1, c1 = math.ceil(p[:, 1].max() * rows_per_px), math.ceil(p[:, 3].max() * cols_per_px)
+    liver3d = largest_component(labels[z0:z1, r0:r1, c0:c1] >= 1)  # (z, r, c) in the block's window
+    if liver3d is None:
+        return z0, z1, np.zeros(0, dtype=np.int64)
+    rows, cols = liver3d.any(axis=2), liver3d.any(axis=1)  # (z, r), (z, c)
+    has = rows.any(axis=1)
+    # Each slice's liver extent on the model grid, then the sides it comes within `near` of.
+    top = (rows.argmax(axis=1) + r0) / rows_per_px
+    bottom = (rows.shape[1] - rows[:, ::-1].argmax(axis=1) + r0) / rows_per_px
+    left = (cols.argmax(axis=1) + c0) / cols_per_px
+    right = (cols.shape[1] - cols[:, ::-1].argmax(axis=1) + c0) / cols_per_px
+    sides = [has & (p[:, 0] > 0) & (top < p[:, 0] + near), has & (p[:, 1] < grid) & (bottom > p[:, 1] - near),
+             has & (p[:, 2] > 0) & (left < p[:, 2] + near), has & (p[:, 3] < grid) & (right > p[:, 3] - near)]
+    for j, side in enumerate(sides):
+        p[side, j] = (_lower_out(p[side, j], MARGIN_PX, align) if j % 2 == 0
+                      else _upper_out(p[side, j], MARGIN_PX, align, grid))
+    touched = np.flatnonzero(sides[0] | sides[1] | sides[2] | sides[3]) + z0
+    # Beyond an end slice that holds liver the block goes on, each new slice with that end's crop.
+    step = COARSE_STRIDE
+    new_z0 = max(0, z0 - MARGIN_SLICES - step) if z0 > 0 and has[0] else z0
+    new_z1 = min(num, z1 + MARGIN_SLICES + step) if z1 < num and has[-1] else z1
+    planes[new_z0:z0], planes[z1:new_z1] = planes[z0], planes[z1 - 1]
+    # Slices whose liver stayed clear of every side keep their answer: their crop held all of
+    # their liver with its margin. The touched ones, and the new ones, run on their wider crops.
+    fresh = np.concatenate([np.arange(new_z0, z0), touched, np.arange(z1, new_z1)]).astype(np.int64)
+    return new_z0, new_z1, fresh
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from evaluate import dice_from_counts, mean_case_dice, pooled_dice
 from inference import build_network, volume_score
-from volumes import CLS_CLASSES, SEG_CLASSES, WINDOW_HU
+from volumes import CLS_CLASSES, SEG_CLASSES, WINDOW_HU, overlay
 from vgg16 import load_imagenet_weights
 
 REGIONS = ("liver", "tumor")
@@ -524,18 +524,6 @@ class LitSegmenter(_Base):
                 for i in range(images.shape[0])]
         logger.experiment.add_image("val/ct_truth_prediction", torch.cat(rows, dim=1), self.global_step)
         self._overlay_batch = None
-
-
-def overlay(ct: torch.Tensor, labels: torch.Tensor | None, alpha: float = 0.45) -> torch.Tensor:
-    """CT slice (H, W) in [0, 1] with liver in green and tumor in red -> RGB image (3, H, W)."""
-    rgb = ct.float().clamp(0, 1).expand(3, *ct.shape).clone()
-    if labels is None:
-        return rgb
-    for value, colour in ((1, (0.1, 0.8, 0.2)), (2, (0.95, 0.1, 0.1))):
-        m = labels == value
-        for c in range(3):
-            rgb[c][m] = (1 - alpha) * rgb[c][m] + alpha * colour[c]
-    return rgb
 
 
 LIT_MODULES = {"classification": LitClassifier, "segmentation": LitSegmenter}

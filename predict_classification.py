@@ -35,10 +35,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from inference import (VOLUME_TOP_K, classify, cpu_has_fast_bf16, evidence_maps, infer_batched, load_checkpoint,
-                       preprocess_volume, runtime, tumor_probability, volume_score)
-from volumes import (CLS_CLASSES, DataError, DicomSeries, atomic_output, atomic_write_text, ensure_folder, find_inputs,
-                     input_name, load_slice_image, one_volume, read_volume, run_cli, slice_of_file)
+from inference import (VOLUME_TOP_K, add_runtime_flags, classify, cpu_has_fast_bf16, evidence_maps, infer_batched,
+                       load_checkpoint, preprocess_volume, runtime, tumor_probability, volume_score)
+from volumes import (CLS_CLASSES, DataError, DicomSeries, atomic_output, atomic_write_text, check_output, ensure_folder,
+                     find_inputs, float_in, input_name, int_at_least, load_slice_image, one_volume, read_volume, run_cli,
+                     slice_of_file)
 
 COLUMNS = ("case", "slice", "probability", "prediction")
 UID_COLUMN = "sop_instance_uid"  # rows of a DICOM series only
@@ -60,7 +61,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--slice", type=int, default=None, metavar="K",
                    help="only slice K of a volume, in the file's own order (a DICOM series: the series' order) "
                         "(default: all slices)")
-    p.add_argument("--threshold", type=float, default=None,
+    p.add_argument("--threshold", type=float_in(0, 1, what="a probability"), default=None,
                    help="tumor when probability >= this (default: the threshold recorded in the checkpoint)")
     p.add_argument("--output", type=Path, default=None,
                    help="save the table as .csv (case,slice,probability,prediction[,sop_instance_uid]) or as .json "
@@ -69,11 +70,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="write PNGs of where the classifier saw tumour (its evidence map over the CT) into DIR "
                         "(default DIR: heatmaps): for a 2D slice, for --slice, or for a volume's most suspicious "
                         "slices; needs a checkpoint with the evidence head (default: off)")
-    p.add_argument("--heatmap-slices", type=int, default=3, metavar="N",
+    p.add_argument("--heatmap-slices", type=int_at_least(1), default=3, metavar="N",
                    help="how many of a volume's most suspicious slices get a heat map (default: 3)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto takes CUDA when available (default: auto)")
-    p.add_argument("--batch-size", type=int, default=32, help="slices per forward pass (default: 32)")
+    add_runtime_flags(p, "slices per forward pass (default: 32 on CUDA, 8 on a CPU)")
     p.add_argument("--exact", action="store_true",
                    help="float32 on a CPU, the reference (default: off: bf16 on CPUs with native bf16, AVX512-BF16 "
                         "or AMX, about twice as fast)")
@@ -171,7 +170,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(args: argparse.Namespace) -> dict:
-    device, args.batch_size = runtime(args.device, args.batch_size, None)
+    device, args.batch_size = runtime(args.device, args.batch_size, args.threads)
     # Heat maps stay float32 either way: a few slices, drawn for a person to read.
     args.cpu_bf16 = not args.exact and cpu_has_fast_bf16()
     ckpt = load_checkpoint(args.checkpoint, "classification")
@@ -181,11 +180,10 @@ def main(args: argparse.Namespace) -> dict:
         raise DataError(f"found threshold {threshold}; expected a probability in [0, 1]")
     names = tuple(hp.get("class_names", CLS_CLASSES))
     if args.heatmap is not None:
+        check_output(args.heatmap, "--heatmap", folder=True)  # not after classifying every volume
         if hp.get("head", "fc") != "evidence":
             raise DataError(f"{args.checkpoint}: found a VGG16 with the {hp.get('head', 'fc')!r} head; --heatmap "
                             f"expected a checkpoint with the evidence head (train.py --head evidence)")
-        if args.heatmap_slices < 1:
-            raise DataError(f"found --heatmap-slices {args.heatmap_slices}; expected 1 or more")
     inputs = find_inputs(args.input, args.series)
     if args.slice is not None and not one_volume(args.input, inputs):
         raise DataError(f"{args.input}: --slice needs one volume as --input; found "

@@ -48,8 +48,8 @@ from tqdm import tqdm
 from inference import FlipTTA, add_runtime_flags, fast_path_slices, load_checkpoint, postprocess, runtime, segment
 from lesions import measure, recist_role
 from volumes import (DICOM_SUFFIX, VOLUME_SUFFIXES, DataError, DicomSeries, atomic_write_text, ensure_folder,
-                     find_inputs, input_name, load_label_volume, load_slice_image, one_volume, read_volume,
-                     run_cli, slice_of_file, write_labels, write_png)
+                     find_inputs, input_name, load_label_volume, load_slice_image, one_volume, overlay,
+                     read_volume, run_cli, slice_of_file, write_labels, write_png)
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,7 +70,6 @@ def score(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> dict
 
 def write_mask_and_overlay(image: np.ndarray, labels: np.ndarray, mask_path: Path, overlay_path: Path) -> None:
     """Mask PNG (mode L, values 0/1/2) and overlay PNG (CT grey, liver green, tumor red) of one slice."""
-    from lit_model import overlay
     rgb = overlay(torch.from_numpy(image), torch.from_numpy(labels))  # (3, H, W) in [0, 1]
     write_png(np.ascontiguousarray(labels.astype(np.uint8)), mask_path)
     write_png((rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), overlay_path)

@@ -44,8 +44,8 @@ import torch
 from inference import (add_runtime_flags, classify, cpu_has_fast_bf16, fast_path_slices, load_checkpoint, postprocess,
                        runtime, segment, volume_score)
 from lesions import Lesion, label_lesions, measure, measure_lesions, recist_role
-from volumes import (CLS_CLASSES, DataError, DicomSeries, atomic_folder, find_inputs, input_name, one_volume,
-                     read_volume, run_cli, window_hu, write_labels)
+from volumes import (CLS_CLASSES, DataError, DicomSeries, atomic_folder, find_inputs, input_name, int_at_least,
+                     one_volume, read_volume, run_cli, window_hu, write_labels)
 
 __version__ = "0.12.0"  # reported where git cannot say (a copy of the project without its history)
 REPORT_FORMAT = 1       # report.json's layout; raised when a key changes meaning
@@ -86,7 +86,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="the reference path: every slice through both networks at full resolution, float32 on a "
                         "CPU (default: off, the fast path: the U-Net at full resolution only around the liver, and "
                         "bf16 on CPUs with native bf16)")
-    p.add_argument("--key-images", type=int, default=20, metavar="N",
+    p.add_argument("--key-images", type=int_at_least(0), default=20, metavar="N",
                    help="draw a key image for the N largest lesions; the table lists every lesion (default: 20)")
     add_runtime_flags(p, "slices per forward pass, both networks (default: 32 on CUDA, 8 on a CPU)")
     return p
@@ -573,8 +573,6 @@ def _input(args: argparse.Namespace) -> Path | DicomSeries:
 
 def main(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
-    if args.key_images < 0:
-        raise DataError(f"found --key-images {args.key_images}; expected 0 or more")
     device, batch = runtime(args.device, args.batch_size, args.threads)
     seg_ckpt = load_checkpoint(args.segmentation_checkpoint, "segmentation", "--segmentation-checkpoint")
     cls_ckpt = load_checkpoint(args.classification_checkpoint, "classification", "--classification-checkpoint")

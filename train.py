@@ -25,21 +25,30 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, WeightAveraging
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.strategies import StrategyRegistry
 from pytorch_lightning.utilities import rank_zero_info
 
 import dataset
 from evaluate import json_safe
-from inference import cpu_has_fast_bf16, keep_freed_memory
+from inference import cpu_has_fast_bf16, keep_freed_memory, load_checkpoint
 from phantom import write_synthetic_lits
 from dicom_datasets import add_dicom_arguments, options_from_args
-from volumes import CLS_CLASSES, SEG_CLASSES, WINDOW_HU, DataError, atomic_output, atomic_write_text, run_cli
-from lit_model import LitClassifier, LitSegmenter, overlay
+from volumes import (CLS_CLASSES, SEG_CLASSES, WINDOW_HU, DataError, atomic_output, atomic_write_text, check_output,
+                     float_in, int_at_least, ordered_pair, overlay, run_cli)
+from lit_model import LitClassifier, LitSegmenter
+from vgg16 import IMAGENET_HIDDEN, fetch_imagenet_state_dict
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
 DEMO_DATA_DIR = Path("data/synthetic")
 DEMO_CASES, DEMO_SIZE = 12, 128
+# Lightning's own names, so that a misspelt one is refused while parsing, not by the Trainer later.
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+STRATEGIES = ("auto", *StrategyRegistry.available_strategies())
+PRECISIONS = ("32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true", "bf16-true", "64-true", "64",
+              "transformer-engine", "transformer-engine-float16")
+POSITIVE = float_in(0, math.inf, low_open=True, high_open=True)
 GRAPHS_DIRS = {"classification": Path("Graphs_Classification"), "segmentation": Path("Graphs_Segmentation")}
 
 # Values used when a flag is not given: (normal run, --demo preset) per task.
@@ -53,6 +62,17 @@ DEFAULTS = {
     "common": {"context_slices": (1, 1), "base_width": (32, 16), "num_workers": (4, 2), "vgg_hidden": (4096, 512),
                "channels_last": (True, False), "flip": (True, True)},
 }
+
+
+def _devices(text: str) -> str:
+    """--devices as Lightning reads it (auto, a count, -1, or GPU ids "0,1"), checked while parsing."""
+    parts = text.split(",")
+    ok = text == "auto" or text == "-1" or (all(p.strip().isdigit() for p in parts) and
+                                            (len(parts) > 1 or int(parts[0]) > 0))
+    if not ok:
+        raise argparse.ArgumentTypeError(f"found {text!r}; expected auto, a count of 1 or more, -1 or GPU ids "
+                                         f"such as 0,1")
+    return text
 
 
 def _default(task: str, name: str, demo: bool):
@@ -95,46 +115,48 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true",
                    help="small preset for a CPU: synthetic data, small images and network, few epochs; "
                         "flags given explicitly override it")
-    p.add_argument("--max-epochs", type=int, default=None, help=_default_help("max_epochs"))
+    p.add_argument("--max-epochs", type=int_at_least(1), default=None, help=_default_help("max_epochs"))
     p.add_argument("--max-time", default=None,
                    help="stop after this long, DD:HH:MM:SS; without --max-epochs the learning-rate schedule spans "
                         "this time instead of an epoch count (default: none)")
-    p.add_argument("--batch-size", type=int, default=None, help=_default_help("batch_size"))
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate of AdamW " + _default_help("lr"))
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
-    p.add_argument("--ema", type=float, default=None, metavar="DECAY",
+    p.add_argument("--batch-size", type=int_at_least(1), default=None, help=_default_help("batch_size"))
+    p.add_argument("--lr", type=POSITIVE, default=None, help="peak learning rate of AdamW " + _default_help("lr"))
+    p.add_argument("--weight-decay", type=float_in(0, math.inf, high_open=True), default=1e-4,
+                   help="AdamW weight decay")
+    p.add_argument("--ema", type=float_in(0, 1, high_open=True, what="a decay"), default=None, metavar="DECAY",
                    help="keep an exponential moving average of the weights (each step: average = DECAY * average + "
                         "(1 - DECAY) * weights) and validate, test and save it instead of the raw weights; 0 = off "
                         + _default_help("ema"))
-    p.add_argument("--image-size", type=int, default=None, help="training resolution " + _default_help("image_size"))
-    p.add_argument("--context-slices", type=int, default=None,
+    p.add_argument("--image-size", type=int_at_least(32), default=None,
+                   help="training resolution " + _default_help("image_size"))
+    p.add_argument("--context-slices", type=int_at_least(0), default=None,
                    help="neighbour slices on each side stacked as channels (2.5D) " + _default_help("context_slices"))
-    p.add_argument("--window", type=float, nargs=2, default=list(WINDOW_HU), metavar=("LOW", "HIGH"),
-                   help="HU window mapped to [0, 1]")
-    p.add_argument("--base-width", type=int, default=None,
+    p.add_argument("--window", type=float, nargs=2, action=ordered_pair(), default=list(WINDOW_HU),
+                   metavar=("LOW", "HIGH"), help="HU window mapped to [0, 1]")
+    p.add_argument("--base-width", type=int_at_least(1), default=None,
                    help="U-Net channels at the top level " + _default_help("base_width"))
     p.add_argument("--attention", action="store_true", help="U-Net with attention gates on the skips (default: off)")
     p.add_argument("--dice-per-slice", action=argparse.BooleanOptionalAction, default=None,
                    help="segmentation: the soft Dice term per slice, then averaged, instead of one Dice over the "
                         "batch " + _default_help("dice_per_slice"))
-    p.add_argument("--unet-deep-supervision", type=int, default=0, metavar="LEVELS",
+    p.add_argument("--unet-deep-supervision", type=int, choices=range(4), default=0, metavar="LEVELS",
                    help="segmentation: also train the U-Net decoder's LEVELS coarser outputs (1/2, 1/4, ...) "
                         "against the downsampled labels through 1x1 heads, level l weighing 1/2**l (nnU-Net's deep "
                         "supervision; 0 = off)")
     p.add_argument("--head", choices=["evidence", "fc"], default="evidence",
                    help="VGG16 head: 'evidence' scores each location of the last feature map and pools them "
                         "(smooth maximum) into the slice logit; 'fc' is the classic fully connected head")
-    p.add_argument("--deep-supervision", type=float, default=3.0,
+    p.add_argument("--deep-supervision", type=float_in(0, math.inf, high_open=True), default=3.0,
                    help="weight of the evidence map's loss against the downsampled tumour mask (evidence head; "
                         "0 trains on slice labels alone)")
-    p.add_argument("--target-sensitivity", type=float, default=None,
+    p.add_argument("--target-sensitivity", type=float_in(0, 1, low_open=True, what="a share"), default=None,
                    help="choose the classifier's threshold on validation patients as the highest one reaching "
                         "this sensitivity (default: Youden's J, the best sensitivity + specificity)")
-    p.add_argument("--vgg-hidden", type=int, default=None,
+    p.add_argument("--vgg-hidden", type=int_at_least(1), default=None,
                    help="VGG16 fully connected width, fc head " + _default_help("vgg_hidden"))
     p.add_argument("--pretrained", action="store_true",
                    help="start VGG16 from torchvision's ImageNet weights (needs them cached or a network; default: off)")
-    p.add_argument("--oversample-tumor", type=float, default=None,
+    p.add_argument("--oversample-tumor", type=float_in(0, 1, high_open=True, what="a share"), default=None,
                    help="share of tumor slices drawn per training epoch, 0 = natural share "
                         + _default_help("oversample_tumor"))
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
@@ -143,28 +165,34 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "recognised; --no-flip when the training data already show every orientation the "
                         "model will meet (e.g. a slice export the exporter mirrored) "
                         + _default_help("flip"))
-    p.add_argument("--rotation", type=float, default=None, metavar="DEG",
+    p.add_argument("--rotation", type=float_in(0, 180, what="an angle in degrees"), default=None, metavar="DEG",
                    help="training augmentation: rotate each slice by a random angle within +-DEG degrees "
                         + _default_help("rotation"))
-    p.add_argument("--scale", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+    p.add_argument("--scale", type=float, nargs=2, action=ordered_pair(strict=False, positive=True), default=None,
+                   metavar=("LOW", "HIGH"),
                    help="training augmentation: zoom each slice by a random factor in [LOW, HIGH] "
                         + _default_help("scale"))
-    p.add_argument("--paste-tumor", type=float, default=None, metavar="P",
+    p.add_argument("--paste-tumor", type=float_in(0, 1, what="a probability"), default=None, metavar="P",
                    help="training augmentation: with probability P a slice receives the tumour of another slice "
                         "of its batch, moved into its liver with the donor's contrast to the liver (TumorCP) "
                         + _default_help("paste_tumor"))
-    p.add_argument("--min-tumor-pixels", type=int, default=1,
+    p.add_argument("--min-tumor-pixels", type=int_at_least(1), default=1,
                    help="a slice counts as tumor from this many tumor pixels (classification)")
-    p.add_argument("--val-fraction", type=float, default=0.15, help="share of patients for validation")
-    p.add_argument("--test-fraction", type=float, default=0.15, help="share of patients for the test")
+    p.add_argument("--val-fraction", type=float_in(0, 1, low_open=True, high_open=True, what="a share"), default=0.15,
+                   help="share of patients for validation")
+    p.add_argument("--test-fraction", type=float_in(0, 1, high_open=True, what="a share"), default=0.15,
+                   help="share of patients for the test")
     p.add_argument("--split-file", type=Path, default=None, help="reuse a splits.json (default: a new seeded split)")
-    p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers " + _default_help("num_workers"))
+    p.add_argument("--num-workers", type=int_at_least(0), default=None,
+                   help="DataLoader workers " + _default_help("num_workers"))
     p.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation and augmentation")
-    p.add_argument("--accelerator", default="auto", help="cpu, gpu or auto")
-    p.add_argument("--devices", default="auto", help="devices per node: a number, a list or auto")
-    p.add_argument("--num-nodes", type=int, default=1, help="nodes for multi-node DDP")
-    p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
-    p.add_argument("--precision", default=None,
+    p.add_argument("--accelerator", default="auto", choices=ACCELERATORS, help="cpu, gpu or auto")
+    p.add_argument("--devices", default="auto", type=_devices,
+                   help="devices per node: a number, a list of GPU ids (0,1), -1 for every GPU, or auto")
+    p.add_argument("--num-nodes", type=int_at_least(1), default=1, help="nodes for multi-node DDP")
+    p.add_argument("--strategy", default="auto", choices=STRATEGIES, metavar="NAME",
+                   help="Lightning strategy, e.g. ddp")
+    p.add_argument("--precision", default=None, choices=PRECISIONS, metavar="P",
                    help="32, 16-mixed or bf16-mixed (default: bf16-mixed on a GPU that supports it and on a CPU "
                         "with native bf16 arithmetic (AVX512-BF16 or AMX), else 32)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
@@ -178,11 +206,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the flags left out with the task's defaults (or the demo preset's)."""
+    """Fill the flags left out with the task's defaults (or the demo preset's), and refuse with one
+    line (a DataError) what parsing could not check alone: flags that contradict each other, the
+    machine, or the file system. Writes nothing."""
     args.time_budget_s = None
-    if args.max_epochs is None and args.max_time is not None:
-        args.time_budget_s = parse_duration(args.max_time)
-        args.max_epochs = -1  # the time budget alone ends the run
+    if args.max_time is not None:
+        seconds = parse_duration(args.max_time)
+        if args.max_epochs is None:
+            args.time_budget_s = seconds
+            args.max_epochs = -1  # the time budget alone ends the run
     for name in ("max_epochs", "batch_size", "lr", "image_size", "context_slices", "base_width", "num_workers",
                  "vgg_hidden", "oversample_tumor", "channels_last", "flip", "dice_per_slice", "ema", "rotation",
                  "scale", "paste_tumor"):
@@ -192,28 +224,33 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.output_dir = Path("runs") / args.task
     if args.graphs_dir is None:
         args.graphs_dir = GRAPHS_DIRS[args.task]
+    if args.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise DataError(f"found --accelerator {args.accelerator} but no CUDA device is available; expected "
+                        f"--accelerator cpu or auto")
+    if args.accelerator == "mps" and not torch.backends.mps.is_available():
+        raise DataError("found --accelerator mps but no MPS device is available; expected --accelerator cpu or auto")
+    on_gpu = torch.cuda.is_available() and args.accelerator in ("auto", "gpu", "cuda")
+    if not on_gpu and args.accelerator != "mps" and (args.devices == "-1" or "," in args.devices):
+        raise DataError(f"found --devices {args.devices} on the CPU; expected a count of processes or auto "
+                        f"(a list of ids, or -1, selects GPUs)")
     if args.precision is None:
-        on_gpu = torch.cuda.is_available() and args.accelerator in ("auto", "gpu", "cuda")
         bf16 = torch.cuda.is_bf16_supported() if on_gpu else cpu_has_fast_bf16()
         args.precision = "bf16-mixed" if bf16 else "32-true"
-    if args.image_size < 32:
-        raise DataError(f"found --image-size {args.image_size}; expected at least 32")
-    if args.context_slices < 0:
-        raise DataError(f"found --context-slices {args.context_slices}; expected 0 or more")
-    if args.target_sensitivity is not None and not 0 < args.target_sensitivity <= 1:
-        raise DataError(f"found --target-sensitivity {args.target_sensitivity}; expected a share in (0, 1]")
-    if args.deep_supervision < 0:
-        raise DataError(f"found --deep-supervision {args.deep_supervision}; expected 0 or more")
-    if not 0 < args.scale[0] <= args.scale[1]:
-        raise DataError(f"found --scale {args.scale[0]} {args.scale[1]}; expected 0 < LOW <= HIGH")
-    if not 0 <= args.unet_deep_supervision <= 3:
-        raise DataError(f"found --unet-deep-supervision {args.unet_deep_supervision}; expected 0 to 3 decoder levels")
-    if not 0 <= args.ema < 1:
-        raise DataError(f"found --ema {args.ema}; expected a decay in [0, 1), 0 for off")
-    if not 0 <= args.oversample_tumor < 1:
-        raise DataError(f"found --oversample-tumor {args.oversample_tumor}; expected a share in [0, 1)")
-    if not 0 <= args.paste_tumor <= 1:
-        raise DataError(f"found --paste-tumor {args.paste_tumor}; expected a probability in [0, 1]")
+    for flag, folder in (("--output-dir", args.output_dir), ("--graphs-dir", args.graphs_dir),
+                         ("--cache-dir", args.cache_dir)):
+        check_output(folder, flag, folder=True)  # not after an hour of training
+    if args.split_file is not None and not args.split_file.is_file():
+        raise DataError(f"{args.split_file}: --split-file not found; expected a splits.json written by train.py")
+    # Each flag's own range was checked while parsing; these depend on two flags at once.
+    if args.val_fraction + args.test_fraction >= 1:
+        raise DataError(f"found --val-fraction {args.val_fraction} and --test-fraction {args.test_fraction}; "
+                        f"expected shares that leave patients to train on (a sum below 1)")
+    if args.pretrained and args.task != "classification":
+        raise DataError(f"found --pretrained with --task {args.task}; expected it with --task classification "
+                        f"(ImageNet weights exist for the VGG16 only)")
+    if args.pretrained and args.head == "fc" and args.vgg_hidden != IMAGENET_HIDDEN:
+        raise DataError(f"found --pretrained with --head fc and --vgg-hidden {args.vgg_hidden}; expected "
+                        f"--vgg-hidden {IMAGENET_HIDDEN}, the width of the ImageNet weights")
     return args
 
 
@@ -258,17 +295,30 @@ def build_model(args: argparse.Namespace):
     return model
 
 
-def check_resume(path: Path, task: str) -> None:
-    if not path.is_file():
-        raise DataError(f"{path}: checkpoint not found; expected a .ckpt file written by train.py")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        found = ckpt["hyper_parameters"]["task"]
-    except Exception as exc:
-        raise DataError(f"{path}: not a checkpoint of this project ({type(exc).__name__}); "
-                        f"expected a .ckpt written by train.py") from None
-    if found != task:
-        raise DataError(f"{path}: a {found} checkpoint; expected a {task} checkpoint for --task {task}")
+def check_resume(args: argparse.Namespace) -> None:
+    """--resume names a checkpoint of this task (`inference.load_checkpoint`'s checks) whose network and
+    preprocessing are the ones these flags give: resumed with another --base-width or --context-slices,
+    its weights would not fit the network; with another window or size, it would go on learning from
+    other input. One line before anything is written, not a traceback an epoch later."""
+    if args.resume is None:
+        return
+    expected = {"context_slices": ("--context-slices", args.context_slices),
+                "image_size": ("--image-size", args.image_size), "window": ("--window", tuple(args.window))}
+    if args.task == "segmentation":
+        expected.update(base_width=("--base-width", args.base_width), attention=("--attention", args.attention),
+                        deep_supervision=("--unet-deep-supervision", args.unet_deep_supervision))
+    else:
+        expected.update(head=("--head", args.head))
+        if args.head == "fc":
+            expected.update(hidden=("--vgg-hidden", args.vgg_hidden))
+    load_checkpoint(args.resume, args.task, "--resume", expected)
+
+
+def check_pretrained(args: argparse.Namespace) -> None:
+    """With --pretrained, the ImageNet weights are fetched (from the torch hub cache, or downloaded
+    once) before anything else starts: without them the run stops here with one line."""
+    if args.pretrained:
+        fetch_imagenet_state_dict(batch_norm=True)
 
 
 class BestCheckpoint(ModelCheckpoint):
@@ -544,9 +594,9 @@ def log_version(tb_root: Path, resume: Path | None) -> int:
 
 def main(args: argparse.Namespace) -> dict:
     args = resolve_args(args)
+    check_resume(args)
+    check_pretrained(args)
     synthetic = ensure_data(args)
-    if args.resume is not None:
-        check_resume(args.resume, args.task)
     pl.seed_everything(args.seed, workers=True, verbose=False)
     keep_freed_memory()  # 256²: 27.6 M page faults and 17 % of an epoch's time without (BENCHMARKS.md)
     out = Path(args.output_dir)

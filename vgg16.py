@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from volumes import DataError, one_line
+
 # Configuration D of the paper: numbers are 3x3 conv widths, "M" is a 2x2 max-pool.
 CFG_D: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
                           512, 512, 512, "M", 512, 512, 512, "M"]
@@ -216,7 +218,10 @@ def imagenet_cache_path(url: str) -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", filename)
 
 
-def _fetch_imagenet_state_dict(batch_norm: bool) -> dict[str, torch.Tensor]:
+def fetch_imagenet_state_dict(batch_norm: bool) -> dict[str, torch.Tensor]:
+    """torchvision's ImageNet VGG16 weights from the torch hub cache, downloaded there first when
+    absent. Neither cached nor downloadable, or unreadable: a one-line DataError (the user's set-up,
+    not a bug), which train.py reports before anything else starts."""
     url = imagenet_weights_url(batch_norm)
     path = imagenet_cache_path(url)
     if not os.path.exists(path):
@@ -232,14 +237,17 @@ def _fetch_imagenet_state_dict(batch_norm: bool) -> dict[str, torch.Tensor]:
         try:
             torch.hub.download_url_to_file(url, path, hash_prefix, progress=False)
         except Exception as exc:
-            raise RuntimeError(f"download of {url} to {path} failed ({exc!r})") from exc
+            raise DataError(f"found no ImageNet weights at {path}, and their download from {url} failed "
+                            f"({one_line(exc)}); expected them cached there or a network to fetch them once") from exc
         finally:
             socket.setdefaulttimeout(previous_timeout)
     try:
         # mmap avoids holding a second ~530 MB copy in RAM while copying.
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
-        raise RuntimeError(f"cached file {path} is unreadable ({exc!r}); delete it") from exc
+        raise DataError(f"{path}: found an unreadable cached file ({type(exc).__name__}: "
+                        f"{one_line(exc)[:100]}); expected torchvision's ImageNet weights (delete it to download "
+                        f"them again)") from exc
 
 
 def _adapt_first_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
@@ -269,7 +277,7 @@ def load_imagenet_weights(model: VGG16) -> VGG16:
             f"ImageNet weights need hidden={IMAGENET_HIDDEN}, got hidden={model.hidden}"
         )
     try:
-        source = _fetch_imagenet_state_dict(model.batch_norm)
+        source = fetch_imagenet_state_dict(model.batch_norm)
         target = model.state_dict()
         # Checkpoints saved before PyTorch 0.4.1 (torchvision's VGG files date from
         # 2017) may lack BN num_batches_tracked; it only matters for momentum=None.

@@ -18,7 +18,9 @@ right on the image left). A DICOM series is first given the NIfTI-style affine i
 """
 from __future__ import annotations
 
+import argparse
 import copy
+import math
 import os
 import re
 import shutil
@@ -58,14 +60,99 @@ def one_line(text: object) -> str:
 
 
 def run_cli(entry, parser, argv=None) -> int:
-    """Run `entry(args)`; a user-input error becomes one line on stderr and exit status 2."""
-    args = parser.parse_args(argv)
+    """Run `entry(args)`; a user-input error becomes one line on stderr and exit status 2: a flag
+    refused while parsing (argparse's message, without its usage block) and a DataError raised by
+    `entry`. Anything else is a bug and keeps its traceback."""
+    _one_line_parse_errors(parser)
+    try:
+        args = parser.parse_args(argv)
+    except _FlagError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
     try:
         rc = entry(args)
         return rc if isinstance(rc, int) else 0
     except DataError as exc:
         sys.stderr.write(f"error: {one_line(exc)}\n")
         return 2
+
+
+# argparse's own messages, said as every other error here is: what was found, what was expected.
+_ARGPARSE_MESSAGES = (
+    (re.compile(r"(argument \S+: )invalid choice: (.+) \(choose from (.+)\)$"), r"\1found \2; expected one of \3"),
+    (re.compile(r"the following arguments are required: (.+)$"), r"found no \1; expected \1 (required)"),
+    (re.compile(r"unrecognized arguments: (.+)$"), r"found unknown \1; expected the flags --help lists"),
+)
+
+
+def _found_expected(message: str) -> str:
+    for pattern, replacement in _ARGPARSE_MESSAGES:
+        if pattern.match(message):
+            return pattern.sub(replacement, message)
+    return message
+
+
+class _FlagError(Exception):
+    """A flag argparse refused, on its way from the parser to `run_cli`."""
+
+
+def _one_line_parse_errors(parser: argparse.ArgumentParser) -> None:
+    """Make `parser` (and its subcommands' parsers) hand a refused flag to `run_cli`, which reports it
+    as one line and exit status 2 like every other user mistake; argparse would print its usage block."""
+    def error(message: str, prog: str = parser.prog):
+        raise _FlagError(f"{_found_expected(one_line(message))} (see {prog} --help)")
+    parser.error = error
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _one_line_parse_errors(sub)
+
+
+# --------------------------------------------------------------------------------------------
+# Flag values checked while parsing, before any work starts
+# --------------------------------------------------------------------------------------------
+
+def int_at_least(low: int):
+    """An argparse `type`: an integer >= `low`; argparse names the flag in its message."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"found {text!r}; expected an integer, {low} or more") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"found {value}; expected {low} or more")
+        return value
+    return parse
+
+
+def float_in(low: float, high: float, low_open: bool = False, high_open: bool = False, what: str = "a number"):
+    """An argparse `type`: a finite float in the interval [low, high], either end open as asked."""
+    shown = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"found {text!r}; expected {what} in {shown}") from None
+        inside = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+        if not (math.isfinite(value) and inside):
+            raise argparse.ArgumentTypeError(f"found {text}; expected {what} in {shown}")
+        return value
+    return parse
+
+
+def ordered_pair(strict: bool = True, positive: bool = False):
+    """An argparse action for `nargs=2` flags such as --window LOW HIGH: refuses LOW > HIGH (and LOW ==
+    HIGH when `strict`), and with `positive` a LOW of 0 or less, while parsing."""
+    class OrderedPair(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            low, high = values
+            bad = not (math.isfinite(low) and math.isfinite(high)) or (low >= high if strict else low > high)
+            if bad or (positive and low <= 0):
+                want = ("0 < " if positive else "") + ("LOW < HIGH" if strict else "LOW <= HIGH")
+                raise argparse.ArgumentError(self, f"found {low:g} {high:g}; expected {want}")
+            setattr(namespace, self.dest, [low, high])
+    return OrderedPair
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,6 +246,24 @@ def ensure_folder(folder: Path) -> Path:
     if not folder.is_dir():
         raise DataError(f"{folder}: found a file where the output folder should be; expected a folder")
     return folder
+
+
+def check_output(path: Path, flag: str, folder: bool = False) -> None:
+    """Refuse, before any work starts and creating nothing, an output `path` given by `flag` that
+    could not be written: a folder where a file goes (or a file where a folder goes), a place under a
+    file, or a folder this process may not write into."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise DataError(f"{path}: {flag} is {'a file' if folder else 'a folder'}; expected "
+                        f"{'a folder' if folder else 'a file name'}")
+    above = path if folder and path.exists() else path.parent  # where the new entries will go
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise DataError(f"{path}: {flag} lies under the file {above}; expected a path that can be created")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise DataError(f"{path}: {flag} cannot be written into {above} (permission denied); expected a "
+                        f"writable location")
 
 
 def strip_nifti_suffix(name: str) -> str:
@@ -446,6 +551,21 @@ def write_png(array: np.ndarray, path: Path) -> None:
     from PIL import Image
     with _writing(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")
+
+
+def overlay(ct: torch.Tensor, labels: torch.Tensor | None, alpha: float = 0.45) -> torch.Tensor:
+    """CT slice (H, W) in [0, 1] with liver in green and tumor in red -> RGB image (3, H, W).
+
+    Here, not in lit_model, so that predict_segmentation's overlay PNG does not import Lightning;
+    TensorBoard's images and train.py's test examples use it too."""
+    rgb = ct.float().clamp(0, 1).expand(3, *ct.shape).clone()
+    if labels is None:
+        return rgb
+    for value, colour in ((1, (0.1, 0.8, 0.2)), (2, (0.95, 0.1, 0.1))):
+        m = labels == value
+        for c in range(3):
+            rgb[c][m] = (1 - alpha) * rgb[c][m] + alpha * colour[c]
+    return rgb
 
 
 # --------------------------------------------------------------------------------------------

@@ -698,6 +698,27 @@ def test_cli_synth_then_prepare(tmp_path):
     assert "prepared 2 case(s)" in proc.stderr
 
 
+@pytest.mark.parametrize("argv, named", [
+    (["prepare", "--window", "250", "-200"], "argument --window: found 250 -200; expected LOW < HIGH"),
+    (["prepare", "--workers", "0"], "argument --workers: found 0; expected 1 or more"),
+    (["prepare", "--image-size", "8"], "argument --image-size: found 8; expected 32 or more"),
+    (["synth", "--cases", "0"], "argument --cases: found 0; expected 1 or more"),
+    (["synth", "--size", "16"], "argument --size: found 16; expected 32 or more"),
+    (["synth", "--out-dir", "{a_file}/synth"], "--out-dir lies under the file"),
+    (["prepare", "--cache-dir", "{a_file}/cache"], "--cache-dir lies under the file"),
+])
+def test_cli_bad_flags_one_line_exit_2_nothing_written(lits_dir, tmp_path, capsys, argv, named):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    where = ["--data-dir", str(lits_dir), "--cache-dir", str(tmp_path / "cache")] if argv[0] == "prepare" else \
+        ["--out-dir", str(tmp_path / "synth")]
+    argv = [a.format(a_file=a_file) for a in argv]  # a flag given twice: the last one counts
+    assert volumes.run_cli(dataset.main, dataset.get_args_parser(), [*argv[:1], *where, *argv[1:]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: ") and named in err and "expected" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "lits"]
+
+
 @pytest.mark.parametrize("compress", [False, True])
 def test_synth_is_deterministic_per_seed(tmp_path, compress):
     parser = dataset.get_args_parser()

@@ -825,3 +825,41 @@ def test_split_file_mistakes_are_one_line(folders, tmp_path, capsys, argv, messa
     rc = evaluate.run_cli(evaluate.main, evaluate.get_args_parser(), ["--pred", str(pred_dir), "--gt", str(gt_dir)] + argv)
     err = capsys.readouterr().err
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+@pytest.mark.parametrize("blocked", ["--output", "--summary"])
+def test_unwritable_output_is_refused_before_scoring_and_neither_file_is_written(folders, tmp_path, capsys,
+                                                                                  monkeypatch, blocked):
+    pred_dir, gt_dir = folders
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    paths = {"--output": tmp_path / "out" / "m.csv", "--summary": tmp_path / "out" / "s.json"}
+    paths[blocked] = a_file / "x"
+    scored = []
+    real = evaluate.evaluate_folders
+    monkeypatch.setattr(evaluate, "evaluate_folders", lambda *a, **k: scored.append(1) or real(*a, **k))
+    argv = ["--pred", str(pred_dir), "--gt", str(gt_dir)] + [str(x) for kv in paths.items() for x in kv]
+    rc = evaluate.run_cli(evaluate.main, evaluate.get_args_parser(), argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and err.startswith("error: ") and "expected" in err, err
+    assert str(paths[blocked]) in err and blocked in err
+    assert not scored  # minutes of scoring on LiTS are not spent first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "gt", "pred"]
+
+
+def test_a_failed_second_write_leaves_neither_file(folders, tmp_path, capsys, monkeypatch):
+    """The disk fills while the summary is written: the per-case CSV is not left alone beside nothing."""
+    pred_dir, gt_dir = folders
+    real = Path.write_text
+
+    def full_disk(self, text, *args, **kwargs):
+        if ".s.json" in self.name:
+            raise OSError(28, "No space left on device")
+        return real(self, text, *args, **kwargs)
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    out = tmp_path / "out"
+    rc = evaluate.run_cli(evaluate.main, evaluate.get_args_parser(),
+                          ["--pred", str(pred_dir), "--gt", str(gt_dir), "--output", str(out / "m.csv"),
+                           "--summary", str(out / "s.json")])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]  # after the progress bar's line
+    assert rc == 2 and len(lines) == 1 and "s.json: cannot write (No space left on device)" in lines[0], err
+    assert "Traceback" not in err and list(out.iterdir()) == []

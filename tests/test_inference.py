@@ -358,3 +358,33 @@ def test_fast_path_slices_counts_the_block_not_the_crops_run_again():
         "50 of 50 slices (1 run again on a wider crop)"
     assert inference.fast_path_slices({"slices": 200, "block_slices": 111, "full_resolution_slices": 111}) == \
         "111 of 200 slices"
+
+
+def test_evidence_map_is_a_quarter_of_the_slice_before_it_is_upsampled():
+    """The comment at `evidence_maps` says S/4: what the network gives (three pooling stages deep,
+    conv3_3's grid), checked on a tensor."""
+    from vgg16 import VGG16
+    net = VGG16(in_channels=3, num_classes=2, hidden=16, head="evidence").eval()
+    with torch.inference_mode():
+        for size in (64, 96):
+            evidence = net.forward_with_evidence(torch.zeros(2, 3, size, size))[1]
+            assert tuple(evidence.shape) == (2, 1, size // 4, size // 4)
+    volume = torch.rand(3, 64, 64)
+    maps = inference.evidence_maps(net, volume, context_slices=1, slices=[0, 2])
+    assert tuple(maps.shape) == (2, 64, 64) and float(maps.min()) >= 0 and float(maps.max()) <= 1
+
+
+def test_load_checkpoint_refuses_hyperparameters_other_than_expected(tmp_path):
+    from lit_model import LitSegmenter
+    from tests.helpers import assert_one_line_naming, save_checkpoint
+    path = save_checkpoint(LitSegmenter(in_channels=3, base_width=4, image_size=32, context_slices=1,
+                                        window=(-100.0, 200.0)), tmp_path / "seg.ckpt")
+    same = {"base_width": ("--base-width", 4), "window": ("--window", [-100, 200]), "not_recorded": ("--x", 1)}
+    assert inference.load_checkpoint(path, "segmentation", expected=same).hparams["base_width"] == 4
+    other = {"base_width": ("--base-width", 8), "context_slices": ("--context-slices", 1),
+             "window": ("--window", (-200.0, 250.0)), "attention": ("--attention", True)}
+    with pytest.raises(volumes.DataError) as err:
+        inference.load_checkpoint(path, "segmentation", "--resume", expected=other)
+    msg = assert_one_line_naming(err, "seg.ckpt", "--base-width 4", "--base-width 8", "--window -100 200",
+                                 "--window -200 250", "--attention off", "--attention on", "expected")
+    assert "--context-slices" not in msg  # the one that agrees is not named

@@ -718,7 +718,14 @@ def test_more_bad_flags_in_process(phantoms, ckpts, slice_files, bad_files, tmp_
         (ps, [*seg, "--input", str(vol), "--ground-truth", str(tmp_path / "none.nii")], "ground truth not found"),
         (ps, ["--checkpoint", str(tmp_path / "none.ckpt"), "--input", str(vol)], "checkpoint not found"),
         (ps, [*seg, "--input", str(vol), "--batch-size", "0"], "expected 1 or more"),
-        (ps, [*seg, "--input", str(vol), "--threads", "0"], "found --threads 0; expected 1 or more"),
+        (ps, [*seg, "--input", str(vol), "--threads", "0"], "argument --threads: found 0; expected 1 or more"),
+        (pc, [*cls, "--input", str(vol), "--threads", "0"], "argument --threads: found 0; expected 1 or more"),
+        (pc, [*cls, "--input", str(vol), "--batch-size", "0"], "argument --batch-size: found 0; expected 1 or more"),
+        (pc, [*cls, "--input", str(vol), "--heatmap", str(tmp_path / "maps"), "--heatmap-slices", "0"],
+         "argument --heatmap-slices: found 0; expected 1 or more"),
+        (pc, [*cls, "--input", str(vol), "--threshold", "nan"], "argument --threshold: found nan; expected a probability"),
+        (pc, [*cls, "--input", str(vol), "--heatmap", str(bad_files["a_file"] / "maps")], "--heatmap lies under the file"),
+        (ps, [*seg, "--input", str(vol), "--device", "tpu"], "argument --device: found 'tpu'; expected one of"),
         (ps, [*seg, "--input", str(vol), "--output", str(vol)], "the input itself"),
         (pc, [*cls, "--input", str(vol), "--output", str(tmp_path / "p.txt")], "expected .csv or .json"),
         (pc, [*cls, "--input", str(vol), "--slice", "-1"], "found --slice -1; expected 0..7"),
@@ -732,6 +739,35 @@ def test_more_bad_flags_in_process(phantoms, ckpts, slice_files, bad_files, tmp_
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and "\n" not in err, (argv, err)
     assert not list(tmp_path.iterdir())
+
+
+def test_classification_takes_the_shared_runtime_flags(phantoms, ckpts, monkeypatch):
+    """--threads, as the other commands have it (inference.add_runtime_flags), sets torch's CPU threads."""
+    asked: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", asked.append)
+    volume, _ = phantoms["flipped"]
+    argv = ["--checkpoint", str(ckpts["cls"]), "--input", str(volume), "--device", "cpu", "--threads", "1",
+            "--batch-size", "4"]
+    assert volumes.run_cli(pc.main, pc.get_args_parser(), argv) == 0
+    assert asked == [1]
+    flags = lambda parser: {o for a in parser._actions for o in a.option_strings}  # noqa: E731
+    runtime = {"--device", "--batch-size", "--threads"}
+    assert runtime <= flags(pc.get_args_parser()) and runtime <= flags(ps.get_args_parser())
+
+
+def test_segmenting_a_slice_never_imports_lightning(slice_files, ckpts, tmp_path):
+    """The overlay PNG's colours come from a library module, not lit_model: Lightning costs seconds
+    of start-up a prediction need not pay."""
+    png = shutil.copy(slice_files["png"], tmp_path / "s.png")
+    code = ("import sys, predict_segmentation as ps, volumes\n"
+            f"rc = volumes.run_cli(ps.main, ps.get_args_parser(), ['--checkpoint', {str(ckpts['seg'])!r}, "
+            f"'--input', {str(png)!r}, '--device', 'cpu'])\n"
+            "print(rc, sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning', "
+            "'lightning_fabric', 'lit_model'}))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "0 []", res.stdout
+    assert (tmp_path / "s_overlay.png").is_file()
 
 
 # --------------------------------------------------------------------------------------------

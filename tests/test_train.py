@@ -15,6 +15,7 @@ import phantom
 import train
 import volumes
 from lit_model import LitSegmenter, RegionDice
+from tests.helpers import assert_one_line_naming, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,15 +92,92 @@ def test_augmentation_strength_defaults_by_task_and_flags_override_it():
         (5.0, (1.0, 1.5), 0.0)
 
 
-@pytest.mark.parametrize("flag, value, expected", [("--paste-tumor", "1.5", "expected a probability in [0, 1]"),
-                                                    ("--oversample-tumor", "1.0", "expected a share in [0, 1)"),
-                                                    ("--scale", "1.2 0.8", "expected 0 < LOW <= HIGH")])
-def test_out_of_range_flags_name_what_was_found_and_expected(flag, value, expected):
-    from volumes import DataError
-    argv = ["--task", "classification", flag, *value.split()]
-    with pytest.raises(DataError) as err:
-        train.resolve_args(train.get_args_parser().parse_args(argv))
-    assert str(err.value) == f"found {flag} {value}; {expected}"
+@pytest.fixture(scope="module")
+def small_ckpts(tmp_path_factory):
+    """Checkpoints of untrained networks as train.py's flags below would build them (--base-width 4,
+    --context-slices 1, --image-size 32, --vgg-hidden 16), to resume from."""
+    root = tmp_path_factory.mktemp("resume")
+    return {"seg": save_checkpoint(LitSegmenter(in_channels=3, base_width=4, image_size=32, context_slices=1),
+                                   root / "seg.ckpt")}
+
+
+# Each: the flags, and what the one line must name. All are refused before anything is written.
+BAD_FLAGS = {
+    "window reversed": (["--window", "250", "-200"], "--window", "250 -200"),
+    "val fraction above 1": (["--val-fraction", "1.5"], "--val-fraction", "1.5"),
+    "batch size 0": (["--batch-size", "0"], "--batch-size", "0"),
+    "image size 16": (["--image-size", "16"], "--image-size", "16"),
+    "lr 0": (["--lr", "0"], "--lr", "0"),
+    "lr nan": (["--lr", "nan"], "--lr", "nan"),
+    "workers -1": (["--num-workers", "-1"], "--num-workers", "-1"),
+    "paste probability 1.5": (["--paste-tumor", "1.5"], "--paste-tumor", "1.5"),
+    "oversample share 1": (["--oversample-tumor", "1.0"], "--oversample-tumor", "1.0"),
+    "scale reversed": (["--scale", "1.2", "0.8"], "--scale", "1.2 0.8"),
+    "fractions leave no training patients": (["--val-fraction", "0.5", "--test-fraction", "0.5"],
+                                             "--test-fraction", "0.5"),
+    "precision misspelt": (["--precision", "bf17"], "--precision", "bf17"),
+    "devices 0": (["--devices", "0"], "--devices", "0"),
+    "max time nonsense with max epochs": (["--max-epochs", "2", "--max-time", "soon"], "--max-time", "soon"),
+    "split file missing": (["--split-file", "nothere.json"], "--split-file", "nothere.json"),
+    "output dir under a file": (["--output-dir", "a_file/run"], "--output-dir", "a_file"),
+    "pretrained for segmentation": (["--pretrained"], "--pretrained", "segmentation"),
+    "resume of another base width": (["--base-width", "8", "--resume", "{seg}"], "--base-width 4", "--base-width 8"),
+    "resume of other context slices": (["--base-width", "4", "--context-slices", "2", "--resume", "{seg}"],
+                                       "--context-slices 1", "--context-slices 2"),
+    "resume of another image size": (["--base-width", "4", "--image-size", "64", "--resume", "{seg}"],
+                                     "--image-size 32", "--image-size 64"),
+}
+if not torch.cuda.is_available():
+    BAD_FLAGS["gpu without one"] = (["--accelerator", "gpu"], "--accelerator gpu", "no CUDA")
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FLAGS))
+def test_bad_flags_are_one_line_exit_2_and_write_nothing(case, small_ckpts, tmp_path, monkeypatch, capsys):
+    """No --data-dir: the demo would write its phantoms into the working folder, and the run its
+    cache, run folder and graphs there too; the working folder must stay as it was."""
+    argv, *named = BAD_FLAGS[case]
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "a_file").write_text("x")
+    monkeypatch.chdir(work)
+    argv = [a.format(seg=small_ckpts["seg"]) for a in argv]
+    rc = volumes.run_cli(train.main, train.get_args_parser(), ["--task", "segmentation", *argv])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "expected" in lines[0], err
+    for name in named:
+        assert name in lines[0], (name, lines[0])
+    assert sorted(p.name for p in work.rglob("*")) == ["a_file"]
+
+
+def test_pretrained_without_the_weights_is_one_line_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    """Offline and nothing in the torch hub cache: --pretrained stops the run at once."""
+    def offline(url, dst, *args, **kwargs):
+        raise OSError("[Errno 101] Network is unreachable")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    rc = volumes.run_cli(train.main, train.get_args_parser(), ["--task", "classification", "--pretrained"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and err.startswith("error: ") and "ImageNet weights" in err, err
+    assert "Network is unreachable" in err and "expected" in err
+    assert not list(work.iterdir())
+    rc = volumes.run_cli(train.main, train.get_args_parser(),
+                         ["--task", "classification", "--pretrained", "--head", "fc", "--vgg-hidden", "512"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "--vgg-hidden 512" in err and "4096" in err and not list(work.iterdir())
+
+
+def test_resume_checks_are_load_checkpoint_s(tmp_path):
+    """A file that is no checkpoint of this project is described as the predict scripts describe it."""
+    bare = tmp_path / "bare.ckpt"
+    torch.save({"conv.weight": torch.zeros(2, 2)}, bare)
+    args = train.resolve_args(run_args(tmp_path, tmp_path / "o", "segmentation", "--resume", str(bare)))
+    with pytest.raises(volumes.DataError) as err:
+        train.check_resume(args)
+    assert_one_line_naming(err, "bare.ckpt", "found a bare state dict", "expected")
 
 
 def test_classifier_keeps_the_end_of_training_whatever_validation_auroc_says(tiny_data, tmp_path, monkeypatch):

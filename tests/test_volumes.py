@@ -641,3 +641,48 @@ def test_atomic_folder_appears_whole_or_not_at_all(tmp_path):
         (tmp / "b.txt").write_text("b")
     assert [p.name for p in target.iterdir()] == ["b.txt"]
     assert sorted(p.name for p in target.parent.iterdir()) == ["it"]  # no temporary or old folder left
+
+
+# ------------------------------------------------------------------------------------------------
+# run_cli: one line and exit status 2 for a user's mistake, a traceback for a bug
+# ------------------------------------------------------------------------------------------------
+
+def _parser():
+    import argparse
+    p = argparse.ArgumentParser(prog="tool.py")
+    p.add_argument("--count", type=volumes.int_at_least(1), default=1)
+    p.add_argument("--share", type=volumes.float_in(0, 1, high_open=True, what="a share"), default=0.5)
+    p.add_argument("--window", type=float, nargs=2, action=volumes.ordered_pair(), default=[0.0, 1.0])
+    p.add_argument("--mode", choices=["a", "b"], default="a")
+    return p
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["--count", "0"], "error: argument --count: found 0; expected 1 or more (see tool.py --help)"),
+    (["--count", "two"], "error: argument --count: found 'two'; expected an integer, 1 or more (see tool.py --help)"),
+    (["--share", "1"], "error: argument --share: found 1; expected a share in [0, 1) (see tool.py --help)"),
+    (["--share", "inf"], "error: argument --share: found inf; expected a share in [0, 1) (see tool.py --help)"),
+    (["--window", "5", "-5"], "error: argument --window: found 5 -5; expected LOW < HIGH (see tool.py --help)"),
+    (["--mode", "c"], "error: argument --mode: found 'c'; expected one of 'a', 'b' (see tool.py --help)"),
+    (["--nope"], "error: found unknown --nope; expected the flags --help lists (see tool.py --help)"),
+])
+def test_run_cli_refused_flag_is_one_line_exit_2_before_the_command_runs(capsys, argv, line):
+    ran = []
+    assert volumes.run_cli(ran.append, _parser(), argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err == line + "\n" and captured.out == "" and not ran
+
+
+def test_run_cli_data_error_is_one_line_and_a_bug_keeps_its_traceback(capsys):
+    def user_mistake(args):
+        raise DataError("x.nii: found 4 dimensions;\n expected 3")
+
+    def bug(args):
+        return {}["missing"]
+    assert volumes.run_cli(user_mistake, _parser(), []) == 2
+    assert capsys.readouterr().err == "error: x.nii: found 4 dimensions; expected 3\n"
+    with pytest.raises(KeyError):
+        volumes.run_cli(bug, _parser(), [])
+    with pytest.raises(SystemExit) as done:  # --help still prints its page and exits 0
+        volumes.run_cli(bug, _parser(), ["--help"])
+    assert done.value.code == 0 and "usage: tool.py" in capsys.readouterr().out
