@@ -37,9 +37,6 @@ from inference import build_network, volume_score
 from volumes import CLS_CLASSES, SEG_CLASSES, WINDOW_HU
 from vgg16 import load_imagenet_weights
 
-REGIONS = ("liver", "tumor")
-
-
 def region_masks(labels: torch.Tensor) -> torch.Tensor:
     """Labels (N, H, W) in {0, 1, 2} -> boolean regions (N, 2, H, W): [liver (>= 1), tumor (== 2)]."""
     return torch.stack([labels >= 1, labels == 2], dim=1)
