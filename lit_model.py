@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.callbacks import Timer
 from torch import nn
 from torchmetrics import Metric
 from torchmetrics.functional.classification import binary_auroc, binary_roc
@@ -138,17 +139,27 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
     return factor
 
 
-def warmup_cosine_in_time(budget_s: float, warmup_fraction: float, clock=time.monotonic):
-    """The same shape as `warmup_cosine` over wall-clock time: a run with a time budget and no epoch
-    count warms up over the first `warmup_fraction` of the budget and decays to 0 as it runs out,
-    however many steps fit. The clock starts at the first call (the first optimiser step)."""
+def stopwatch(clock=time.monotonic):
+    """Seconds since the first call: the clock of a time-budgeted schedule run without Lightning's
+    `Timer` (a run that cannot be resumed, as nothing saves where it stood)."""
     start: list[float] = []
 
-    def factor(step: int) -> float:
+    def elapsed() -> float:
         now = clock()
         if not start:
             start.append(now)
-        progress = min(1.0, (now - start[0]) / budget_s)
+        return now - start[0]
+    return elapsed
+
+
+def warmup_cosine_in_time(budget_s: float, warmup_fraction: float, elapsed):
+    """The same shape as `warmup_cosine` over training time: a run with a time budget and no epoch
+    count warms up over the first `warmup_fraction` of the budget and decays to 0 as it runs out,
+    however many steps fit. `elapsed()` gives the seconds of training so far; `_Base` passes the
+    trainer's `Timer` (the clock `--max-time` stops the run by), which a checkpoint saves and
+    `--resume` restores, so a resumed run goes on along its schedule instead of warming up again."""
+    def factor(step: int) -> float:
+        progress = min(1.0, max(0.0, elapsed()) / budget_s)
         if progress < warmup_fraction:
             return max(progress / warmup_fraction, 1e-3)
         return 0.5 * (1 + math.cos(math.pi * (progress - warmup_fraction) / (1 - warmup_fraction)))
@@ -168,7 +179,7 @@ class _Base(pl.LightningModule):
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr)
         if self.time_budget_s:
-            factor = warmup_cosine_in_time(self.time_budget_s, hp.warmup_fraction)
+            factor = warmup_cosine_in_time(self.time_budget_s, hp.warmup_fraction, self._training_clock())
         else:
             total = max(1, int(self.trainer.estimated_stepping_batches))
             factor = warmup_cosine(total, max(1, int(total * hp.warmup_fraction)))
@@ -178,6 +189,13 @@ class _Base(pl.LightningModule):
     # Seconds the schedule spans instead of the epochs, for a run bounded by time alone (train.py
     # --max-time without --max-epochs); a run-time choice, not a hyperparameter of the model.
     time_budget_s: float | None = None
+
+    def _training_clock(self):
+        """Seconds of training so far: the trainer's `Timer` (present with `max_time`; its count
+        survives a resume), else a stopwatch started at the first call."""
+        trainer = self._trainer
+        timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None) if trainer else None
+        return (lambda: timer.time_elapsed("train")) if timer is not None else stopwatch()
 
     _channels_last = False
     _compiled: nn.Module | None = None

@@ -6,7 +6,7 @@ import torch
 from inference import volume_score
 from lit_model import (LitClassifier, LitSegmenter, RegionDice, balanced_bce, binary_metrics_at, build_network,
                        choose_threshold, dice_from_counts, region_masks, soft_region_dice_loss, volume_scores,
-                       warmup_cosine, warmup_cosine_in_time)
+                       stopwatch, warmup_cosine, warmup_cosine_in_time)
 
 
 def labels(rows):
@@ -160,8 +160,8 @@ def test_speed_options_keep_outputs_and_checkpoint_keys():
 
 def test_warmup_cosine_in_time_follows_the_clock_not_the_steps():
     now = [100.0]
-    f = warmup_cosine_in_time(budget_s=60.0, warmup_fraction=0.1, clock=lambda: now[0])
-    assert f(0) == pytest.approx(1e-3)  # the clock starts here
+    f = warmup_cosine_in_time(budget_s=60.0, warmup_fraction=0.1, elapsed=stopwatch(lambda: now[0]))
+    assert f(0) == pytest.approx(1e-3)  # the stopwatch starts here
     now[0] = 103.0
     assert f(1) == pytest.approx(0.5)  # halfway through the 6 s warm-up
     now[0] = 106.0
@@ -170,6 +170,13 @@ def test_warmup_cosine_in_time_follows_the_clock_not_the_steps():
     assert f(3) == pytest.approx(0.5)
     now[0] = 500.0
     assert f(10_000) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_warmup_cosine_in_time_reads_the_seconds_it_is_given():
+    """A resumed run hands the schedule the training time its checkpoint saved plus what has run
+    since: 30 s of a 60 s budget is the middle of the schedule, whatever the step number."""
+    f = warmup_cosine_in_time(budget_s=60.0, warmup_fraction=0.0, elapsed=lambda: 30.0)
+    assert f(0) == pytest.approx(0.5)  # cos(pi / 2)
 
 
 def test_choose_threshold_youden_and_target_sensitivity_by_hand():

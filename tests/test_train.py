@@ -399,3 +399,51 @@ def test_ema_keeps_the_threshold_validation_chose(tmp_path):
     model.operating_threshold.fill_(-1.0)
     trainer.test(model, loader, ckpt_path=str(tmp_path / "last.ckpt"), verbose=False)
     assert float(model.operating_threshold) == 20.0
+
+
+class _Clocked(LitSegmenter):
+    """The segmenter on a fake clock: each training batch takes one second of `CLOCK`, the clock that
+    Lightning's Timer (--max-time) reads in the test below; `stop_at_epoch` raises at the start of that
+    epoch (a run killed after the previous one's checkpoint); the end of training is recorded."""
+
+    CLOCK = [0.0]
+    stop_at_epoch: int | None = None
+    ended: dict = {}
+
+    def on_train_epoch_start(self):
+        if self.current_epoch == type(self).stop_at_epoch:
+            raise RuntimeError("killed")
+
+    def on_train_batch_start(self, batch, batch_idx):
+        type(self).CLOCK[0] += 1.0
+
+    def on_train_end(self):
+        type(self).ended = {"step": self.trainer.global_step, "lr": self.trainer.optimizers[0].param_groups[0]["lr"]}
+
+
+def test_a_max_time_run_resumed_ends_its_schedule_where_an_uninterrupted_one_does(tiny_data, tmp_path, monkeypatch):
+    """--max-time 24 s on a clock of one second per training batch (6 batches an epoch): uninterrupted,
+    24 steps and the learning rate at the end of its cosine, about 0. Killed at the start of epoch 2
+    (12 s, half the budget) and resumed from last.ckpt: the same 24 steps (within an epoch) and the same
+    end, the schedule having gone on from 12 s instead of warming up again."""
+    import types
+    import pytorch_lightning.callbacks.timer as timer_module
+    monkeypatch.setattr(timer_module, "time", types.SimpleNamespace(monotonic=lambda: _Clocked.CLOCK[0]))
+    monkeypatch.setattr(train, "LitSegmenter", _Clocked)
+    peak = 2e-3
+
+    def run(out, *extra):
+        _Clocked.ended = {}
+        train.main(run_args(tiny_data, out, "segmentation", "--max-time", "00:00:00:24", "--lr", str(peak), *extra))
+        return _Clocked.ended
+
+    full = run(tmp_path / "full")
+    assert full["step"] == 24 and full["lr"] < 0.01 * peak
+    out = tmp_path / "killed"
+    monkeypatch.setattr(_Clocked, "stop_at_epoch", 2)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(out)
+    assert ckpt_epoch(out / "checkpoints" / "last.ckpt") == 1
+    monkeypatch.setattr(_Clocked, "stop_at_epoch", None)
+    resumed = run(out, "--resume", str(out / "checkpoints" / "last.ckpt"))
+    assert abs(resumed["step"] - full["step"]) <= 6 and resumed["lr"] < 0.01 * peak
