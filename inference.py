@@ -286,6 +286,15 @@ def volume_score(probs, top_k: int = VOLUME_TOP_K) -> float:
     return float(p.topk(min(top_k, p.numel())).values.mean())
 
 
+def volume_threshold(hparams: dict) -> float | None:
+    """The threshold of a volume's verdict (tumour when its `volume_score` over all its slices reaches
+    it), chosen by train.py on its validation volumes scored by that same rule. None for a checkpoint
+    without one: written before train.py chose it (those applied the slice threshold to the volume
+    score, a pairing never validated), or whose validation volumes held one class only."""
+    value = hparams.get("volume_threshold")
+    return None if value is None or math.isnan(float(value)) else float(value)
+
+
 def tumor_probability(logits: torch.Tensor) -> torch.Tensor:
     """Logits (B, 2) -> probability of class 1, tumour (B,)."""
     return logits.softmax(dim=1)[:, 1]

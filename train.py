@@ -342,11 +342,11 @@ class EMAWeights(WeightAveraging):
     restored, also by `trainer.test(ckpt_path=...)`, which would test the raw weights; here only a
     resumed fit does that, and a test keeps the average the checkpoint's `state_dict` holds."""
 
-    # Buffers that validation sets rather than the optimiser (the classifier's operating threshold).
+    # Buffers that validation sets rather than the optimiser (the classifier's operating thresholds).
     # Lightning runs the module's validation-epoch-end hook after this callback has swapped the raw
     # weights back, so the value chosen lands in the raw model; the average takes it as it is, never
     # averaged with older choices (averaged, a classifier's test once ran at a threshold of 0.01).
-    CHOSEN_BY_VALIDATION = ("operating_threshold",)
+    CHOSEN_BY_VALIDATION = ("operating_threshold", "volume_operating_point")
 
     def __init__(self, decay: float):
         from torch.optim.swa_utils import get_ema_multi_avg_fn
