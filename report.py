@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from inference import (add_runtime_flags, classify, cpu_has_fast_bf16, fast_path_slices, load_checkpoint, postprocess,
-                       runtime, segment, volume_score)
+                       runtime, segment, volume_score, volume_threshold)
 from lesions import Lesion, label_lesions, measure, measure_lesions, recist_role
 from volumes import (CLS_CLASSES, DataError, DicomSeries, atomic_folder, find_inputs, input_name, one_volume,
                      read_volume, run_cli, window_hu, write_labels)
@@ -127,6 +127,7 @@ def checkpoint_record(ckpt, role: str) -> dict:
     else:
         record["network"] = {"name": "VGG16", "head": hp.get("head", "fc"), "hidden": hp.get("hidden")}
         record["threshold"] = float(hp.get("threshold", 0.5))
+        record["volume_threshold"] = volume_threshold(hp)
     record["training"] = training_record(ckpt.path)
     return record
 
@@ -431,12 +432,26 @@ def _summary_rows(report: dict) -> list[tuple[str, str]]:
             ("tumour burden", f"{report['tumor_burden_percent']:.2f} % of the liver (tumour included)"),
             ("lesions", str(report["num_lesions"])),
             ("RECIST 1.1 target lesions", targets_text),
-            ("classifier, whole volume", f"{cls['verdict']} (tumour probability {cls['volume_probability']:.3f}, "
-             f"the mean of its 3 most suspicious slices; threshold {cls['threshold']:.3f}); "
-             f"{cls['tumor_slices']} of {len(report['slices'])} slices at or above the threshold"),
+            ("classifier, whole volume", _verdict_text(cls, len(report["slices"]))),
             ("models disagree", f"{len(runs)} run(s) of slices, "
              f"{report['agreement']['classifier_only'] + report['agreement']['segmentation_only']} of "
              f"{report['agreement']['compared_slices']} compared slices")]
+
+
+def _verdict_text(cls: dict, num_slices: int) -> str:
+    """The classifier's verdict on the volume, the rule it was decided by and what that rule gave on
+    the validation volumes it was chosen on."""
+    found = cls.get("volume_validation")
+    if cls["volume_threshold"] is None:
+        rule = ("no volume threshold: the classification checkpoint records none (written before train.py chose "
+                "one on validation volumes, or its validation volumes held one class only)")
+    else:
+        rule = f"volume threshold {cls['volume_threshold']:.3f}" + (
+            f", chosen on {int(found['volumes'])} validation volumes ({int(found['tumour_volumes'])} with tumour): "
+            f"sensitivity {found['sensitivity']:.2f}, specificity {found['specificity']:.2f}" if found else "")
+    return (f"{cls['verdict'] or 'no verdict'} (tumour probability {cls['volume_probability']:.3f}, the mean of its "
+            f"3 most suspicious slices; {rule}); {cls['tumor_slices']} of {num_slices} slices at or above the slice "
+            f"threshold {cls['threshold']:.3f}")
 
 
 def _lesion_table(report: dict) -> str:
@@ -642,6 +657,7 @@ def build_report(args, seg_ckpt, cls_ckpt, source, geom, hu, labels, probs, foun
     """report.json's content (all but the timing): the measurements of `found` lesions on `labels`,
     the classifier's verdict and slices, where the two models disagree, and what made them."""
     threshold = float(cls_ckpt.hparams.get("threshold", 0.5))
+    volume_thr = volume_threshold(cls_ckpt.hparams)
     names = tuple(cls_ckpt.hparams.get("class_names", CLS_CLASSES))
     name, _ = input_name(source)
     numbers = measure(labels, geom.spacing, geom.file_slice_index, hu, geom.slices_affine, found=found)
@@ -663,8 +679,11 @@ def build_report(args, seg_ckpt, cls_ckpt, source, geom, hu, labels, probs, foun
         "spacing_mm": [float(s) for s in geom.spacing],
         "num_slices": int(len(labels)),
         **numbers,
-        "classifier": {"threshold": threshold, "volume_probability": volume_probability,
-                       "verdict": names[int(volume_probability >= threshold)],
+        # The verdict as predict_classification.py gives it: over every slice, at the volume threshold.
+        "classifier": {"threshold": threshold, "volume_threshold": volume_thr,
+                       "volume_validation": cls_ckpt.hparams.get("volume_validation") if volume_thr is not None else None,
+                       "volume_probability": volume_probability,
+                       "verdict": names[int(volume_probability >= volume_thr)] if volume_thr is not None else None,
                        "tumor_slices": int(np.count_nonzero(probs >= threshold))},
         "slices": rows,
         "disagreement_rule": DISAGREEMENT_RULE,
@@ -732,7 +751,7 @@ def main(args: argparse.Namespace) -> dict:
     cls = report["classifier"]
     sys.stdout.write(f"{args.output_dir}/: liver {report['liver_volume_ml']:.1f} mL, {report['num_lesions']} lesion(s), "
                      f"tumour {report['tumor_volume_ml']:.2f} mL (burden {report['tumor_burden_percent']:.2f} %); "
-                     f"classifier: {cls['verdict']} ({cls['volume_probability']:.3f}); "
+                     f"classifier: {cls['verdict'] or 'no verdict'} ({cls['volume_probability']:.3f}); "
                      f"{len(report['disagreements'])} disagreement run(s); {timing['total']:.1f} s\n")
     return report
 
