@@ -787,3 +787,34 @@ def test_printout_lists_the_ten_largest_lesions_and_sums_the_rest(capsys):
     rest = 10 / 11 + 10 / 12 + 10 / 13  # lesions 11-13
     assert f"... and 3 smaller lesion(s), {rest:.2f} mL together" in out[-2]
     assert out[-1] == "  RECIST 1.1 target lesions: 1, 2 (sum of long axes 30.0 mm)"
+
+
+def test_eval_classifier_benchmark_scores_the_verdict_predict_gives(tmp_path):
+    """benchmarks/eval_classifier.py scores each volume and decides it exactly as
+    predict_classification.py does (every slice, the checkpoint's volume threshold): with the threshold
+    set between two phantoms' scores, one verdict each way, the same in both."""
+    import importlib.util
+    from lit_model import LitClassifier
+    spec = importlib.util.spec_from_file_location("eval_classifier", ROOT / "benchmarks" / "eval_classifier.py")
+    eval_classifier = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_classifier)
+    phantom.write_synthetic_lits(tmp_path / "d", cases=2, size=32, seed=1)
+    torch.manual_seed(0)
+    model = LitClassifier(in_channels=3, hidden=16, image_size=32)
+    first = save_checkpoint(model, tmp_path / "first.ckpt")
+    inputs = sorted((tmp_path / "d").glob("volume-*"))
+    scores = [pc.main(cls_args("--checkpoint", first, "--input", v, "--device", "cpu", "--exact"))["volumes"][0]
+              ["probability"] for v in inputs]
+    assert scores[0] != scores[1]
+    model.volume_operating_point.copy_(torch.tensor([sum(scores) / 2, 1.0, 1.0, 2, 1], dtype=torch.float64))
+    ckpt = save_checkpoint(model, tmp_path / "between.ckpt")
+    predicted = [pc.main(cls_args("--checkpoint", ckpt, "--input", v, "--device", "cpu", "--exact"))["volumes"][0]
+                 for v in inputs]
+    predicted = {v["case"]: v for v in predicted}
+    result = eval_classifier.main(["--checkpoint", str(ckpt), "--data-dir", str(tmp_path / "d"), "--device", "cpu",
+                                   "--exact"])
+    assert result["volume_threshold"] == pytest.approx(sum(scores) / 2)
+    for v in result["per_volume"]:
+        assert v["score"] == pytest.approx(predicted[v["case"]]["probability"], abs=1e-6)
+        assert ("tumor" if v["verdict"] else "healthy") == predicted[v["case"]]["prediction"]
+    assert sorted(v["verdict"] for v in result["per_volume"]) == [0, 1]
