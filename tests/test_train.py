@@ -79,6 +79,13 @@ def test_classification_graphs_and_metrics(tiny_data, tmp_path):
     # The test ran at the threshold chosen on validation, which best.ckpt records for prediction.
     ckpt = torch.load(summary["checkpoint"], map_location="cpu", weights_only=True)
     assert ckpt["hyper_parameters"]["threshold"] == pytest.approx(summary["test"]["test/threshold"])
+    # So the volume threshold, chosen on the validation volumes' scores over every slice; with the
+    # volumes of one class only (here a single validation patient) none can be, and none is recorded.
+    hp = ckpt["hyper_parameters"]
+    assert "volume_threshold" in hp and "volume_validation" in hp
+    recorded = float("nan") if hp["volume_threshold"] is None else hp["volume_threshold"]
+    assert summary["test"]["test/threshold_volume"] == pytest.approx(recorded, nan_ok=True)
+    assert {"test/sensitivity_volume", "test/specificity_volume"} <= set(summary["test"])
 
 
 def test_augmentation_strength_defaults_by_task_and_flags_override_it():
