@@ -38,7 +38,7 @@ from torchmetrics.utilities import dim_zero_cat
 from evaluate import dice_from_counts, mean_case_dice, pooled_dice
 from inference import build_network, infer_batched, tumor_probability, volume_score
 from volumes import CLS_CLASSES, SEG_CLASSES, WINDOW_HU
-from vgg16 import load_imagenet_weights
+from vgg16 import IMAGENET_MEAN, IMAGENET_STD, load_imagenet_weights
 
 def region_masks(labels: torch.Tensor) -> torch.Tensor:
     """Labels (N, H, W) in {0, 1, 2} -> boolean regions (N, 2, H, W): [liver (>= 1), tumor (== 2)]."""
@@ -350,13 +350,17 @@ class LitClassifier(_Base):
                  target_sensitivity: float | None = None, window: Sequence[float] = WINDOW_HU,
                  image_size: int = 256, context_slices: int = 1, class_names: Sequence[str] = CLS_CLASSES,
                  task: str = "classification", volume_threshold: float | None = None,
-                 volume_validation: dict | None = None):
+                 volume_validation: dict | None = None, input_mean: float | None = None,
+                 input_std: float | None = None):
         super().__init__()
         if num_classes != 2:
             raise ValueError(f"the classifier is binary (healthy/tumor), got num_classes={num_classes}")
         if target_sensitivity is not None and not 0 < target_sensitivity <= 1:
             raise ValueError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
         self.save_hyperparameters()
+        if pretrained and input_mean is None and input_std is None:
+            # ImageNet's weights expect ImageNet's normalisation; recorded, so prediction normalises too.
+            self.hparams.input_mean, self.hparams.input_std = IMAGENET_MEAN, IMAGENET_STD
         self.net = build_network(self.hparams)
         if pretrained:
             load_imagenet_weights(self.net)

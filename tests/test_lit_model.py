@@ -335,6 +335,33 @@ def test_checkpoint_from_before_the_volume_threshold_loads_with_none_chosen(tmp_
                                               weights_only=True).volume_point is None
 
 
+def test_pretrained_weights_bring_imagenet_normalisation_to_training_and_prediction(tmp_path, monkeypatch):
+    """--pretrained: the input is normalised by ImageNet's mean and standard deviation averaged over
+    R, G and B, (0.485 + 0.456 + 0.406) / 3 and (0.229 + 0.224 + 0.225) / 3 (every channel meets the same
+    grey filters), in training's forward and, read from the checkpoint, in prediction's network. The
+    weights cannot be downloaded here: their loading is skipped, the normalisation is what is tested."""
+    import lit_model
+    from inference import load_checkpoint
+    from vgg16 import VGG16
+    monkeypatch.setattr(lit_model, "load_imagenet_weights", lambda net: net)
+    torch.manual_seed(0)
+    model = LitClassifier(in_channels=3, image_size=32, pretrained=True).eval()
+    mean, std = (0.485 + 0.456 + 0.406) / 3, (0.229 + 0.224 + 0.225) / 3
+    assert model.hparams.input_mean == pytest.approx(mean) and model.hparams.input_std == pytest.approx(std)
+    bare = VGG16(in_channels=3, num_classes=2, head="evidence")
+    bare.load_state_dict(model.net.state_dict())
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = bare.eval()((x - mean) / std)
+        torch.testing.assert_close(model(x), expected)
+        net = load_checkpoint(save_checkpoint(model, tmp_path / "p.ckpt"), "classification").network(torch.device("cpu"))
+        torch.testing.assert_close(net(x), expected, atol=1e-4, rtol=1e-4)  # batch norms folded there
+        plain = LitClassifier(in_channels=3, image_size=32)  # from scratch: the [0, 1] input as it is
+        assert plain.hparams.input_mean is None
+        bare.load_state_dict(plain.net.state_dict())
+        torch.testing.assert_close(plain.eval()(x), bare(x))
+
+
 def test_slice_counts_mean_per_slice_dice_by_hand():
     from lit_model import SliceCounts
     m = SliceCounts()
