@@ -122,8 +122,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="weight of the evidence map's loss against the downsampled tumour mask (evidence head; "
                         "0 trains on slice labels alone)")
     p.add_argument("--target-sensitivity", type=float, default=None,
-                   help="choose the classifier's threshold on validation patients as the highest one reaching "
-                        "this sensitivity (default: Youden's J, the best sensitivity + specificity)")
+                   help="choose the classifier's thresholds on validation patients, the slices' and the volume "
+                        "verdict's, as the highest ones reaching this sensitivity (default: Youden's J, the best "
+                        "sensitivity + specificity)")
     p.add_argument("--vgg-hidden", type=int, default=None,
                    help="VGG16 fully connected width, fc head " + _default_help("vgg_hidden"))
     p.add_argument("--pretrained", action="store_true",
