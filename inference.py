@@ -69,7 +69,9 @@ def build_network(hparams: dict) -> nn.Module:
         # Checkpoints from before the evidence head have the classic head.
         return VGG16(in_channels=hp["in_channels"], num_classes=hp["num_classes"], batch_norm=hp["batch_norm"],
                      dropout=hp["dropout"], hidden=hp["hidden"], head=hp.get("head", "fc"),
-                     pool_sharpness=hp.get("pool_sharpness", 5.0))
+                     pool_sharpness=hp.get("pool_sharpness", 5.0),
+                     # Absent or None: no normalisation, as before pretrained weights brought ImageNet's.
+                     input_mean=hp.get("input_mean") or 0.0, input_std=hp.get("input_std") or 1.0)
     if hp["task"] == "segmentation":
         from unet import UNet
         return UNet(in_channels=hp["in_channels"], num_classes=hp["num_classes"], base_width=hp["base_width"],
@@ -311,6 +313,15 @@ def volume_score(probs, top_k: int = VOLUME_TOP_K) -> float:
     if p.numel() == 0:
         raise ValueError("a volume score needs at least one slice probability")
     return float(p.topk(min(top_k, p.numel())).values.mean())
+
+
+def volume_threshold(hparams: dict) -> float | None:
+    """The threshold of a volume's verdict (tumour when its `volume_score` over all its slices reaches
+    it), chosen by train.py on its validation volumes scored by that same rule. None for a checkpoint
+    without one: written before train.py chose it (those applied the slice threshold to the volume
+    score, a pairing never validated), or whose validation volumes held one class only."""
+    value = hparams.get("volume_threshold")
+    return None if value is None or math.isnan(float(value)) else float(value)
 
 
 def tumor_probability(logits: torch.Tensor) -> torch.Tensor:

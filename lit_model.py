@@ -24,20 +24,21 @@ import math
 import time
 from collections.abc import Sequence
 
+import numpy as np
+
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.callbacks import Timer
 from torch import nn
 from torchmetrics import Metric
 from torchmetrics.functional.classification import binary_auroc, binary_roc
 from torchmetrics.utilities import dim_zero_cat
 
 from evaluate import dice_from_counts, mean_case_dice, pooled_dice
-from inference import build_network, volume_score
+from inference import build_network, infer_batched, tumor_probability, volume_score
 from volumes import CLS_CLASSES, SEG_CLASSES, WINDOW_HU, overlay
-from vgg16 import load_imagenet_weights
-
-REGIONS = ("liver", "tumor")
+from vgg16 import IMAGENET_MEAN, IMAGENET_STD, load_imagenet_weights
 
 
 def region_masks(labels: torch.Tensor) -> torch.Tensor:
@@ -141,17 +142,27 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
     return factor
 
 
-def warmup_cosine_in_time(budget_s: float, warmup_fraction: float, clock=time.monotonic):
-    """The same shape as `warmup_cosine` over wall-clock time: a run with a time budget and no epoch
-    count warms up over the first `warmup_fraction` of the budget and decays to 0 as it runs out,
-    however many steps fit. The clock starts at the first call (the first optimiser step)."""
+def stopwatch(clock=time.monotonic):
+    """Seconds since the first call: the clock of a time-budgeted schedule run without Lightning's
+    `Timer` (a run that cannot be resumed, as nothing saves where it stood)."""
     start: list[float] = []
 
-    def factor(step: int) -> float:
+    def elapsed() -> float:
         now = clock()
         if not start:
             start.append(now)
-        progress = min(1.0, (now - start[0]) / budget_s)
+        return now - start[0]
+    return elapsed
+
+
+def warmup_cosine_in_time(budget_s: float, warmup_fraction: float, elapsed):
+    """The same shape as `warmup_cosine` over training time: a run with a time budget and no epoch
+    count warms up over the first `warmup_fraction` of the budget and decays to 0 as it runs out,
+    however many steps fit. `elapsed()` gives the seconds of training so far; `_Base` passes the
+    trainer's `Timer` (the clock `--max-time` stops the run by), which a checkpoint saves and
+    `--resume` restores, so a resumed run goes on along its schedule instead of warming up again."""
+    def factor(step: int) -> float:
+        progress = min(1.0, max(0.0, elapsed()) / budget_s)
         if progress < warmup_fraction:
             return max(progress / warmup_fraction, 1e-3)
         return 0.5 * (1 + math.cos(math.pi * (progress - warmup_fraction) / (1 - warmup_fraction)))
@@ -171,7 +182,7 @@ class _Base(pl.LightningModule):
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr)
         if self.time_budget_s:
-            factor = warmup_cosine_in_time(self.time_budget_s, hp.warmup_fraction)
+            factor = warmup_cosine_in_time(self.time_budget_s, hp.warmup_fraction, self._training_clock())
         else:
             total = max(1, int(self.trainer.estimated_stepping_batches))
             factor = warmup_cosine(total, max(1, int(total * hp.warmup_fraction)))
@@ -181,6 +192,13 @@ class _Base(pl.LightningModule):
     # Seconds the schedule spans instead of the epochs, for a run bounded by time alone (train.py
     # --max-time without --max-epochs); a run-time choice, not a hyperparameter of the model.
     time_budget_s: float | None = None
+
+    def _training_clock(self):
+        """Seconds of training so far: the trainer's `Timer` (present with `max_time`; its count
+        survives a resume), else a stopwatch started at the first call."""
+        trainer = self._trainer
+        timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None) if trainer else None
+        return (lambda: timer.time_elapsed("train")) if timer is not None else stopwatch()
 
     _channels_last = False
     _compiled: nn.Module | None = None
@@ -300,6 +318,11 @@ def binary_metrics_at(prob: torch.Tensor, target: torch.Tensor, threshold: float
             "specificity": spec, "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn > 0 else nan}
 
 
+# The volume verdict's operating point: the threshold, then the sensitivity and specificity it gave on
+# the validation volumes, how many volumes there were and how many held tumour.
+VOLUME_POINT = ("threshold", "sensitivity", "specificity", "volumes", "tumour_volumes")
+
+
 class LitClassifier(_Base):
     """VGG16 deciding per slice: healthy (0) or tumor (1).
 
@@ -309,7 +332,16 @@ class LitClassifier(_Base):
     tumours from a dozen patients. head="fc" is the classic VGG16 head, trained on slice labels.
     The operating threshold is chosen on each validation epoch's predictions (Youden's J, or the
     highest threshold reaching `target_sensitivity`), kept in the state dict and written into the
-    checkpoint's hyperparameters as `threshold`, which the predict script uses."""
+    checkpoint's hyperparameters as `threshold`, which the predict script uses.
+
+    A volume's verdict has a threshold of its own, chosen by the same rule on the validation volumes'
+    scores, each scored as the predict script and report.py score a volume: `inference.volume_score`
+    (the mean of its 3 highest slice probabilities) over every slice of the volume. The loaders serve
+    the slices that show liver (what the classifier learns and its slice metrics count), so the other
+    slices of each validation and test volume are scored apart, once per epoch (`_score_unserved_slices`).
+    The threshold and the sensitivity and specificity it gave on the validation volumes go into the
+    checkpoint's hyperparameters as `volume_threshold` and `volume_validation` (None while the
+    validation volumes hold one class only: no threshold can be chosen)."""
 
     def __init__(self, in_channels: int = 3, num_classes: int = 2, batch_norm: bool = True, dropout: float = 0.5,
                  hidden: int = 4096, head: str = "evidence", pool_sharpness: float = 5.0,
@@ -318,13 +350,18 @@ class LitClassifier(_Base):
                  class_weights: Sequence[float] | None = None, threshold: float = 0.5,
                  target_sensitivity: float | None = None, window: Sequence[float] = WINDOW_HU,
                  image_size: int = 256, context_slices: int = 1, class_names: Sequence[str] = CLS_CLASSES,
-                 task: str = "classification"):
+                 task: str = "classification", volume_threshold: float | None = None,
+                 volume_validation: dict | None = None, input_mean: float | None = None,
+                 input_std: float | None = None):
         super().__init__()
         if num_classes != 2:
             raise ValueError(f"the classifier is binary (healthy/tumor), got num_classes={num_classes}")
         if target_sensitivity is not None and not 0 < target_sensitivity <= 1:
             raise ValueError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
         self.save_hyperparameters()
+        if pretrained and input_mean is None and input_std is None:
+            # ImageNet's weights expect ImageNet's normalisation; recorded, so prediction normalises too.
+            self.hparams.input_mean, self.hparams.input_std = IMAGENET_MEAN, IMAGENET_STD
         self.net = build_network(self.hparams)
         if pretrained:
             load_imagenet_weights(self.net)
@@ -332,13 +369,27 @@ class LitClassifier(_Base):
         self.register_buffer("class_weight", weight, persistent=False)
         # In the state dict, so `trainer.test(ckpt_path=best)` tests at the threshold chosen with best.
         self.register_buffer("operating_threshold", torch.tensor(float(threshold), dtype=torch.float64))
+        # The volume verdict's operating point, NaN until chosen: VOLUME_POINT's fields, in that order.
+        found = volume_validation or {}
+        point = [volume_threshold] + [found.get(k) for k in VOLUME_POINT[1:]]
+        self.register_buffer("volume_operating_point", torch.tensor(
+            [float("nan") if v is None else float(v) for v in point], dtype=torch.float64))
         self.train_preds, self.val_preds, self.test_preds = SlicePredictions(), SlicePredictions(), SlicePredictions()
+        # The slices of each validation and test volume that the loader does not serve (no liver shown).
+        self.val_rest, self.test_rest = SlicePredictions(), SlicePredictions()
         self.roc_curve: tuple[torch.Tensor, torch.Tensor] | None = None
         self.confusion: torch.Tensor | None = None
 
     @property
     def threshold(self) -> float:
         return float(self.operating_threshold)
+
+    @property
+    def volume_point(self) -> dict | None:
+        """The volume verdict's threshold and what it gave on the validation volumes (`VOLUME_POINT`),
+        None before one was chosen."""
+        values = self.volume_operating_point.tolist()
+        return None if math.isnan(values[0]) else dict(zip(VOLUME_POINT, values))
 
     def _logits_and_loss(self, images: torch.Tensor, target: torch.Tensor, labels: torch.Tensor | None):
         if self.hparams.head != "evidence":
@@ -388,9 +439,7 @@ class LitClassifier(_Base):
         values = {"auroc": binary_auroc(prob, target) if both else nan, "threshold": self.operating_threshold}
         values.update(binary_metrics_at(prob, target, self.threshold))
         if split != "train" and (case >= 0).any():
-            scores, vol_target = volume_scores(prob, target, case)
-            two = vol_target.min() != vol_target.max()
-            values["auroc_volume"] = binary_auroc(scores, vol_target) if two else nan
+            values.update(self._volume_metrics(split, prob, target, case))
         self.log_dict({f"{split}/{k}": v.float() for k, v in values.items()}, prog_bar=split != "train")
         if split == "test":
             fpr, tpr, _ = binary_roc(prob, target) if both else (None, None, None)
@@ -399,9 +448,81 @@ class LitClassifier(_Base):
             self.confusion = torch.stack([torch.stack([((target == t) & (pred == p)).sum() for p in (0, 1)])
                                           for t in (0, 1)]).cpu()
 
+    def _volume_metrics(self, split: str, prob: torch.Tensor, target: torch.Tensor,
+                        case: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each volume scored over all its slices (those served and `_score_unserved_slices`' rest); on
+        validation the volume threshold chosen on those scores; the volume AUROC, and the sensitivity
+        and specificity at the volume threshold (NaN while none is chosen)."""
+        rest = getattr(self, f"{split}_rest")
+        extra = rest.compute()
+        rest.reset()
+        served = case >= 0
+        scores, vol_target = volume_scores(torch.cat([prob[served], extra[0].to(prob.device)]),
+                                           torch.cat([target[served], extra[1].to(target.device)]),
+                                           torch.cat([case[served], extra[2].to(case.device)]))
+        sanity = self._trainer is not None and self._trainer.sanity_checking
+        if split == "val" and not sanity:
+            chosen = choose_threshold(scores, vol_target, self.hparams.target_sensitivity)
+            if chosen is not None:
+                at = binary_metrics_at(scores, vol_target, chosen)
+                self.volume_operating_point.copy_(torch.tensor(
+                    [chosen, float(at["sensitivity"]), float(at["specificity"]), len(scores),
+                     int(vol_target.sum())], dtype=torch.float64))
+        nan = torch.tensor(float("nan"), device=prob.device)
+        two = vol_target.min() != vol_target.max()
+        threshold = float(self.volume_operating_point[0])
+        at = binary_metrics_at(scores, vol_target, threshold) if not math.isnan(threshold) else {}
+        return {"auroc_volume": binary_auroc(scores, vol_target) if two else nan,
+                "threshold_volume": self.volume_operating_point[0],
+                "sensitivity_volume": at.get("sensitivity", nan), "specificity_volume": at.get("specificity", nan)}
+
+    def on_validation_epoch_start(self):
+        self._score_unserved_slices("val")
+
+    def on_test_epoch_start(self):
+        self._score_unserved_slices("test")
+
+    def _score_unserved_slices(self, split: str) -> None:
+        """Score the slices of the split's volumes that its loader leaves out (those without liver),
+        from the prepared cache the loader reads, as the predict script would score them
+        (`inference.infer_batched`). Each process takes every world_size-th volume; the predictions
+        are gathered with the rest of the epoch's. Runs in the evaluation loop's epoch start, after
+        the callbacks' (an EMA callback has put the averaged weights in place by then). Skipped
+        without a datamodule that names its volumes, and in the sanity check."""
+        trainer = self._trainer
+        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+        ds = getattr(dm, "datasets", {}).get(split) if dm is not None else None
+        if ds is None or not getattr(ds, "return_case", False) or trainer.sanity_checking:
+            return
+        probs, cases = [torch.zeros(0)], [torch.zeros(0, dtype=torch.long)]
+        for ci in range(trainer.global_rank, len(ds.cases), trainer.world_size):
+            c = ds.cases[ci]
+            rest = np.setdiff1d(np.arange(c.num_slices), ds.index[ds.index[:, 0] == ci, 1])
+            if not len(rest):
+                continue
+            volume = torch.from_numpy(np.load(c.image_path).astype(np.float32)).to(self.device)  # (Z, S, S)
+            probs.append(infer_batched(self._compiled or self.net, volume, self.hparams.context_slices,
+                                       tumor_probability, getattr(dm, "batch_size", 16), rest).float())
+            cases.append(torch.full((len(rest),), ci, dtype=torch.long))
+        prob = torch.cat(probs).to(self.device)
+        # A slice without liver holds no tumour (tumour voxels are liver voxels, label >= 1).
+        getattr(self, f"{split}_rest").update(prob, torch.zeros_like(prob, dtype=torch.long),
+                                              torch.cat(cases).to(self.device))
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # The predict scripts read the operating point from the hyperparameters.
-        checkpoint.setdefault("hyper_parameters", {})["threshold"] = self.threshold
+        # The predict scripts read the operating points from the hyperparameters.
+        hp = checkpoint.setdefault("hyper_parameters", {})
+        hp["threshold"] = self.threshold
+        point = self.volume_point
+        hp["volume_threshold"] = point["threshold"] if point else None
+        found = {k: point[k] for k in VOLUME_POINT[1:]} if point else {}
+        hp["volume_validation"] = found if found and not any(math.isnan(v) for v in found.values()) else None
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Checkpoints from before the volume threshold lack its buffer: none chosen, as they chose none.
+        state = checkpoint.get("state_dict", {})
+        if "operating_threshold" in state and "volume_operating_point" not in state:
+            state["volume_operating_point"] = torch.full((len(VOLUME_POINT),), float("nan"), dtype=torch.float64)
 
 
 class LitSegmenter(_Base):

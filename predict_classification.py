@@ -8,8 +8,11 @@
     python predict_classification.py --checkpoint best.ckpt --input volume-7.nii --heatmap maps/
 
 Prints a table (case, slice, probability of tumor, prediction) and, for each volume, a one-line
-verdict: its tumour probability (the mean of its three most suspicious slices) and the decision at
-the threshold, how many slices show tumor and the most suspicious one. --output saves the table as
+verdict: its tumour probability (the mean of its three most suspicious slices, over all its slices)
+and the decision at the volume threshold, how many slices show tumor and the most suspicious one.
+The volume threshold is the one train.py chose on its validation volumes, scored by this same rule,
+with the sensitivity and specificity it gave there; a checkpoint written before train.py chose one
+gives the volume's probability and no verdict (--volume-threshold decides at a threshold of yours). --output saves the table as
 CSV, or slices and volume verdicts as JSON (by extension). --heatmap draws where the classifier saw
 tumour (its evidence map, for checkpoints with the evidence head) on the most suspicious slices. Slices are numbered in the file's own order (its third axis); those of a DICOM
 series in the series' order (by position along the slice normal), and their rows also name each
@@ -36,7 +39,8 @@ import torch
 from tqdm import tqdm
 
 from inference import (VOLUME_TOP_K, add_runtime_flags, classify, cpu_has_fast_bf16, evidence_maps, infer_batched,
-                       load_checkpoint, preprocess_volume, runtime, tumor_probability, volume_score)
+                       load_checkpoint, preprocess_volume, runtime, tumor_probability, volume_score,
+                       volume_threshold)
 from volumes import (CLS_CLASSES, DataError, DicomSeries, atomic_output, atomic_write_text, check_output, ensure_folder,
                      find_inputs, float_in, input_name, int_at_least, load_slice_image, one_volume, read_volume, run_cli,
                      slice_of_file)
@@ -62,7 +66,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="only slice K of a volume, in the file's own order (a DICOM series: the series' order) "
                         "(default: all slices)")
     p.add_argument("--threshold", type=float_in(0, 1, what="a probability"), default=None,
-                   help="tumor when probability >= this (default: the threshold recorded in the checkpoint)")
+                   help="a slice is tumor when its probability >= this (default: the threshold recorded in the "
+                        "checkpoint)")
+    p.add_argument("--volume-threshold", type=float_in(0, 1, what="a probability"), default=None,
+                   help="a volume is tumor when its tumour probability (the mean of its 3 most suspicious slices) "
+                        ">= this (default: the volume threshold recorded in the checkpoint, chosen by train.py on "
+                        "validation volumes; a checkpoint without one gives no volume verdict)")
     p.add_argument("--output", type=Path, default=None,
                    help="save the table as .csv (case,slice,probability,prediction[,sop_instance_uid]) or as .json "
                         "with the slices and each volume's verdict (default: print only)")
@@ -108,22 +117,38 @@ def classify_volume(get_net, source: Path | DicomSeries, hp: dict, device: torch
     return _rows(case, numbers[order], probs[order], threshold, names, uids)
 
 
-def volume_verdict(rows: list[dict], threshold: float, names) -> dict:
+def volume_verdict(rows: list[dict], volume_thr: float | None, names) -> dict:
     """A volume's verdict from its slices' rows: tumour probability (`inference.volume_score`, the
-    mean of its most suspicious slices), the decision at `threshold`, and the slice counts."""
+    mean of its most suspicious slices, over every slice as train.py scored its validation volumes),
+    the decision at the volume threshold (None without one), and the slice counts."""
     top = max(rows, key=lambda r: r["probability"])
     probability = volume_score([r["probability"] for r in rows])
-    return {"case": rows[0]["case"], "probability": probability, "prediction": names[int(probability >= threshold)],
+    decided = names[int(probability >= volume_thr)] if volume_thr is not None else None
+    return {"case": rows[0]["case"], "probability": probability, "prediction": decided,
             "tumor_slices": sum(r["prediction"] == names[1] for r in rows), "slices": len(rows),
             "most_suspicious_slice": top["slice"], "most_suspicious_probability": top["probability"]}
 
 
-def verdict(v: dict, threshold: float) -> str:
+def volume_rule_text(volume_thr: float | None, validation: dict | None) -> str:
+    """How the volume was decided: its threshold and what it gave on the validation volumes, or why
+    there is no verdict."""
+    if volume_thr is None:
+        return ("no volume threshold: the checkpoint records none (written before train.py chose one on "
+                "validation volumes, or its validation volumes held one class only); --volume-threshold sets one")
+    text = f"volume threshold {volume_thr:.3g}"
+    if validation:
+        text += (f", chosen on {int(validation['volumes'])} validation volumes ({int(validation['tumour_volumes'])} "
+                 f"with tumour): sensitivity {validation['sensitivity']:.2f}, specificity "
+                 f"{validation['specificity']:.2f}")
+    return text
+
+
+def verdict(v: dict, threshold: float, rule: str) -> str:
     """One line for a volume."""
-    return (f"{v['case']}: {v['prediction']} (tumour probability {v['probability']:.3f}, the mean of its "
-            f"{min(VOLUME_TOP_K, v['slices'])} most suspicious slices; threshold {threshold:.3g}); tumor in "
-            f"{v['tumor_slices']} of {v['slices']} slice(s); most suspicious slice {v['most_suspicious_slice']} "
-            f"(probability {v['most_suspicious_probability']:.3f})")
+    return (f"{v['case']}: {v['prediction'] or 'no verdict'} (tumour probability {v['probability']:.3f}, the mean "
+            f"of its {min(VOLUME_TOP_K, v['slices'])} most suspicious slices; {rule}); tumor in {v['tumor_slices']} "
+            f"of {v['slices']} slice(s) at the slice threshold {threshold:.3g}; most suspicious slice "
+            f"{v['most_suspicious_slice']} (probability {v['most_suspicious_probability']:.3f})")
 
 
 def draw_heatmaps(net, volume: torch.Tensor, hp: dict, zs, numbers, probs, case: str, folder: Path,
@@ -178,6 +203,11 @@ def main(args: argparse.Namespace) -> dict:
     threshold = float(hp.get("threshold", 0.5) if args.threshold is None else args.threshold)
     if not 0.0 <= threshold <= 1.0:
         raise DataError(f"found threshold {threshold}; expected a probability in [0, 1]")
+    volume_thr = volume_threshold(hp) if args.volume_threshold is None else float(args.volume_threshold)
+    if volume_thr is not None and not 0.0 <= volume_thr <= 1.0:
+        raise DataError(f"found volume threshold {volume_thr}; expected a probability in [0, 1]")
+    validation = hp.get("volume_validation") if args.volume_threshold is None else None
+    rule = volume_rule_text(volume_thr, validation)
     names = tuple(hp.get("class_names", CLS_CLASSES))
     if args.heatmap is not None:
         check_output(args.heatmap, "--heatmap", folder=True)  # not after classifying every volume
@@ -202,8 +232,9 @@ def main(args: argparse.Namespace) -> dict:
         for source in volumes:
             case_rows = classify_volume(get_net, source, hp, device, args, threshold, names)
             rows += case_rows
-            volume_rows.append(volume_verdict(case_rows, threshold, names))
-            verdicts.append(verdict(volume_rows[-1], threshold))
+            if args.slice is None:  # a volume's verdict is over all its slices, as it was validated
+                volume_rows.append(volume_verdict(case_rows, volume_thr, names))
+                verdicts.append(verdict(volume_rows[-1], threshold, rule))
             bar.update()
     images = [p for p, kind in inputs if kind == "image"]
     if images:
@@ -223,7 +254,8 @@ def main(args: argparse.Namespace) -> dict:
     sys.stdout.write(format_table(rows) + "\n" + "".join(v + "\n" for v in verdicts))
     if args.output is not None:
         if args.output.suffix.lower() == ".json":
-            text = json.dumps({"threshold": threshold, "volumes": volume_rows, "slices": rows}, indent=2)
+            text = json.dumps({"threshold": threshold, "volume_threshold": volume_thr, "volume_validation": validation,
+                               "volumes": volume_rows, "slices": rows}, indent=2)
         else:
             buf = io.StringIO()
             writer = csv.DictWriter(buf, fieldnames=columns(rows), lineterminator="\n")
@@ -234,7 +266,8 @@ def main(args: argparse.Namespace) -> dict:
             atomic_write_text(args.output, text)
         except OSError as exc:
             raise DataError(f"{args.output}: cannot write ({exc.strerror}); expected a writable path") from None
-    return {"threshold": threshold, "rows": rows, "volumes": volume_rows, "verdicts": verdicts}
+    return {"threshold": threshold, "volume_threshold": volume_thr, "volume_validation": validation, "rows": rows,
+            "volumes": volume_rows, "verdicts": verdicts}
 
 
 if __name__ == "__main__":

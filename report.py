@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from inference import (add_runtime_flags, classify, cpu_has_fast_bf16, fast_path_slices, load_checkpoint, postprocess,
-                       runtime, segment, volume_score)
+                       runtime, segment, volume_score, volume_threshold)
 from lesions import Lesion, label_lesions, measure, measure_lesions, recist_role
 from volumes import (CLS_CLASSES, DataError, DicomSeries, atomic_folder, find_inputs, input_name, int_at_least,
                      one_volume, read_volume, run_cli, window_hu, write_labels)
@@ -127,6 +127,7 @@ def checkpoint_record(ckpt, role: str) -> dict:
     else:
         record["network"] = {"name": "VGG16", "head": hp.get("head", "fc"), "hidden": hp.get("hidden")}
         record["threshold"] = float(hp.get("threshold", 0.5))
+        record["volume_threshold"] = volume_threshold(hp)
     record["training"] = training_record(ckpt.path)
     record["training_data"] = hp.get("training_data")  # what train.py wrote into the checkpoint itself
     return record
@@ -420,35 +421,53 @@ def _training_text(record: dict) -> str:
     return text + f" (from {found['source']})"
 
 
-def render_html(report: dict, key_images: dict[int, str], plot: str) -> str:
-    """report.html: one page, plain HTML and CSS, figures as base64 PNG; every text from the input or a
-    file is escaped."""
-    study, cls = report["study"], report["classifier"]
-    seg_ckpt, cls_ckpt = report["checkpoints"]["segmentation"], report["checkpoints"]["classification"]
-    study_rows = [("input", study["name"]), ("kind", "DICOM series" if study["kind"] == "dicom" else "NIfTI volume"),
-                  ("grid", " × ".join(str(s) for s in study["shape"]) + f" voxels, orientation {study['orientation']}"),
-                  ("spacing (slice, row, column)", " × ".join(f"{s:.3g}" for s in study["spacing_mm"]) + " mm")]
+def _study_rows(study: dict) -> list[tuple[str, str]]:
+    rows = [("input", study["name"]), ("kind", "DICOM series" if study["kind"] == "dicom" else "NIfTI volume"),
+            ("grid", " × ".join(str(s) for s in study["shape"]) + f" voxels, orientation {study['orientation']}"),
+            ("spacing (slice, row, column)", " × ".join(f"{s:.3g}" for s in study["spacing_mm"]) + " mm")]
     if study["kind"] == "dicom":
-        study_rows += [("study description", study["study_description"] or "(none)"),
-                       ("series description", study["series_description"] or "(none)"),
-                       ("modality, manufacturer", f"{study['modality']}, {study['manufacturer'] or '(none)'}"),
-                       ("patient id", study.get("patient_id", "withheld (--show-identifiers)")),
-                       ("study date", study.get("study_date", "withheld (--show-identifiers)"))]
-    runs = report["disagreements"]
-    targets = report["recist_target_lesions"]
+        rows += [("study description", study["study_description"] or "(none)"),
+                 ("series description", study["series_description"] or "(none)"),
+                 ("modality, manufacturer", f"{study['modality']}, {study['manufacturer'] or '(none)'}"),
+                 ("patient id", study.get("patient_id", "withheld (--show-identifiers)")),
+                 ("study date", study.get("study_date", "withheld (--show-identifiers)"))]
+    return rows
+
+
+def _summary_rows(report: dict) -> list[tuple[str, str]]:
+    cls, runs, targets = report["classifier"], report["disagreements"], report["recist_target_lesions"]
     targets_text = (f"{', '.join(map(str, targets))} (sum of long axes {report['recist_sum_long_axes_mm']:.1f} mm)"
                     if targets else "none (no lesion is measurable)")
-    summary_rows = [("liver volume", f"{report['liver_volume_ml']:.1f} mL"),
-                    ("tumour volume", f"{report['tumor_volume_ml']:.2f} mL"),
-                    ("tumour burden", f"{report['tumor_burden_percent']:.2f} % of the liver (tumour included)"),
-                    ("lesions", str(report["num_lesions"])),
-                    ("RECIST 1.1 target lesions", targets_text),
-                    ("classifier, whole volume", f"{cls['verdict']} (tumour probability {cls['volume_probability']:.3f}, "
-                     f"the mean of its 3 most suspicious slices; threshold {cls['threshold']:.3f}); "
-                     f"{cls['tumor_slices']} of {len(report['slices'])} slices at or above the threshold"),
-                    ("models disagree", f"{len(runs)} run(s) of slices, "
-                     f"{report['agreement']['classifier_only'] + report['agreement']['segmentation_only']} of "
-                     f"{report['agreement']['compared_slices']} compared slices")]
+    return [("liver volume", f"{report['liver_volume_ml']:.1f} mL"),
+            ("tumour volume", f"{report['tumor_volume_ml']:.2f} mL"),
+            ("tumour burden", f"{report['tumor_burden_percent']:.2f} % of the liver (tumour included)"),
+            ("lesions", str(report["num_lesions"])),
+            ("RECIST 1.1 target lesions", targets_text),
+            ("classifier, whole volume", _verdict_text(cls, len(report["slices"]))),
+            ("models disagree", f"{len(runs)} run(s) of slices, "
+             f"{report['agreement']['classifier_only'] + report['agreement']['segmentation_only']} of "
+             f"{report['agreement']['compared_slices']} compared slices")]
+
+
+def _verdict_text(cls: dict, num_slices: int) -> str:
+    """The classifier's verdict on the volume, the rule it was decided by and what that rule gave on
+    the validation volumes it was chosen on."""
+    found = cls.get("volume_validation")
+    if cls["volume_threshold"] is None:
+        rule = ("no volume threshold: the classification checkpoint records none (written before train.py chose "
+                "one on validation volumes, or its validation volumes held one class only)")
+    else:
+        rule = f"volume threshold {cls['volume_threshold']:.3f}" + (
+            f", chosen on {int(found['volumes'])} validation volumes ({int(found['tumour_volumes'])} with tumour): "
+            f"sensitivity {found['sensitivity']:.2f}, specificity {found['specificity']:.2f}" if found else "")
+    return (f"{cls['verdict'] or 'no verdict'} (tumour probability {cls['volume_probability']:.3f}, the mean of its "
+            f"3 most suspicious slices; {rule}); {cls['tumor_slices']} of {num_slices} slices at or above the slice "
+            f"threshold {cls['threshold']:.3f}")
+
+
+def _lesion_table(report: dict) -> str:
+    """The lesion table (the first TABLE_ROWS lesions, the rest summed in a line)."""
+    targets = report["recist_target_lesions"]
     lesion_rows = "".join(
         f"<tr><td class=n>{d['id']}</td><td class=n>{d['volume_ml']:.2f}</td><td class=n>{d['long_axis_mm']:.1f}</td>"
         f"<td class=n>{d['short_axis_mm']:.1f}</td><td class=n>{_num(d.get('mean_hu'), 0)}</td>"
@@ -464,6 +483,11 @@ def render_html(report: dict, key_images: dict[int, str], plot: str) -> str:
     if rest:
         lesion_table += (f"<p class=small>{len(rest)} smaller lesion(s), {sum(d['volume_ml'] for d in rest):.2f} mL "
                          f"together, are listed in report.json only.</p>")
+    return lesion_table
+
+
+def _key_figures(report: dict, key_images: dict[int, str]) -> str:
+    """The key images drawn, each with its caption, and a line when not every lesion has one."""
     shown = [d for d in report["lesions"] if d["id"] in key_images]
     figures = "".join(
         f"<figure><img alt=\"lesion {d['id']}, slice {d['slice']}\" src=\"data:image/png;base64,{key_images[d['id']]}\">"
@@ -473,25 +497,47 @@ def render_html(report: dict, key_images: dict[int, str], plot: str) -> str:
     if len(shown) < len(report["lesions"]):
         figures += (f"<p class=small>Key images of the {len(shown)} largest of {len(report['lesions'])} lesions "
                     f"(--key-images).</p>")
+    return figures
+
+
+def _disagreement_table(runs: list[dict]) -> str:
     run_rows = "".join(
         f"<tr><td class=n>{r['first_slice']}–{r['last_slice']}</td><td class=n>{r['slices']}</td>"
         f"<td class={'cls' if r['tumor_by'] == 'classifier' else 'seg'}>only the {r['tumor_by']}</td>"
         f"<td class=n>{r['max_tumor_probability']:.3f}</td><td class=n>{r['max_tumor_area_mm2']:.1f}</td></tr>"
         for r in runs)
-    run_table = ("<p>The two models agree on every compared slice.</p>" if not runs else
-                 "<table><tr><th>slices</th><th>count</th><th>tumour seen by</th><th>highest probability</th>"
-                 "<th>largest tumour area (mm²)</th></tr>" + run_rows + "</table>")
-    sw = report["software"]
+    return ("<p>The two models agree on every compared slice.</p>" if not runs else
+            "<table><tr><th>slices</th><th>count</th><th>tumour seen by</th><th>highest probability</th>"
+            "<th>largest tumour area (mm²)</th></tr>" + run_rows + "</table>")
+
+
+def _path_text(report: dict) -> str:
+    """How the segmentation ran, in words."""
     fast = report.get("fast_path")
-    path_text = ("the exact path (every slice at full resolution, float32 on a CPU)" if sw["path"] == "exact" else
-                 "the fast path (the U-Net at full resolution only around the liver a coarse pass found"
-                 + (f": {fast_path_slices(fast)}" if fast else "") + ")")
-    checkpoints = "".join(
+    return ("the exact path (every slice at full resolution, float32 on a CPU)" if report["software"]["path"] == "exact"
+            else "the fast path (the U-Net at full resolution only around the liver a coarse pass found"
+            + (f": {fast_path_slices(fast)}" if fast else "") + ")")
+
+
+def _checkpoint_rows(report: dict) -> str:
+    return "".join(
         f"<tr><td>{_e(role)}</td><td>{_e(c['network']['name'])}</td><td>{_e(Path(c['path']).name)}</td>"
         f"<td><code>{_e(c['sha256'][:16])}</code></td><td>window {c['preprocessing']['window_hu'][0]:g} to "
         f"{c['preprocessing']['window_hu'][1]:g} HU, {c['preprocessing']['image_size']}², "
-        f"{2 * c['preprocessing']['context_slices'] + 1} slices in</td><td>{_e(_training_text(c) + training_data_text(c))}</td></tr>"
-        for role, c in (("segmentation", seg_ckpt), ("classification", cls_ckpt)))
+        f"{2 * c['preprocessing']['context_slices'] + 1} slices in</td>"
+        f"<td>{_e(_training_text(c) + training_data_text(c))}</td></tr>"
+        for role, c in (("segmentation", report["checkpoints"]["segmentation"]),
+                        ("classification", report["checkpoints"]["classification"])))
+
+
+def render_html(report: dict, key_images: dict[int, str], plot: str) -> str:
+    """report.html: one page, plain HTML and CSS, figures as base64 PNG; every text from the input or a
+    file is escaped. The page's sections are made by the helpers above; this is its template."""
+    study, sw = report["study"], report["software"]
+    study_rows, summary_rows = _study_rows(study), _summary_rows(report)
+    lesion_table, figures = _lesion_table(report), _key_figures(report, key_images)
+    run_table, path_text = _disagreement_table(report["disagreements"]), _path_text(report)
+    checkpoints = _checkpoint_rows(report)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Liver CT report: {_e(study['name'])}</title><style>{_CSS}</style></head><body>
@@ -571,23 +617,39 @@ def _input(args: argparse.Namespace) -> Path | DicomSeries:
     return found[0][0]
 
 
-def main(args: argparse.Namespace) -> dict:
-    started = time.perf_counter()
-    device, batch = runtime(args.device, args.batch_size, args.threads)
+MEASUREMENT_RULES = {
+    "liver": "label >= 1 (tumour included); tumour: label 2",
+    "lesions": "face-connected components of label 2 (6 neighbours in 3D), as evaluate.py and LiTS count them",
+    "long_axis": "largest distance between two pixel centres of the lesion in its key slice, the axial slice "
+                 "where this is largest (RECIST 1.1 longest diameter)",
+    "short_axis": "longest chord inside the lesion (the region its pixel centres span) perpendicular to the "
+                  "long axis, in the key slice",
+    "measurable": "RECIST 1.1 on CT: long axis >= 10 mm, or >= twice the slice spacing where slices lie "
+                  "more than 5 mm apart (the spacing stands in for the slice thickness)",
+    "recist_target_lesions": "the measurable lesions with the longest long axes, at most two (one organ); "
+                             "recist_sum_long_axes_mm is the sum of their long axes",
+    "centre": "mean position of the lesion's pixels in its key slice, world coordinates of the input: "
+              "centre_ras_mm (NIfTI RAS+) and centre_lps_mm (DICOM LPS+)",
+    "slices": "the input's own numbering: a NIfTI file's index along its axial axis; a DICOM series' order "
+              "by position along the slice normal, from 0"}
+
+
+def _open_inputs(args: argparse.Namespace):
+    """Everything checked before any work: both checkpoints, the input and the output folder.
+    Returns (seg_ckpt, cls_ckpt, source)."""
     seg_ckpt = load_checkpoint(args.segmentation_checkpoint, "segmentation", "--segmentation-checkpoint")
     cls_ckpt = load_checkpoint(args.classification_checkpoint, "classification", "--classification-checkpoint")
-    threshold = float(cls_ckpt.hparams.get("threshold", 0.5))
-    names = tuple(cls_ckpt.hparams.get("class_names", CLS_CLASSES))
     source = _input(args)
     if args.dicom_seg and not isinstance(source, DicomSeries):
         raise DataError(f"{args.input}: found --dicom-seg with a NIfTI input; expected a DICOM series (a DICOM SEG "
                         f"must reference the series it segments)")
     check_output_dir(args.output_dir, args.overwrite)
-    timing = {}
-    hu, geom = read_volume(source, dtype=None)  # (Z, H, W) HU in slices order, as stored
-    name, _ = input_name(source)
-    timing["load"] = time.perf_counter() - started  # the checkpoints and the volume
+    return seg_ckpt, cls_ckpt, source
 
+
+def _run_models(args, seg_ckpt, cls_ckpt, hu, name: str, device, batch: int, timing: dict):
+    """The segmentation (fast path unless --exact, then postprocessed) and the classifier on every slice.
+    Returns (labels (Z, H, W), probabilities (Z,), the fast path's finding or None, cpu_bf16)."""
     tick = time.perf_counter()
     found_fast: list = []
     labels = segment(seg_ckpt.network(device), hu, seg_ckpt.hparams, device, fast=not args.exact, batch_size=batch,
@@ -599,9 +661,17 @@ def main(args: argparse.Namespace) -> dict:
     probs = classify(cls_ckpt.network(device), hu, cls_ckpt.hparams, device, batch, desc=f"{name}: classification",
                      cpu_bf16=cpu_bf16)
     timing["classification"] = time.perf_counter() - tick
+    return labels, probs, (found_fast[0] if found_fast else None), cpu_bf16
 
-    tick = time.perf_counter()
-    found = measure_lesions(labels, geom.spacing, hu)
+
+def build_report(args, seg_ckpt, cls_ckpt, source, geom, hu, labels, probs, found, fast, device,
+                 cpu_bf16: bool) -> dict:
+    """report.json's content (all but the timing): the measurements of `found` lesions on `labels`,
+    the classifier's verdict and slices, where the two models disagree, and what made them."""
+    threshold = float(cls_ckpt.hparams.get("threshold", 0.5))
+    volume_thr = volume_threshold(cls_ckpt.hparams)
+    names = tuple(cls_ckpt.hparams.get("class_names", CLS_CLASSES))
+    name, _ = input_name(source)
     numbers = measure(labels, geom.spacing, geom.file_slice_index, hu, geom.slices_affine, found=found)
     rows = slice_table(labels, probs, geom, uids=args.show_identifiers)
     agreement, runs = disagreements(rows, threshold)
@@ -609,7 +679,7 @@ def main(args: argparse.Namespace) -> dict:
     outputs = {"labels": f"{name}_seg.nii.gz", "html": "report.html", "json": "report.json"}
     if args.dicom_seg:
         outputs["dicom_seg"] = f"{name}_seg.dcm"
-    report = {
+    return {
         "report_format": REPORT_FORMAT,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "software": software_record(device, args.exact, cpu_bf16),
@@ -621,47 +691,39 @@ def main(args: argparse.Namespace) -> dict:
         "spacing_mm": [float(s) for s in geom.spacing],
         "num_slices": int(len(labels)),
         **numbers,
-        "classifier": {"threshold": threshold, "volume_probability": volume_probability,
-                       "verdict": names[int(volume_probability >= threshold)],
+        # The verdict as predict_classification.py gives it: over every slice, at the volume threshold.
+        "classifier": {"threshold": threshold, "volume_threshold": volume_thr,
+                       "volume_validation": cls_ckpt.hparams.get("volume_validation") if volume_thr is not None else None,
+                       "volume_probability": volume_probability,
+                       "verdict": names[int(volume_probability >= volume_thr)] if volume_thr is not None else None,
                        "tumor_slices": int(np.count_nonzero(probs >= threshold))},
         "slices": rows,
         "disagreement_rule": DISAGREEMENT_RULE,
         "agreement": agreement,
         "disagreements": runs,
-        "fast_path": found_fast[0].summary(len(labels)) if found_fast else None,
-        "measurement_rules": {
-            "liver": "label >= 1 (tumour included); tumour: label 2",
-            "lesions": "face-connected components of label 2 (6 neighbours in 3D), as evaluate.py and LiTS count them",
-            "long_axis": "largest distance between two pixel centres of the lesion in its key slice, the axial slice "
-                         "where this is largest (RECIST 1.1 longest diameter)",
-            "short_axis": "longest chord inside the lesion (the region its pixel centres span) perpendicular to the "
-                          "long axis, in the key slice",
-            "measurable": "RECIST 1.1 on CT: long axis >= 10 mm, or >= twice the slice spacing where slices lie "
-                          "more than 5 mm apart (the spacing stands in for the slice thickness)",
-            "recist_target_lesions": "the measurable lesions with the longest long axes, at most two (one organ); "
-                                     "recist_sum_long_axes_mm is the sum of their long axes",
-            "centre": "mean position of the lesion's pixels in its key slice, world coordinates of the input: "
-                      "centre_ras_mm (NIfTI RAS+) and centre_lps_mm (DICOM LPS+)",
-            "slices": "the input's own numbering: a NIfTI file's index along its axial axis; a DICOM series' order "
-                      "by position along the slice normal, from 0"},
+        "fast_path": fast.summary(len(labels)) if fast is not None else None,
+        "measurement_rules": MEASUREMENT_RULES,
     }
-    timing["measurements"] = time.perf_counter() - tick
 
-    tick = time.perf_counter()
+
+def _key_images(report: dict, found, labels, hu, geom, window, name: str, count: int) -> dict[int, str]:
+    """Key images (base64 PNG) of the `count` largest lesions, by lesion id."""
     images: dict[int, str] = {}
-    if found and args.key_images:
-        ids, _ = label_lesions(labels)
-        window = seg_ckpt.hparams["window"]
-        for lesion, record in zip(found[:args.key_images], report["lesions"]):
-            z = lesion.z
-            r, c = (int(round(v)) for v in lesion.axes.long_ends[0])  # a pixel of the lesion
-            mask = ids[z] == ids[z, r, c]
-            images[lesion.id] = key_image(hu[z], labels[z], mask, lesion, geom.spacing[1:], window,
-                                          f"{name}, lesion {lesion.id}: key slice {record['slice']}")
-    plot = slice_plot(rows, threshold, runs)
-    page = render_html(report, images, plot)
-    timing["figures"] = time.perf_counter() - tick
+    if not found or not count:
+        return images
+    ids, _ = label_lesions(labels)
+    for lesion, record in zip(found[:count], report["lesions"]):
+        z = lesion.z
+        r, c = (int(round(v)) for v in lesion.axes.long_ends[0])  # a pixel of the lesion
+        mask = ids[z] == ids[z, r, c]
+        images[lesion.id] = key_image(hu[z], labels[z], mask, lesion, geom.spacing[1:], window,
+                                      f"{name}, lesion {lesion.id}: key slice {record['slice']}")
+    return images
 
+
+def _write(args, report: dict, page: str, labels, geom, timing: dict, started: float) -> None:
+    """The report's folder, built in a temporary one and renamed when complete."""
+    outputs = report["outputs"]
     with atomic_folder(args.output_dir, replace=args.overwrite) as tmp:
         tick = time.perf_counter()
         write_labels(labels, geom, tmp / outputs["labels"])
@@ -672,10 +734,37 @@ def main(args: argparse.Namespace) -> dict:
         timing["total"] = time.perf_counter() - started
         report["timing_s"] = {k: round(v, 3) for k, v in timing.items()}
         (tmp / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False), encoding="utf-8")
+
+
+def main(args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    if args.key_images < 0:
+        raise DataError(f"found --key-images {args.key_images}; expected 0 or more")
+    device, batch = runtime(args.device, args.batch_size, args.threads)
+    seg_ckpt, cls_ckpt, source = _open_inputs(args)
+    timing = {}
+    hu, geom = read_volume(source, dtype=None)  # (Z, H, W) HU in slices order, as stored
+    name, _ = input_name(source)
+    timing["load"] = time.perf_counter() - started  # the checkpoints and the volume
+
+    labels, probs, fast, cpu_bf16 = _run_models(args, seg_ckpt, cls_ckpt, hu, name, device, batch, timing)
+    tick = time.perf_counter()
+    found = measure_lesions(labels, geom.spacing, hu)
+    report = build_report(args, seg_ckpt, cls_ckpt, source, geom, hu, labels, probs, found, fast, device, cpu_bf16)
+    timing["measurements"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    images = _key_images(report, found, labels, hu, geom, seg_ckpt.hparams["window"], name, args.key_images)
+    plot = slice_plot(report["slices"], report["classifier"]["threshold"], report["disagreements"])
+    page = render_html(report, images, plot)
+    timing["figures"] = time.perf_counter() - tick
+
+    _write(args, report, page, labels, geom, timing, started)
+    cls = report["classifier"]
     sys.stdout.write(f"{args.output_dir}/: liver {report['liver_volume_ml']:.1f} mL, {report['num_lesions']} lesion(s), "
                      f"tumour {report['tumor_volume_ml']:.2f} mL (burden {report['tumor_burden_percent']:.2f} %); "
-                     f"classifier: {report['classifier']['verdict']} ({volume_probability:.3f}); {len(runs)} "
-                     f"disagreement run(s); {timing['total']:.1f} s\n")
+                     f"classifier: {cls['verdict'] or 'no verdict'} ({cls['volume_probability']:.3f}); "
+                     f"{len(report['disagreements'])} disagreement run(s); {timing['total']:.1f} s\n")
     return report
 
 

@@ -150,8 +150,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="weight of the evidence map's loss against the downsampled tumour mask (evidence head; "
                         "0 trains on slice labels alone)")
     p.add_argument("--target-sensitivity", type=float_in(0, 1, low_open=True, what="a share"), default=None,
-                   help="choose the classifier's threshold on validation patients as the highest one reaching "
-                        "this sensitivity (default: Youden's J, the best sensitivity + specificity)")
+                   help="choose the classifier's thresholds on validation patients, the slices' and the volume "
+                        "verdict's, as the highest ones reaching this sensitivity (default: Youden's J, the best "
+                        "sensitivity + specificity)")
     p.add_argument("--vgg-hidden", type=int_at_least(1), default=None,
                    help="VGG16 fully connected width, fc head " + _default_help("vgg_hidden"))
     p.add_argument("--pretrained", action="store_true",
@@ -401,11 +402,11 @@ class EMAWeights(WeightAveraging):
     restored, also by `trainer.test(ckpt_path=...)`, which would test the raw weights; here only a
     resumed fit does that, and a test keeps the average the checkpoint's `state_dict` holds."""
 
-    # Buffers that validation sets rather than the optimiser (the classifier's operating threshold).
+    # Buffers that validation sets rather than the optimiser (the classifier's operating thresholds).
     # Lightning runs the module's validation-epoch-end hook after this callback has swapped the raw
     # weights back, so the value chosen lands in the raw model; the average takes it as it is, never
     # averaged with older choices (averaged, a classifier's test once ran at a threshold of 0.01).
-    CHOSEN_BY_VALIDATION = ("operating_threshold",)
+    CHOSEN_BY_VALIDATION = ("operating_threshold", "volume_operating_point")
 
     def __init__(self, decay: float):
         from torch.optim.swa_utils import get_ema_multi_avg_fn

@@ -38,6 +38,12 @@ MIN_SIZE = 32
 HEADS = ("fc", "evidence")
 IMAGENET_HIDDEN = 4096
 IMAGENET_CLASSES = 1000
+# ImageNet's per-channel mean and standard deviation (torchvision's VGG16 weights were trained on
+# images normalised by them), averaged over R, G and B: the first convolution of the pretrained
+# network is the mean of the RGB filters, the same for every input channel (`_adapt_first_conv`), so
+# each channel is a grey image and is normalised as one (timm does the same for one-channel input).
+IMAGENET_MEAN = (0.485 + 0.456 + 0.406) / 3   # 0.449
+IMAGENET_STD = (0.229 + 0.224 + 0.225) / 3    # 0.226
 DOWNLOAD_TIMEOUT_S = 10.0
 
 
@@ -58,6 +64,8 @@ class VGG16(nn.Module):
         hidden: int = 4096,
         head: str = "fc",
         pool_sharpness: float = 5.0,
+        input_mean: float = 0.0,
+        input_std: float = 1.0,
     ) -> None:
         super().__init__()
         if head not in HEADS:
@@ -74,12 +82,17 @@ class VGG16(nn.Module):
             raise ValueError(f"expected hidden >= 1, got {hidden}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"expected dropout in [0, 1), got {dropout}")
+        if not input_std > 0:
+            raise ValueError(f"expected input_std > 0, got {input_std}")
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.batch_norm = batch_norm
         self.hidden = hidden
         self.head = head
         self.pool_sharpness = float(pool_sharpness)
+        # The input is (x - input_mean) / input_std before the first convolution: ImageNet's values for
+        # pretrained weights (recorded in the checkpoint's hyperparameters, so prediction does the same).
+        self.input_mean, self.input_std = float(input_mean), float(input_std)
 
         layers: list[nn.Module] = []
         channels = in_channels
@@ -192,6 +205,7 @@ class VGG16(nn.Module):
         return logits, evidence, maps[:-1]
 
     def _checked(self, x: torch.Tensor) -> torch.Tensor:
+        """x checked for its shape, then normalised (input_mean, input_std)."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"expected (N, C={self.in_channels}, H, W) input, got shape {tuple(x.shape)}"
@@ -201,6 +215,8 @@ class VGG16(nn.Module):
             raise ValueError(
                 f"expected input of at least {MIN_SIZE}x{MIN_SIZE} pixels, got {h}x{w}"
             )
+        if self.input_mean != 0.0 or self.input_std != 1.0:
+            x = (x - self.input_mean) / self.input_std
         return x
 
 

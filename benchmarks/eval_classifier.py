@@ -1,7 +1,10 @@
-"""Score a classification checkpoint on held-out LiTS-layout volumes: slice AUROC, sensitivity and
-specificity at the checkpoint's threshold, and volume AUROC, the way train.py's test metrics count
-them (slices that show liver; a slice is tumorous from --min-tumor-pixels tumour pixels; a volume's
-score is the mean of its 3 highest slice probabilities).
+"""Score a classification checkpoint on held-out LiTS-layout volumes as it is deployed: the slice AUROC,
+sensitivity and specificity at the checkpoint's slice threshold, counted as train.py's test metrics
+count them (slices that show liver; a slice is tumorous from --min-tumor-pixels tumour pixels), and
+the volume verdict as predict_classification.py and report.py give it: a volume's score is the mean of
+its 3 highest slice probabilities over every slice, and it is tumour when that reaches the
+checkpoint's volume threshold (chosen by train.py on validation volumes scored the same way). Volume
+AUROC, sensitivity and specificity follow from those verdicts.
 
     python benchmarks/unseen_phantoms.py --out-dir data/heldout --seed 99 --cases 10
     python benchmarks/eval_classifier.py --checkpoint runs/classification/checkpoints/best.ckpt --data-dir data/heldout
@@ -23,8 +26,17 @@ import torch  # noqa: E402
 from torchmetrics.functional.classification import binary_auroc  # noqa: E402
 
 from dataset import find_cases  # noqa: E402
-from inference import infer_batched, load_checkpoint, pick_device, preprocess_volume, volume_score  # noqa: E402
+from inference import (classify, cpu_has_fast_bf16, load_checkpoint, pick_device, volume_score,  # noqa: E402
+                       volume_threshold)
 from volumes import load_label_volume, load_volume  # noqa: E402
+
+
+def rates(pred: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
+    """(sensitivity, specificity) of boolean predictions; NaN where a class is absent."""
+    pos, neg = int(target.sum()), int((target == 0).sum())
+    sens = float((pred & (target == 1)).sum()) / pos if pos else float("nan")
+    spec = float((~pred & (target == 0)).sum()) / neg if neg else float("nan")
+    return sens, spec
 
 
 def main(argv=None) -> dict:
@@ -33,32 +45,41 @@ def main(argv=None) -> dict:
     p.add_argument("--data-dir", type=Path, required=True, help="LiTS or MSD layout volumes with labels")
     p.add_argument("--min-tumor-pixels", type=int, default=1, help="a slice is tumorous from this many tumour pixels")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--exact", action="store_true",
+                   help="float32 on a CPU (default: bf16 on CPUs with native bf16, as predict_classification.py)")
     args = p.parse_args(argv)
     device = pick_device(args.device)
     ckpt = load_checkpoint(args.checkpoint, "classification")
     hp, net = ckpt.hparams, ckpt.network(device)
-    threshold = float(hp.get("threshold", 0.5))
-    probs, targets, vol_scores, vol_targets = [], [], [], []
+    threshold, volume_thr = float(hp.get("threshold", 0.5)), volume_threshold(hp)
+    cpu_bf16 = not args.exact and cpu_has_fast_bf16()
+    probs, targets, volumes = [], [], []
     for case in find_cases(args.data_dir):
         hu, _ = load_volume(case.images[0])
         labels, _ = load_label_volume(case.labels[0])
-        zs = np.flatnonzero((labels >= 1).any(axis=(1, 2)))  # slices that show liver
-        volume = preprocess_volume(hu, hp, device)
-        prob = infer_batched(net, volume, hp["context_slices"], lambda lg: lg.softmax(1)[:, 1], 32, zs).double()
+        every = torch.from_numpy(classify(net, hu, hp, device, cpu_bf16=cpu_bf16)).double()  # (Z,) every slice
+        zs = np.flatnonzero((labels >= 1).any(axis=(1, 2)))  # slices that show liver: the slice metrics'
         target = torch.from_numpy((labels[zs] == 2).sum(axis=(1, 2)) >= args.min_tumor_pixels).long()
-        probs.append(prob), targets.append(target)
-        vol_scores.append(volume_score(prob)), vol_targets.append(int(target.max()))
+        probs.append(every[zs]), targets.append(target)
+        score = volume_score(every)
+        volumes.append({"case": case.case_id, "score": score, "tumour": int(target.max()) if len(target) else 0,
+                        "verdict": None if volume_thr is None else int(score >= volume_thr)})
     prob, target = torch.cat(probs), torch.cat(targets)
-    pred = prob >= threshold
-    result = {"checkpoint": str(args.checkpoint), "data_dir": str(args.data_dir), "volumes": len(vol_scores),
+    sens, spec = rates(prob >= threshold, target)
+    result = {"checkpoint": str(args.checkpoint), "data_dir": str(args.data_dir), "volumes": len(volumes),
               "slices": int(len(target)), "tumour_slices": int(target.sum()), "threshold": threshold,
-              "slice_auroc": float(binary_auroc(prob, target)),
-              "sensitivity": float((pred & (target == 1)).sum() / max(1, int(target.sum()))),
-              "specificity": float((~pred & (target == 0)).sum() / max(1, int((target == 0).sum()))),
-              "tumour_volumes": int(sum(vol_targets))}
-    two = 0 < sum(vol_targets) < len(vol_targets)
-    result["volume_auroc"] = (float(binary_auroc(torch.tensor(vol_scores), torch.tensor(vol_targets)))
-                              if two else float("nan"))
+              "slice_auroc": float(binary_auroc(prob, target)), "sensitivity": sens, "specificity": spec,
+              "tumour_volumes": sum(v["tumour"] for v in volumes), "volume_threshold": volume_thr,
+              "volume_validation": hp.get("volume_validation") if volume_thr is not None else None}
+    scores = torch.tensor([v["score"] for v in volumes], dtype=torch.float64)
+    vol_target = torch.tensor([v["tumour"] for v in volumes])
+    two = 0 < int(vol_target.sum()) < len(volumes)
+    result["volume_auroc"] = float(binary_auroc(scores, vol_target)) if two else float("nan")
+    if volume_thr is None:  # a checkpoint from before train.py chose one: no verdicts to score
+        result["volume_sensitivity"] = result["volume_specificity"] = float("nan")
+    else:
+        result["volume_sensitivity"], result["volume_specificity"] = rates(scores >= volume_thr, vol_target)
+    result["per_volume"] = volumes
     print(json.dumps(result, indent=2))
     return result
 

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from inference import volume_score
+from tests.helpers import save_checkpoint
 from lit_model import (LitClassifier, LitSegmenter, RegionDice, balanced_bce, binary_metrics_at, build_network,
                        choose_threshold, dice_from_counts, region_masks, soft_region_dice_loss, volume_scores,
-                       warmup_cosine, warmup_cosine_in_time)
+                       stopwatch, warmup_cosine, warmup_cosine_in_time)
 
 
 def labels(rows):
@@ -160,8 +161,8 @@ def test_speed_options_keep_outputs_and_checkpoint_keys():
 
 def test_warmup_cosine_in_time_follows_the_clock_not_the_steps():
     now = [100.0]
-    f = warmup_cosine_in_time(budget_s=60.0, warmup_fraction=0.1, clock=lambda: now[0])
-    assert f(0) == pytest.approx(1e-3)  # the clock starts here
+    f = warmup_cosine_in_time(budget_s=60.0, warmup_fraction=0.1, elapsed=stopwatch(lambda: now[0]))
+    assert f(0) == pytest.approx(1e-3)  # the stopwatch starts here
     now[0] = 103.0
     assert f(1) == pytest.approx(0.5)  # halfway through the 6 s warm-up
     now[0] = 106.0
@@ -170,6 +171,13 @@ def test_warmup_cosine_in_time_follows_the_clock_not_the_steps():
     assert f(3) == pytest.approx(0.5)
     now[0] = 500.0
     assert f(10_000) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_warmup_cosine_in_time_reads_the_seconds_it_is_given():
+    """A resumed run hands the schedule the training time its checkpoint saved plus what has run
+    since: 30 s of a 60 s budget is the middle of the schedule, whatever the step number."""
+    f = warmup_cosine_in_time(budget_s=60.0, warmup_fraction=0.0, elapsed=lambda: 30.0)
+    assert f(0) == pytest.approx(0.5)  # cos(pi / 2)
 
 
 def test_choose_threshold_youden_and_target_sensitivity_by_hand():
@@ -240,6 +248,118 @@ def test_checkpoint_carries_the_chosen_threshold(tmp_path):
     assert ckpt["hyper_parameters"]["threshold"] == pytest.approx(0.123)  # what the predict script reads
     loaded = LitClassifier.load_from_checkpoint(tmp_path / "c.ckpt", map_location="cpu", weights_only=True)
     assert loaded.threshold == pytest.approx(0.123)
+
+
+def _validate_by_hand(model, volumes):
+    """Feed one validation epoch: per volume, (served liver slices' probabilities, their targets,
+    probabilities of its slices without liver); then the epoch's end (no trainer: nothing is logged)."""
+    for i, (liver, target, rest) in enumerate(volumes):
+        model.val_preds.update(torch.tensor(liver), torch.tensor(target), torch.full((len(liver),), i))
+        model.val_rest.update(torch.tensor(rest), torch.zeros(len(rest), dtype=torch.int64),
+                              torch.full((len(rest),), i, dtype=torch.int64))
+    model._log_epoch("val")
+
+
+# Five validation volumes. Scores over every slice (the mean of the 3 highest): V0 tumour
+# (0.9+0.8+0.7)/3 = 0.8; V1 healthy, whose slice without liver reads 0.95: (0.95+0.3+0.2)/3 = 0.4833;
+# V2 tumour (0.5+0.45+0.4)/3 = 0.45; V3 healthy (0.2+0.15+0.1)/3 = 0.15; V4 healthy 0.3.
+HAND_VOLUMES = [([0.9, 0.8, 0.7], [1, 1, 0], []), ([0.3, 0.2], [0, 0], [0.95, 0.1]),
+                ([0.5, 0.45, 0.4, 0.1], [0, 1, 0, 0], []), ([0.1, 0.2, 0.15], [0, 0, 0], [0.05]),
+                ([0.35, 0.3, 0.25], [0, 0, 0], [])]
+
+
+def test_volume_threshold_is_chosen_on_every_slice_of_the_validation_volumes(tmp_path):
+    """Youden's J over the five volumes' scores: at 0.8 sensitivity 1/2, specificity 1 (J 0.5); at
+    0.4833 1/2, 2/3; at 0.45 1, 2/3 (J 0.667, the best); at 0.3 1, 1/3. Scored over liver slices
+    alone, V1 would read 0.25 and 0.45 would have specificity 1: the 2/3 is V1's slice without liver."""
+    model = LitClassifier(in_channels=3, hidden=16, image_size=32)
+    assert model.volume_point is None  # nothing chosen before validation
+    _validate_by_hand(model, HAND_VOLUMES)
+    assert model.volume_point == pytest.approx({"threshold": 0.45, "sensitivity": 1.0, "specificity": 2 / 3,
+                                                "volumes": 5, "tumour_volumes": 2})
+    save_checkpoint(model, tmp_path / "c.ckpt")
+    hp = torch.load(tmp_path / "c.ckpt", map_location="cpu", weights_only=True)["hyper_parameters"]
+    assert hp["volume_threshold"] == pytest.approx(0.45)  # what the predict script and report.py read
+    assert hp["volume_validation"] == pytest.approx({"sensitivity": 1.0, "specificity": 2 / 3, "volumes": 5,
+                                                     "tumour_volumes": 2})
+    loaded = LitClassifier.load_from_checkpoint(tmp_path / "c.ckpt", map_location="cpu", weights_only=True)
+    assert loaded.volume_point == pytest.approx(model.volume_point)
+    # --target-sensitivity 0.5: the highest threshold finding half the tumour volumes, 0.8.
+    wanting = LitClassifier(in_channels=3, hidden=16, image_size=32, target_sensitivity=0.5)
+    _validate_by_hand(wanting, HAND_VOLUMES)
+    assert wanting.volume_point["threshold"] == pytest.approx(0.8)
+    assert wanting.volume_point["specificity"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("world_size, rank", [(1, 0), (2, 1)])
+def test_unserved_slices_are_each_volumes_slices_without_liver(tmp_path, world_size, rank):
+    """The slices a classifier's loader leaves out are scored from the cache: their probabilities are
+    the network's on the 2.5D stacks built here by hand (the end slice repeating at the edges), case by
+    case; with two processes, the second takes the second volume."""
+    import types
+    import dataset
+    import phantom
+    phantom.write_synthetic_lits(tmp_path / "d", cases=2, size=32, seed=0)
+    cases = dataset.prepare_cases(dataset.find_cases(tmp_path / "d"), tmp_path / "cache", tmp_path / "d", 32,
+                                  progress=False)
+    ds = dataset.LiTSSliceDataset(cases, "classification", context_slices=1, liver_only=True, return_case=True)
+    torch.manual_seed(0)
+    model = LitClassifier(in_channels=3, hidden=16, image_size=32).eval()
+    model._trainer = types.SimpleNamespace(datamodule=types.SimpleNamespace(datasets={"val": ds}, batch_size=4),
+                                           sanity_checking=False, global_rank=rank, world_size=world_size)
+    model._score_unserved_slices("val")
+    model._trainer = None
+    prob, target, case = model.val_rest.compute()
+    expected, expected_case = [], []
+    for ci in range(rank, len(cases), world_size):
+        images = torch.from_numpy(np.load(cases[ci].image_path).astype(np.float32))  # (Z, S, S)
+        z_count = len(images)
+        for z in np.flatnonzero(cases[ci].liver_pixels == 0):
+            stack = images[[max(z - 1, 0), z, min(z + 1, z_count - 1)]][None]  # (1, 3, S, S)
+            with torch.no_grad():
+                expected.append(model.net(stack).softmax(1)[0, 1])
+            expected_case.append(ci)
+    assert len(expected) > 0 and case.tolist() == expected_case and not target.any()
+    torch.testing.assert_close(prob, torch.stack(expected), atol=1e-4, rtol=0)
+
+
+def test_checkpoint_from_before_the_volume_threshold_loads_with_none_chosen(tmp_path):
+    model = LitClassifier(in_channels=3, hidden=16, image_size=32)
+    save_checkpoint(model, tmp_path / "c.ckpt")
+    ckpt = torch.load(tmp_path / "c.ckpt", map_location="cpu", weights_only=True)
+    del ckpt["state_dict"]["volume_operating_point"]
+    for key in ("volume_threshold", "volume_validation"):
+        del ckpt["hyper_parameters"][key]
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    assert LitClassifier.load_from_checkpoint(tmp_path / "old.ckpt", map_location="cpu",
+                                              weights_only=True).volume_point is None
+
+
+def test_pretrained_weights_bring_imagenet_normalisation_to_training_and_prediction(tmp_path, monkeypatch):
+    """--pretrained: the input is normalised by ImageNet's mean and standard deviation averaged over
+    R, G and B, (0.485 + 0.456 + 0.406) / 3 and (0.229 + 0.224 + 0.225) / 3 (every channel meets the same
+    grey filters), in training's forward and, read from the checkpoint, in prediction's network. The
+    weights cannot be downloaded here: their loading is skipped, the normalisation is what is tested."""
+    import lit_model
+    from inference import load_checkpoint
+    from vgg16 import VGG16
+    monkeypatch.setattr(lit_model, "load_imagenet_weights", lambda net: net)
+    torch.manual_seed(0)
+    model = LitClassifier(in_channels=3, image_size=32, pretrained=True).eval()
+    mean, std = (0.485 + 0.456 + 0.406) / 3, (0.229 + 0.224 + 0.225) / 3
+    assert model.hparams.input_mean == pytest.approx(mean) and model.hparams.input_std == pytest.approx(std)
+    bare = VGG16(in_channels=3, num_classes=2, head="evidence")
+    bare.load_state_dict(model.net.state_dict())
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = bare.eval()((x - mean) / std)
+        torch.testing.assert_close(model(x), expected)
+        net = load_checkpoint(save_checkpoint(model, tmp_path / "p.ckpt"), "classification").network(torch.device("cpu"))
+        torch.testing.assert_close(net(x), expected, atol=1e-4, rtol=1e-4)  # batch norms folded there
+        plain = LitClassifier(in_channels=3, image_size=32)  # from scratch: the [0, 1] input as it is
+        assert plain.hparams.input_mean is None
+        bare.load_state_dict(plain.net.state_dict())
+        torch.testing.assert_close(plain.eval()(x), bare(x))
 
 
 def test_slice_counts_mean_per_slice_dice_by_hand():

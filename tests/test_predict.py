@@ -586,7 +586,8 @@ def test_classification_table_csv_json_in_the_files_slice_order(phantoms, ckpts,
     assert all(r["prediction"] == "healthy" for r in records)  # sigmoid(5) < 1.0: nothing reaches --threshold 1
     (vol,) = saved["volumes"]
     top3 = sorted((r["probability"] for r in records), reverse=True)[:3]
-    assert vol["probability"] == pytest.approx(sum(top3) / 3) and vol["prediction"] == "healthy"
+    # --threshold is the slices'; this untrained checkpoint chose no volume threshold: no verdict.
+    assert vol["probability"] == pytest.approx(sum(top3) / 3) and vol["prediction"] is None
     assert vol["tumor_slices"] == 0 and vol["slices"] == n and saved["threshold"] == 1.0
 
     k = expected.index("tumor")
@@ -789,11 +790,60 @@ def test_ground_truth_scoring_with_the_oracle_is_perfect(phantoms, ckpts, tmp_pa
     assert json.loads((tmp_path / "r.json").read_text())["cases"][0]["metrics"] == metrics
 
 
+def test_volume_verdict_is_the_checkpoints_volume_threshold_on_every_slice(phantoms, ckpts, tmp_path, monkeypatch,
+                                                                          capsys):
+    """One slice of the volume tumorous for the oracle (probability sigmoid(5)), the others not
+    (sigmoid(-5)): the volume's score is (sigmoid(5) + 2 sigmoid(-5)) / 3 = 0.3356. The checkpoint's
+    slice threshold is 0.5 and its volume threshold 0.3 (chosen on 4 validation volumes, 2 with tumour,
+    sensitivity 1, specificity 0.5): tumour, and the line says what the threshold gave on validation.
+    At a volume threshold of 0.4, healthy. A checkpoint from before volume thresholds: no verdict."""
+    from lit_model import LitClassifier
+    volume, _ = phantoms["flipped"]
+    unit = unit_slices(volume, 32)
+    answers = torch.zeros(len(unit), dtype=torch.bool)
+    answers[len(unit) // 2] = True
+    use_oracle(monkeypatch, Oracle(unit, answers))
+    score = (torch.sigmoid(torch.tensor(5.0)) + 2 * torch.sigmoid(torch.tensor(-5.0))).item() / 3
+
+    def checkpoint(name, point):
+        model = LitClassifier(in_channels=3, hidden=16, image_size=32)
+        if point is not None:
+            model.volume_operating_point.copy_(torch.tensor(point, dtype=torch.float64))
+        path = save_checkpoint(model, tmp_path / name)
+        if point is None:  # as written before volume thresholds
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            del ckpt["state_dict"]["volume_operating_point"], ckpt["hyper_parameters"]["volume_threshold"]
+            del ckpt["hyper_parameters"]["volume_validation"]
+            torch.save(ckpt, path)
+        return path
+
+    result = pc.main(cls_args("--checkpoint", checkpoint("v03.ckpt", [0.3, 1.0, 0.5, 4, 2]), "--input", volume,
+                              "--device", "cpu", "--output", tmp_path / "v.json"))
+    (vol,) = result["volumes"]
+    assert result["threshold"] == 0.5 and result["volume_threshold"] == pytest.approx(0.3)
+    assert vol["probability"] == pytest.approx(score, abs=1e-5) and vol["prediction"] == "tumor"
+    assert "chosen on 4 validation volumes (2 with tumour): sensitivity 1.00, specificity 0.50" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "v.json").read_text())
+    assert saved["volume_threshold"] == pytest.approx(0.3) and saved["volumes"][0]["prediction"] == "tumor"
+    assert saved["volume_validation"] == {"sensitivity": 1.0, "specificity": 0.5, "volumes": 4.0, "tumour_volumes": 2.0}
+    higher = pc.main(cls_args("--checkpoint", checkpoint("v04.ckpt", [0.4, 1.0, 0.5, 4, 2]), "--input", volume,
+                              "--device", "cpu"))
+    assert higher["volumes"][0]["prediction"] == "healthy"
+    old = pc.main(cls_args("--checkpoint", checkpoint("old.ckpt", None), "--input", volume, "--device", "cpu"))
+    assert old["volume_threshold"] is None and old["volumes"][0]["prediction"] is None
+    assert old["volumes"][0]["probability"] == pytest.approx(score, abs=1e-5)
+    assert "no verdict" in old["verdicts"][0] and "records none" in old["verdicts"][0]
+    mine = pc.main(cls_args("--checkpoint", tmp_path / "old.ckpt", "--input", volume, "--device", "cpu",
+                            "--volume-threshold", "0.3"))
+    assert mine["volumes"][0]["prediction"] == "tumor" and mine["volume_validation"] is None
+
+
 def test_classification_volume_verdict_and_evidence_heatmaps(phantoms, tmp_path):
     from lit_model import LitClassifier
     torch.manual_seed(0)
     model = LitClassifier(in_channels=3, image_size=32, context_slices=1)  # the evidence head
-    model.operating_threshold.fill_(0.02)  # below every untrained probability: a tumour verdict
+    model.operating_threshold.fill_(0.02)  # below every untrained probability: tumour slices ...
+    model.volume_operating_point[0] = 0.02  # ... and a tumour verdict
     ckpt = save_checkpoint(model, tmp_path / "evidence.ckpt")
     volume, _ = phantoms["ras"]
     maps = tmp_path / "maps"
@@ -895,3 +945,32 @@ def test_split_file_that_selects_nothing_is_refused(phantoms, ckpts, tmp_path):
             ps.main(seg_args("--checkpoint", ckpts["seg"], "--input", phantoms["ras"][0], "--output", out,
                              "--device", "cpu", *argv))
     assert not out.exists()
+def test_eval_classifier_benchmark_scores_the_verdict_predict_gives(tmp_path):
+    """benchmarks/eval_classifier.py scores each volume and decides it exactly as
+    predict_classification.py does (every slice, the checkpoint's volume threshold): with the threshold
+    set between two phantoms' scores, one verdict each way, the same in both."""
+    import importlib.util
+    from lit_model import LitClassifier
+    spec = importlib.util.spec_from_file_location("eval_classifier", ROOT / "benchmarks" / "eval_classifier.py")
+    eval_classifier = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_classifier)
+    phantom.write_synthetic_lits(tmp_path / "d", cases=2, size=32, seed=1)
+    torch.manual_seed(0)
+    model = LitClassifier(in_channels=3, hidden=16, image_size=32)
+    first = save_checkpoint(model, tmp_path / "first.ckpt")
+    inputs = sorted((tmp_path / "d").glob("volume-*"))
+    scores = [pc.main(cls_args("--checkpoint", first, "--input", v, "--device", "cpu", "--exact"))["volumes"][0]
+              ["probability"] for v in inputs]
+    assert scores[0] != scores[1]
+    model.volume_operating_point.copy_(torch.tensor([sum(scores) / 2, 1.0, 1.0, 2, 1], dtype=torch.float64))
+    ckpt = save_checkpoint(model, tmp_path / "between.ckpt")
+    predicted = [pc.main(cls_args("--checkpoint", ckpt, "--input", v, "--device", "cpu", "--exact"))["volumes"][0]
+                 for v in inputs]
+    predicted = {v["case"]: v for v in predicted}
+    result = eval_classifier.main(["--checkpoint", str(ckpt), "--data-dir", str(tmp_path / "d"), "--device", "cpu",
+                                   "--exact"])
+    assert result["volume_threshold"] == pytest.approx(sum(scores) / 2)
+    for v in result["per_volume"]:
+        assert v["score"] == pytest.approx(predicted[v["case"]]["probability"], abs=1e-6)
+        assert ("tumor" if v["verdict"] else "healthy") == predicted[v["case"]]["prediction"]
+    assert sorted(v["verdict"] for v in result["per_volume"]) == [0, 1]

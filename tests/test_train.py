@@ -80,6 +80,13 @@ def test_classification_graphs_and_metrics(tiny_data, tmp_path):
     # The test ran at the threshold chosen on validation, which best.ckpt records for prediction.
     ckpt = torch.load(summary["checkpoint"], map_location="cpu", weights_only=True)
     assert ckpt["hyper_parameters"]["threshold"] == pytest.approx(summary["test"]["test/threshold"])
+    # So the volume threshold, chosen on the validation volumes' scores over every slice; with the
+    # volumes of one class only (here a single validation patient) none can be, and none is recorded.
+    hp = ckpt["hyper_parameters"]
+    assert "volume_threshold" in hp and "volume_validation" in hp
+    recorded = float("nan") if hp["volume_threshold"] is None else hp["volume_threshold"]
+    assert summary["test"]["test/threshold_volume"] == pytest.approx(recorded, nan_ok=True)
+    assert {"test/sensitivity_volume", "test/specificity_volume"} <= set(summary["test"])
 
 
 def test_augmentation_strength_defaults_by_task_and_flags_override_it():
@@ -196,7 +203,8 @@ def test_classifier_keeps_the_end_of_training_whatever_validation_auroc_says(tin
     assert best["epoch"] == last["epoch"] == 2 and Path(summary["checkpoint"]) == out / "checkpoints" / "best.ckpt"
     assert best["hyper_parameters"]["threshold"] == last["hyper_parameters"]["threshold"]
     assert best["state_dict"].keys() == last["state_dict"].keys()
-    assert all(torch.equal(best["state_dict"][k], last["state_dict"][k]) for k in last["state_dict"])
+    for k in last["state_dict"]:  # NaN where nothing was chosen (the volume threshold, one-class validation)
+        torch.testing.assert_close(best["state_dict"][k], last["state_dict"][k], rtol=0, atol=0, equal_nan=True)
     # One file written per epoch: last.ckpt is a link to best.ckpt.
     link = out / "checkpoints" / "last.ckpt"
     assert link.is_symlink() and link.resolve() == (out / "checkpoints" / "best.ckpt").resolve()
@@ -477,3 +485,51 @@ def test_ema_keeps_the_threshold_validation_chose(tmp_path):
     model.operating_threshold.fill_(-1.0)
     trainer.test(model, loader, ckpt_path=str(tmp_path / "last.ckpt"), verbose=False)
     assert float(model.operating_threshold) == 20.0
+
+
+class _Clocked(LitSegmenter):
+    """The segmenter on a fake clock: each training batch takes one second of `CLOCK`, the clock that
+    Lightning's Timer (--max-time) reads in the test below; `stop_at_epoch` raises at the start of that
+    epoch (a run killed after the previous one's checkpoint); the end of training is recorded."""
+
+    CLOCK = [0.0]
+    stop_at_epoch: int | None = None
+    ended: dict = {}
+
+    def on_train_epoch_start(self):
+        if self.current_epoch == type(self).stop_at_epoch:
+            raise RuntimeError("killed")
+
+    def on_train_batch_start(self, batch, batch_idx):
+        type(self).CLOCK[0] += 1.0
+
+    def on_train_end(self):
+        type(self).ended = {"step": self.trainer.global_step, "lr": self.trainer.optimizers[0].param_groups[0]["lr"]}
+
+
+def test_a_max_time_run_resumed_ends_its_schedule_where_an_uninterrupted_one_does(tiny_data, tmp_path, monkeypatch):
+    """--max-time 24 s on a clock of one second per training batch (6 batches an epoch): uninterrupted,
+    24 steps and the learning rate at the end of its cosine, about 0. Killed at the start of epoch 2
+    (12 s, half the budget) and resumed from last.ckpt: the same 24 steps (within an epoch) and the same
+    end, the schedule having gone on from 12 s instead of warming up again."""
+    import types
+    import pytorch_lightning.callbacks.timer as timer_module
+    monkeypatch.setattr(timer_module, "time", types.SimpleNamespace(monotonic=lambda: _Clocked.CLOCK[0]))
+    monkeypatch.setattr(train, "LitSegmenter", _Clocked)
+    peak = 2e-3
+
+    def run(out, *extra):
+        _Clocked.ended = {}
+        train.main(run_args(tiny_data, out, "segmentation", "--max-time", "00:00:00:24", "--lr", str(peak), *extra))
+        return _Clocked.ended
+
+    full = run(tmp_path / "full")
+    assert full["step"] == 24 and full["lr"] < 0.01 * peak
+    out = tmp_path / "killed"
+    monkeypatch.setattr(_Clocked, "stop_at_epoch", 2)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(out)
+    assert ckpt_epoch(out / "checkpoints" / "last.ckpt") == 1
+    monkeypatch.setattr(_Clocked, "stop_at_epoch", None)
+    resumed = run(out, "--resume", str(out / "checkpoints" / "last.ckpt"))
+    assert abs(resumed["step"] - full["step"]) <= 6 and resumed["lr"] < 0.01 * peak
