@@ -738,8 +738,6 @@ def _write(args, report: dict, page: str, labels, geom, timing: dict, started: f
 
 def main(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
-    if args.key_images < 0:
-        raise DataError(f"found --key-images {args.key_images}; expected 0 or more")
     device, batch = runtime(args.device, args.batch_size, args.threads)
     seg_ckpt, cls_ckpt, source = _open_inputs(args)
     timing = {}
