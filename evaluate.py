@@ -12,7 +12,8 @@ The definitions follow the scorer of the LiTS challenge (github.com/PatrickChris
 `program/evaluate.py`, `helpers/calc_metric.py`, `helpers/surface.py`); where this module departs from
 it, the function's docstring and the README say so. Per case and per region (liver = label >= 1, i.e.
 liver and tumor together; tumor = label == 2): Dice, VOE, RVD, ASSD, MSSD, RMSD in mm
-(`case_metrics`), and lesion detection counts (`match_lesions`, `detection_counts`). Over all cases:
+(`case_metrics`), and lesion detection counts (`match_lesions`, `detection_counts`, the scorer's
+`detect_lesions` to the count, its mistakes included; `pair_detection_counts` beside it). Over all cases:
 means, Dice global, detection precision/recall/F1 at IoU > 0.5 and > 0, the Dice of detected
 lesions, recall by lesion size, and the tumor burden error (`summarize`).
 
@@ -236,15 +237,23 @@ def burden_error(pred: np.ndarray, gt: np.ndarray) -> float:
 
 @dataclass(frozen=True)
 class LesionPair:
-    """A merged reference lesion and the merged predicted lesion matched to it."""
+    """A merged reference lesion and the merged predicted lesion matched to it.
+
+    `partner` and `partner_overlap` serve the scorer's union (`scorer_detected`): the index in
+    `LesionMatch.pairs` of the pair whose lowest reference id equals this pair's lowest prediction id
+    (None if no pair has it), and the voxels that pair's predictions share with this pair's reference
+    lesions."""
     ref_ids: tuple[int, ...]    # reference lesion ids merged into one
     pred_ids: tuple[int, ...]   # predicted lesion ids merged into one
     intersection: int           # voxels
     ref_voxels: int
     pred_voxels: int
+    partner: int | None = None
+    partner_overlap: int = 0
 
     @property
     def iou(self) -> float:
+        """The pair's own IoU, |Pm & Gm| / |Pm | Gm| (not the scorer's; see `scorer_detected`)."""
         return self.intersection / (self.ref_voxels + self.pred_voxels - self.intersection)
 
     @property
@@ -254,7 +263,8 @@ class LesionPair:
 
 @dataclass(frozen=True)
 class LesionMatch:
-    """The outcome of `match_lesions`: every pair, and the lesion counts before merging."""
+    """The outcome of `match_lesions`: every pair, in the scorer's order (by lowest prediction id), and
+    the lesion counts before merging."""
     pairs: tuple[LesionPair, ...]
     num_pred: int
     num_ref: int
@@ -264,21 +274,23 @@ def match_lesions(pred_ids: np.ndarray, num_pred: int, ref_ids: np.ndarray, num_
     """Merge and match lesions by the rule of the scorer's `detect_lesions` (helpers/calc_metric.py).
 
     pred_ids, ref_ids: lesion id volumes from `label_lesions`. With I(p, g) the voxels shared by
-    predicted lesion p and reference lesion g:
+    predicted lesion p and reference lesion g, and only the predictions that overlap some reference:
 
     1. Reference lesions spanned by one prediction are merged: each reference lesion that overlaps a
        prediction joins the group of the prediction overlapping it most (ties: the lower prediction id).
-       Reference lesions without overlap stay alone (and are missed).
+       Reference lesions without overlap stay alone (and are missed). A group is named by its lowest
+       reference id, as the scorer relabels its members.
     2. Each overlapping predicted lesion goes to the merged reference lesion it overlaps most (summed
-       over the group's members; ties: the group whose lowest reference id is lower).
-    3. Predicted lesions that went to the same merged reference lesion are merged.
-    4. Each merged reference lesion that received predictions forms a `LesionPair`; it is detected at
-       threshold t when the pair's IoU = |Pm & Gm| / |Pm | Gm| > t (`detection_counts`).
+       over the group's members; ties: the group with the lower name).
+    3. Predicted lesions that went to the same merged reference lesion are merged, named by their
+       lowest id.
+    4. Each merged reference lesion that received predictions forms a `LesionPair`; the pairs come in
+       the order of their prediction names, the order of the scorer's last loop. Which of them count
+       as detected is `scorer_detected`'s (the scorer's rule) or `LesionPair.iou` > t (the pair's own).
 
-    Ids follow scipy's raster order of the array, so ties can depend on the axis order; the scorer
-    works in the NIfTI file's order, as `evaluate_folders` does. Where the scorer departs from IoU: its
-    union counts `detected_mask == p_id` although that mask holds reference ids at that point (a label
-    mix-up); here the union is that of the two merged lesions."""
+    Ids follow scipy's raster order of the array, and the scorer's union depends on the ids themselves
+    (`scorer_detected`), so its counts depend on the array's axis order: the scorer works in the NIfTI
+    file's voxel order, as `evaluate_folders` and `predict_segmentation.py --ground-truth` do."""
     pred_ids, ref_ids = np.asarray(pred_ids), np.asarray(ref_ids)
     if pred_ids.shape != ref_ids.shape:
         raise ValueError(f"pred has shape {pred_ids.shape} but gt has {ref_ids.shape}; expected the same shape")
@@ -310,22 +322,65 @@ def match_lesions(pred_ids: np.ndarray, num_pred: int, ref_ids: np.ndarray, num_
         key = max(to_group[p], key=lambda k: (to_group[p][k], -groups[k][0]))
         assigned.setdefault(key, []).append(p)
 
-    # 3-4. One pair per merged reference lesion that received predictions.
+    # 3-4. One pair per merged reference lesion that received predictions, by lowest prediction id.
+    order = sorted(assigned.items(), key=lambda kv: kv[1][0])
+    by_ref_name = {groups[key][0]: i for i, (key, _) in enumerate(order)}
     out = []
-    for key, preds in sorted(assigned.items(), key=lambda kv: groups[kv[0]][0]):
+    for key, preds in order:
         refs = groups[key]
+        partner = by_ref_name.get(preds[0])
+        partner_overlap = 0 if partner is None else sum(
+            overlap.get((p, g), 0) for p in order[partner][1] for g in refs)
         out.append(LesionPair(ref_ids=tuple(refs), pred_ids=tuple(preds),
                               intersection=sum(to_group[p][key] for p in preds),
                               ref_voxels=int(sum(ref_size[g] for g in refs)),
-                              pred_voxels=int(sum(pred_size[p] for p in preds))))
+                              pred_voxels=int(sum(pred_size[p] for p in preds)),
+                              partner=partner, partner_overlap=partner_overlap))
     return LesionMatch(tuple(out), int(num_pred), int(num_ref))
 
 
+def scorer_detected(match: LesionMatch, iou_threshold: float = 0.5) -> tuple[bool, ...]:
+    """Which pairs of `match` the scorer keeps as detected at `iou_threshold`, by its last loop.
+
+    The scorer writes each merged prediction into its `detected_mask` under the name of its reference
+    group, then tests each pair (P, G), P named p and G named g, in the order of p:
+    overlap = |P & G| / |{detected_mask == p} | G| <= t fails it, which erases P from detected_mask
+    (later unions no longer see it) and takes the size of G from the detected count. Its union reads
+    `detected_mask == p` although that mask holds reference names: it is not P but the prediction of
+    the still detected pair whose reference group is named p, if any (P itself only when p == g).
+    So a prediction far larger than its lesion can count as detected (the union is then G alone), and
+    a good match can fail because an unrelated prediction joins its union."""
+    alive = [True] * len(match.pairs)
+    for i, pair in enumerate(match.pairs):
+        union = pair.ref_voxels
+        if pair.partner is not None and alive[pair.partner]:
+            union += match.pairs[pair.partner].pred_voxels - pair.partner_overlap
+        if pair.intersection / union <= iou_threshold:
+            alive[i] = False
+    return tuple(alive)
+
+
 def detection_counts(match: LesionMatch, iou_threshold: float = 0.5) -> tuple[int, int, int]:
-    """(TP, FP, FN) as the scorer's evaluate.py counts them: TP = merged lesion pairs with IoU >
-    `iou_threshold`; FP = predicted lesions - TP; FN = reference lesions - TP, the lesion counts taken
-    before merging. So a detected merge of k reference lesions is one TP and k - 1 FN, and a lesion
-    predicted in k detected pieces is one TP and k - 1 FP."""
+    """(TP, FP, FN) exactly as the LiTS scorer counts them: TP = its `num_detected`, the number of pairs
+    minus, for each pair that fails `scorer_detected`, the number of reference lesions merged into it;
+    FP = predicted lesions - TP; FN = reference lesions - TP, the lesion counts taken before merging.
+
+    A detected merge of k reference lesions is one TP and k - 1 FN; a lesion predicted in k detected
+    pieces is one TP and k - 1 FP. A failed merge of k reference lesions takes k from TP where it
+    added one, so TP can fall below zero (one prediction over two small lesions, IoU <= t: TP -1,
+    FP 2, FN 3), and FP and FN can exceed the numbers of lesions. We think that subtraction, and the
+    scorer's union (`scorer_detected`), are mistakes; `pair_detection_counts` counts by each pair's
+    own IoU, one per pair, never below zero. These counts are the scorer's because the numbers LiTS
+    papers report were computed with them."""
+    detected = scorer_detected(match, iou_threshold)
+    tp = len(match.pairs) - sum(len(pair.ref_ids) for pair, ok in zip(match.pairs, detected) if not ok)
+    return tp, match.num_pred - tp, match.num_ref - tp
+
+
+def pair_detection_counts(match: LesionMatch, iou_threshold: float = 0.5) -> tuple[int, int, int]:
+    """(TP, FP, FN) by each merged pair's own IoU: TP = pairs with `LesionPair.iou` > `iou_threshold`,
+    FP = predicted lesions - TP, FN = reference lesions - TP (lesion counts before merging). Not the
+    scorer's count (`detection_counts`); 0 <= TP <= min(predicted, reference lesions)."""
     tp = sum(1 for pair in match.pairs if pair.iou > iou_threshold)
     return tp, match.num_pred - tp, match.num_ref - tp
 
@@ -348,17 +403,20 @@ class CaseScore:
     summary pools over cases."""
     row: dict[str, float]
     counts: dict[str, int]
-    detection: dict[float, tuple[int, int, int]]       # IoU threshold -> (TP, FP, FN)
-    detected_dice: list[float]                          # Dice of each pair detected at IoU > 0.5
+    detection: dict[float, tuple[int, int, int]]       # IoU threshold -> (TP, FP, FN), the scorer's
+    detected_dice: list[float]                          # Dice of each pair the scorer detects at IoU > 0.5
     sizes: list[tuple[str, bool]] = field(default_factory=list)  # (size class, detected at IoU > 0.5) per reference lesion
     burden_error: float = NAN
+    pair_detection: tuple[int, int, int] = (0, 0, 0)   # (TP, FP, FN) by each pair's own IoU > 0.5
 
 
 def score_case(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], axial_axis: int) -> CaseScore:
-    """Score one case: `case_metrics`, lesion detection at each of `IOU_THRESHOLDS`, the Dice of the
-    detected lesions, the size class and detection of each reference lesion, the tumor burden error.
-    pred, gt: label volumes on the same grid; spacing: mm per array axis; axial_axis: the array axis
-    across axial slices (for lesion diameters)."""
+    """Score one case: `case_metrics`, lesion detection at each of `IOU_THRESHOLDS` (the scorer's
+    counts, and at 0.5 also by each pair's own IoU), the Dice of the detected lesions, the size class
+    and detection of each reference lesion, the tumor burden error. A lesion counts as detected when
+    the scorer keeps its pair (`scorer_detected`). pred, gt: label volumes on the same grid, in the
+    file's voxel order (lesion ids, hence the scorer's counts, follow the array's order);
+    spacing: mm per array axis; axial_axis: the array axis across axial slices (for lesion diameters)."""
     pred, gt = np.asarray(pred), np.asarray(gt)
     row = case_metrics(pred, gt, spacing)
     pred_ids, num_pred = label_lesions(pred)
@@ -366,12 +424,13 @@ def score_case(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], axial
     match = match_lesions(pred_ids, num_pred, ref_ids, num_ref)
     detection = {t: detection_counts(match, t) for t in IOU_THRESHOLDS}
     row.update(zip(LESION_COLUMNS, detection[0.5]))
-    detected = [pair for pair in match.pairs if pair.iou > 0.5]
+    detected = [pair for pair, ok in zip(match.pairs, scorer_detected(match, 0.5)) if ok]
     found = {g for pair in detected for g in pair.ref_ids}
     diameters = largest_axial_diameters(ref_ids, num_ref, spacing, axial_axis)
     sizes = [(size_class(d), g in found) for g, d in enumerate(diameters, start=1)]
     return CaseScore(row=row, counts=dice_counts(pred, gt), detection=detection,
-                     detected_dice=[pair.dice for pair in detected], sizes=sizes, burden_error=burden_error(pred, gt))
+                     detected_dice=[pair.dice for pair in detected], sizes=sizes, burden_error=burden_error(pred, gt),
+                     pair_detection=pair_detection_counts(match, 0.5))
 
 
 def detection_rates(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
@@ -391,7 +450,9 @@ def summarize(scores: Sequence[CaseScore], extra_predictions: int = 0) -> dict:
     - `dice_global_liver`, `dice_global_tumor` (`dice_global`).
     - `lesions_reference`, `lesions_predicted` (before merging); at IoU > 0.5: `lesions_tp`,
       `lesions_fp`, `lesions_fn`, `detection_precision`, `detection_recall`, `detection_f1`; the same
-      with the suffix `_iou0` at IoU > 0 (`detection_counts`, `detection_rates`).
+      with the suffix `_iou0` at IoU > 0 (`detection_counts`, the scorer's counts: TP can be negative;
+      `detection_rates`). The same five at IoU > 0.5 with the suffix `_pair_iou`: counted by each
+      merged pair's own IoU (`pair_detection_counts`), not the scorer's way.
     - `lesion_dice_detected`: the mean Dice of the lesion pairs detected at IoU > 0.5, over all cases'
       pairs pooled (the scorer's "lesion Dice"); 0 when reference lesions exist but none was detected
       (the scorer's default), NaN when there is no reference lesion at all.
@@ -423,6 +484,10 @@ def summarize(scores: Sequence[CaseScore], extra_predictions: int = 0) -> dict:
         rates = detection_rates(tp, fp, fn)
         for name, value in zip(("precision", "recall", "f1"), rates):
             summary[f"detection_{name}{suffix}"] = value
+    tp, fp, fn = (int(sum(s.pair_detection[i] for s in scores)) for i in range(3))
+    summary.update({"lesions_tp_pair_iou": tp, "lesions_fp_pair_iou": fp, "lesions_fn_pair_iou": fn})
+    for name, value in zip(("precision", "recall", "f1"), detection_rates(tp, fp, fn)):
+        summary[f"detection_{name}_pair_iou"] = value
     dices = [d for s in scores for d in s.detected_dice]
     summary["lesion_dice_detected"] = float(np.mean(dices)) if dices else (0.0 if num_ref else NAN)
     for name, _, _ in SIZE_CLASSES:
@@ -588,6 +653,8 @@ def format_summary(summary: dict) -> str:
         lines.append(f"lesion detection ({label}): TP {summary['lesions_tp' + s]}, FP {summary['lesions_fp' + s]}, "
                      f"FN {summary['lesions_fn' + s]}, precision {_fmt(summary['detection_precision' + s])}, "
                      f"recall {_fmt(summary['detection_recall' + s])}, F1 {_fmt(summary['detection_f1' + s])}")
+    lines.append(f"  by each merged pair's own IoU > 0.5 (not the scorer's count): TP {summary['lesions_tp_pair_iou']}, "
+                 f"FP {summary['lesions_fp_pair_iou']}, FN {summary['lesions_fn_pair_iou']}")
     lines.append(f"Dice of detected lesions: {_fmt(summary['lesion_dice_detected'])}")
     lines.append("recall by largest axial diameter: " + ", ".join(
         f"{name} {_fmt(summary['recall_' + name])} ({summary['detected_' + name]}/{summary['lesions_' + name]})"
