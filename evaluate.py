@@ -40,7 +40,8 @@ from scipy import ndimage
 
 # The lesion and burden rules live with the measurements, so a report and a score count alike.
 from lesions import label_lesions, largest_axial_diameters, tumor_burden
-from volumes import DataError, atomic_write_text, check_labels, read_nifti, run_cli, visible_files
+from volumes import (DataError, atomic_write_text, check_labels, read_labels_on_grid, read_nifti, run_cli,
+                     visible_files)
 
 REGIONS: tuple[str, ...] = ("liver", "tumor")
 METRICS: tuple[str, ...] = ("dice", "voe", "rvd", "assd", "mssd", "rmsd")
@@ -52,7 +53,6 @@ IOU_THRESHOLDS: tuple[float, ...] = (0.5, 0.0)  # what the scorer reports: "dete
 # bound exclusive except for the first class: < 10, [10, 20], > 20.
 SIZE_CLASSES: tuple[tuple[str, float, float], ...] = (("lt10mm", 0.0, 10.0), ("10to20mm", 10.0, 20.0),
                                                       ("gt20mm", 20.0, math.inf))
-AFFINE_TOLERANCE_MM = 1e-3
 NAN = float("nan")
 
 
@@ -579,29 +579,26 @@ def pair_files(pred_dir: str | Path, gt_dir: str | Path) -> tuple[list[tuple[int
     return pairs, extra
 
 
-def load_pair(pred_path: Path, gt_path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...], int]:
-    """Read a prediction and its ground truth in file voxel order, checking they share the voxel grid
-    and hold only labels 0, 1, 2. Returns (pred uint8, gt uint8, gt spacing in mm per array axis,
-    the array axis nearest the patient's head-feet direction, across which the slices are axial)."""
+def grid_of(img) -> tuple[tuple[float, ...], int]:
+    """(spacing in mm per array axis from the NIfTI header, as the scorer reads it; the array axis
+    nearest the patient's head-feet direction, across which the slices are axial) of a nibabel image."""
     import nibabel as nib
 
-    gt_img, gt = read_nifti(gt_path)
-    pred_img, pred = read_nifti(pred_path)
-    if pred.shape != gt.shape:
-        raise DataError(f"{pred_path}: found shape {pred.shape}; expected {gt.shape}, the shape of "
-                        f"{gt_path.name} (predictions must be on the ground truth's voxel grid)")
-    diff = float(np.max(np.abs(np.asarray(pred_img.affine, float) - np.asarray(gt_img.affine, float))))
-    if not diff <= AFFINE_TOLERANCE_MM:
-        raise DataError(f"{pred_path}: affine differs from {gt_path.name}'s by up to {diff:.4g} "
-                        f"(orientation {''.join(nib.aff2axcodes(pred_img.affine))} vs "
-                        f"{''.join(nib.aff2axcodes(gt_img.affine))}); expected the ground truth's voxel "
-                        f"grid to within {AFFINE_TOLERANCE_MM:g} mm (write predictions in the input's geometry)")
-    gt = check_labels(np.asarray(gt), gt_path)
-    pred = check_labels(np.asarray(pred), pred_path)
-    spacing = tuple(float(z) for z in gt_img.header.get_zooms()[:3])
-    world_axis = nib.io_orientation(gt_img.affine)[:, 0]  # array axis -> world axis (0 R-L, 1 A-P, 2 S-I)
+    spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
+    world_axis = nib.io_orientation(img.affine)[:, 0]  # array axis -> world axis (0 R-L, 1 A-P, 2 S-I)
     axial_axis = int(np.flatnonzero(world_axis == 2)[0]) if (world_axis == 2).any() else 2
-    return pred, gt, spacing, axial_axis
+    return spacing, axial_axis
+
+
+def load_pair(pred_path: Path, gt_path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...], int]:
+    """Read a prediction and its ground truth in file voxel order, checking they share the voxel grid
+    (`volumes.check_same_grid`, the rule `predict_segmentation.py --ground-truth` applies too) and hold
+    only labels 0, 1, 2. Returns (pred uint8, gt uint8, gt spacing in mm per array axis, the array
+    axis across which the slices are axial: `grid_of`)."""
+    pred_img, pred = read_nifti(pred_path)
+    gt_img, gt = read_labels_on_grid(gt_path, pred_path, pred.shape, pred_img.affine)
+    pred = check_labels(np.asarray(pred), pred_path)
+    return (pred, gt, *grid_of(gt_img))
 
 
 def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, *,

@@ -511,9 +511,10 @@ def test_detection_matches_the_scorer_procedure_on_random_lesions(seed):
 def test_predict_segmentation_scores_with_these_definitions():
     import predict_segmentation
     pred, gt = _lesion_case()
-    got = predict_segmentation.score(pred, gt, (2.5, 0.7, 0.7))
-    assert got == evaluate.json_safe(evaluate.score_case(pred, gt, (2.5, 0.7, 0.7), axial_axis=0).row)
-    assert (got["lesions_tp"], got["lesions_fp"], got["lesions_fn"]) == (1, 2, 1)
+    got = predict_segmentation.score(pred, gt, nib.Nifti1Image(gt, np.diag([2.5, 0.7, 0.7, 1.0])))
+    assert (got["lesions_tp"], got["lesions_fp"], got["lesions_fn"]) == (1, 2, 1)  # as worked out in _lesion_case
+    # Tumor: A (8 voxels) and B (8) against A' (12), B' (8), C (1): |P & G| = 8 + 2 = 10, Dice 20 / 37.
+    assert got["dice_tumor"] == pytest.approx(20 / 37)
 
 
 # --------------------------------------------------------------------------------------------
