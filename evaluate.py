@@ -435,7 +435,8 @@ def score_case(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], axial
 
 def detection_rates(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
     """(precision, recall, F1) = (TP / (TP + FP), TP / (TP + FN), 2TP / (2TP + FP + FN)); each NaN when
-    its denominator is 0 (no predicted lesion, no reference lesion, neither), where the scorer puts 0."""
+    its denominator is 0 (no predicted lesion, no reference lesion, neither), where the scorer puts 0.
+    With the scorer's counts (`detection_counts`) TP can be negative, and these with it."""
     def ratio(a: int, b: int) -> float:
         return a / b if b else NAN
     return ratio(tp, tp + fp), ratio(tp, tp + fn), ratio(2 * tp, 2 * tp + fp + fn)
