@@ -13,7 +13,8 @@ The definitions follow the scorer of the LiTS challenge (github.com/PatrickChris
 `program/evaluate.py`, `helpers/calc_metric.py`, `helpers/surface.py`); where this module departs from
 it, the function's docstring and the README say so. Per case and per region (liver = label >= 1, i.e.
 liver and tumor together; tumor = label == 2): Dice, VOE, RVD, ASSD, MSSD, RMSD in mm
-(`case_metrics`), and lesion detection counts (`match_lesions`, `detection_counts`). Over all cases:
+(`case_metrics`), and lesion detection counts (`match_lesions`, `detection_counts`, the scorer's
+`detect_lesions` to the count, its mistakes included; `pair_detection_counts` beside it). Over all cases:
 means, Dice global, detection precision/recall/F1 at IoU > 0.5 and > 0, the Dice of detected
 lesions, recall by lesion size, and the tumor burden error (`summarize`).
 
@@ -42,8 +43,8 @@ from scipy import ndimage
 # The lesion and burden rules live with the measurements, so a report and a score count alike.
 from dicom_datasets import DicomOptions, add_dicom_arguments, find_dicom_cases, ground_truth_image, options_from_args
 from lesions import label_lesions, largest_axial_diameters, tumor_burden
-from volumes import (DataError, atomic_output, check_labels, check_output, ensure_folder, read_nifti, run_cli,
-                     visible_files)
+from volumes import (DataError, atomic_output, check_labels, check_output, check_same_grid, ensure_folder,
+                     read_labels_on_grid, read_nifti, run_cli, visible_files)
 
 REGIONS: tuple[str, ...] = ("liver", "tumor")
 METRICS: tuple[str, ...] = ("dice", "voe", "rvd", "assd", "mssd", "rmsd")
@@ -55,7 +56,6 @@ IOU_THRESHOLDS: tuple[float, ...] = (0.5, 0.0)  # what the scorer reports: "dete
 # bound exclusive except for the first class: < 10, [10, 20], > 20.
 SIZE_CLASSES: tuple[tuple[str, float, float], ...] = (("lt10mm", 0.0, 10.0), ("10to20mm", 10.0, 20.0),
                                                       ("gt20mm", 20.0, math.inf))
-AFFINE_TOLERANCE_MM = 1e-3
 NAN = float("nan")
 
 
@@ -240,15 +240,23 @@ def burden_error(pred: np.ndarray, gt: np.ndarray) -> float:
 
 @dataclass(frozen=True)
 class LesionPair:
-    """A merged reference lesion and the merged predicted lesion matched to it."""
+    """A merged reference lesion and the merged predicted lesion matched to it.
+
+    `partner` and `partner_overlap` serve the scorer's union (`scorer_detected`): the index in
+    `LesionMatch.pairs` of the pair whose lowest reference id equals this pair's lowest prediction id
+    (None if no pair has it), and the voxels that pair's predictions share with this pair's reference
+    lesions."""
     ref_ids: tuple[int, ...]    # reference lesion ids merged into one
     pred_ids: tuple[int, ...]   # predicted lesion ids merged into one
     intersection: int           # voxels
     ref_voxels: int
     pred_voxels: int
+    partner: int | None = None
+    partner_overlap: int = 0
 
     @property
     def iou(self) -> float:
+        """The pair's own IoU, |Pm & Gm| / |Pm | Gm| (not the scorer's; see `scorer_detected`)."""
         return self.intersection / (self.ref_voxels + self.pred_voxels - self.intersection)
 
     @property
@@ -258,7 +266,8 @@ class LesionPair:
 
 @dataclass(frozen=True)
 class LesionMatch:
-    """The outcome of `match_lesions`: every pair, and the lesion counts before merging."""
+    """The outcome of `match_lesions`: every pair, in the scorer's order (by lowest prediction id), and
+    the lesion counts before merging."""
     pairs: tuple[LesionPair, ...]
     num_pred: int
     num_ref: int
@@ -268,21 +277,23 @@ def match_lesions(pred_ids: np.ndarray, num_pred: int, ref_ids: np.ndarray, num_
     """Merge and match lesions by the rule of the scorer's `detect_lesions` (helpers/calc_metric.py).
 
     pred_ids, ref_ids: lesion id volumes from `label_lesions`. With I(p, g) the voxels shared by
-    predicted lesion p and reference lesion g:
+    predicted lesion p and reference lesion g, and only the predictions that overlap some reference:
 
     1. Reference lesions spanned by one prediction are merged: each reference lesion that overlaps a
        prediction joins the group of the prediction overlapping it most (ties: the lower prediction id).
-       Reference lesions without overlap stay alone (and are missed).
+       Reference lesions without overlap stay alone (and are missed). A group is named by its lowest
+       reference id, as the scorer relabels its members.
     2. Each overlapping predicted lesion goes to the merged reference lesion it overlaps most (summed
-       over the group's members; ties: the group whose lowest reference id is lower).
-    3. Predicted lesions that went to the same merged reference lesion are merged.
-    4. Each merged reference lesion that received predictions forms a `LesionPair`; it is detected at
-       threshold t when the pair's IoU = |Pm & Gm| / |Pm | Gm| > t (`detection_counts`).
+       over the group's members; ties: the group with the lower name).
+    3. Predicted lesions that went to the same merged reference lesion are merged, named by their
+       lowest id.
+    4. Each merged reference lesion that received predictions forms a `LesionPair`; the pairs come in
+       the order of their prediction names, the order of the scorer's last loop. Which of them count
+       as detected is `scorer_detected`'s (the scorer's rule) or `LesionPair.iou` > t (the pair's own).
 
-    Ids follow scipy's raster order of the array, so ties can depend on the axis order; the scorer
-    works in the NIfTI file's order, as `evaluate_folders` does. Where the scorer departs from IoU: its
-    union counts `detected_mask == p_id` although that mask holds reference ids at that point (a label
-    mix-up); here the union is that of the two merged lesions."""
+    Ids follow scipy's raster order of the array, and the scorer's union depends on the ids themselves
+    (`scorer_detected`), so its counts depend on the array's axis order: the scorer works in the NIfTI
+    file's voxel order, as `evaluate_folders` and `predict_segmentation.py --ground-truth` do."""
     pred_ids, ref_ids = np.asarray(pred_ids), np.asarray(ref_ids)
     if pred_ids.shape != ref_ids.shape:
         raise ValueError(f"pred has shape {pred_ids.shape} but gt has {ref_ids.shape}; expected the same shape")
@@ -314,22 +325,65 @@ def match_lesions(pred_ids: np.ndarray, num_pred: int, ref_ids: np.ndarray, num_
         key = max(to_group[p], key=lambda k: (to_group[p][k], -groups[k][0]))
         assigned.setdefault(key, []).append(p)
 
-    # 3-4. One pair per merged reference lesion that received predictions.
+    # 3-4. One pair per merged reference lesion that received predictions, by lowest prediction id.
+    order = sorted(assigned.items(), key=lambda kv: kv[1][0])
+    by_ref_name = {groups[key][0]: i for i, (key, _) in enumerate(order)}
     out = []
-    for key, preds in sorted(assigned.items(), key=lambda kv: groups[kv[0]][0]):
+    for key, preds in order:
         refs = groups[key]
+        partner = by_ref_name.get(preds[0])
+        partner_overlap = 0 if partner is None else sum(
+            overlap.get((p, g), 0) for p in order[partner][1] for g in refs)
         out.append(LesionPair(ref_ids=tuple(refs), pred_ids=tuple(preds),
                               intersection=sum(to_group[p][key] for p in preds),
                               ref_voxels=int(sum(ref_size[g] for g in refs)),
-                              pred_voxels=int(sum(pred_size[p] for p in preds))))
+                              pred_voxels=int(sum(pred_size[p] for p in preds)),
+                              partner=partner, partner_overlap=partner_overlap))
     return LesionMatch(tuple(out), int(num_pred), int(num_ref))
 
 
+def scorer_detected(match: LesionMatch, iou_threshold: float = 0.5) -> tuple[bool, ...]:
+    """Which pairs of `match` the scorer keeps as detected at `iou_threshold`, by its last loop.
+
+    The scorer writes each merged prediction into its `detected_mask` under the name of its reference
+    group, then tests each pair (P, G), P named p and G named g, in the order of p:
+    overlap = |P & G| / |{detected_mask == p} | G| <= t fails it, which erases P from detected_mask
+    (later unions no longer see it) and takes the size of G from the detected count. Its union reads
+    `detected_mask == p` although that mask holds reference names: it is not P but the prediction of
+    the still detected pair whose reference group is named p, if any (P itself only when p == g).
+    So a prediction far larger than its lesion can count as detected (the union is then G alone), and
+    a good match can fail because an unrelated prediction joins its union."""
+    alive = [True] * len(match.pairs)
+    for i, pair in enumerate(match.pairs):
+        union = pair.ref_voxels
+        if pair.partner is not None and alive[pair.partner]:
+            union += match.pairs[pair.partner].pred_voxels - pair.partner_overlap
+        if pair.intersection / union <= iou_threshold:
+            alive[i] = False
+    return tuple(alive)
+
+
 def detection_counts(match: LesionMatch, iou_threshold: float = 0.5) -> tuple[int, int, int]:
-    """(TP, FP, FN) as the scorer's evaluate.py counts them: TP = merged lesion pairs with IoU >
-    `iou_threshold`; FP = predicted lesions - TP; FN = reference lesions - TP, the lesion counts taken
-    before merging. So a detected merge of k reference lesions is one TP and k - 1 FN, and a lesion
-    predicted in k detected pieces is one TP and k - 1 FP."""
+    """(TP, FP, FN) exactly as the LiTS scorer counts them: TP = its `num_detected`, the number of pairs
+    minus, for each pair that fails `scorer_detected`, the number of reference lesions merged into it;
+    FP = predicted lesions - TP; FN = reference lesions - TP, the lesion counts taken before merging.
+
+    A detected merge of k reference lesions is one TP and k - 1 FN; a lesion predicted in k detected
+    pieces is one TP and k - 1 FP. A failed merge of k reference lesions takes k from TP where it
+    added one, so TP can fall below zero (one prediction over two small lesions, IoU <= t: TP -1,
+    FP 2, FN 3), and FP and FN can exceed the numbers of lesions. We think that subtraction, and the
+    scorer's union (`scorer_detected`), are mistakes; `pair_detection_counts` counts by each pair's
+    own IoU, one per pair, never below zero. These counts are the scorer's because the numbers LiTS
+    papers report were computed with them."""
+    detected = scorer_detected(match, iou_threshold)
+    tp = len(match.pairs) - sum(len(pair.ref_ids) for pair, ok in zip(match.pairs, detected) if not ok)
+    return tp, match.num_pred - tp, match.num_ref - tp
+
+
+def pair_detection_counts(match: LesionMatch, iou_threshold: float = 0.5) -> tuple[int, int, int]:
+    """(TP, FP, FN) by each merged pair's own IoU: TP = pairs with `LesionPair.iou` > `iou_threshold`,
+    FP = predicted lesions - TP, FN = reference lesions - TP (lesion counts before merging). Not the
+    scorer's count (`detection_counts`); 0 <= TP <= min(predicted, reference lesions)."""
     tp = sum(1 for pair in match.pairs if pair.iou > iou_threshold)
     return tp, match.num_pred - tp, match.num_ref - tp
 
@@ -352,17 +406,20 @@ class CaseScore:
     summary pools over cases."""
     row: dict[str, float]
     counts: dict[str, int]
-    detection: dict[float, tuple[int, int, int]]       # IoU threshold -> (TP, FP, FN)
-    detected_dice: list[float]                          # Dice of each pair detected at IoU > 0.5
+    detection: dict[float, tuple[int, int, int]]       # IoU threshold -> (TP, FP, FN), the scorer's
+    detected_dice: list[float]                          # Dice of each pair the scorer detects at IoU > 0.5
     sizes: list[tuple[str, bool]] = field(default_factory=list)  # (size class, detected at IoU > 0.5) per reference lesion
     burden_error: float = NAN
+    pair_detection: tuple[int, int, int] = (0, 0, 0)   # (TP, FP, FN) by each pair's own IoU > 0.5
 
 
 def score_case(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], axial_axis: int) -> CaseScore:
-    """Score one case: `case_metrics`, lesion detection at each of `IOU_THRESHOLDS`, the Dice of the
-    detected lesions, the size class and detection of each reference lesion, the tumor burden error.
-    pred, gt: label volumes on the same grid; spacing: mm per array axis; axial_axis: the array axis
-    across axial slices (for lesion diameters)."""
+    """Score one case: `case_metrics`, lesion detection at each of `IOU_THRESHOLDS` (the scorer's
+    counts, and at 0.5 also by each pair's own IoU), the Dice of the detected lesions, the size class
+    and detection of each reference lesion, the tumor burden error. A lesion counts as detected when
+    the scorer keeps its pair (`scorer_detected`). pred, gt: label volumes on the same grid, in the
+    file's voxel order (lesion ids, hence the scorer's counts, follow the array's order);
+    spacing: mm per array axis; axial_axis: the array axis across axial slices (for lesion diameters)."""
     pred, gt = np.asarray(pred), np.asarray(gt)
     row = case_metrics(pred, gt, spacing)
     pred_ids, num_pred = label_lesions(pred)
@@ -370,17 +427,19 @@ def score_case(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], axial
     match = match_lesions(pred_ids, num_pred, ref_ids, num_ref)
     detection = {t: detection_counts(match, t) for t in IOU_THRESHOLDS}
     row.update(zip(LESION_COLUMNS, detection[0.5]))
-    detected = [pair for pair in match.pairs if pair.iou > 0.5]
+    detected = [pair for pair, ok in zip(match.pairs, scorer_detected(match, 0.5)) if ok]
     found = {g for pair in detected for g in pair.ref_ids}
     diameters = largest_axial_diameters(ref_ids, num_ref, spacing, axial_axis)
     sizes = [(size_class(d), g in found) for g, d in enumerate(diameters, start=1)]
     return CaseScore(row=row, counts=dice_counts(pred, gt), detection=detection,
-                     detected_dice=[pair.dice for pair in detected], sizes=sizes, burden_error=burden_error(pred, gt))
+                     detected_dice=[pair.dice for pair in detected], sizes=sizes, burden_error=burden_error(pred, gt),
+                     pair_detection=pair_detection_counts(match, 0.5))
 
 
 def detection_rates(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
     """(precision, recall, F1) = (TP / (TP + FP), TP / (TP + FN), 2TP / (2TP + FP + FN)); each NaN when
-    its denominator is 0 (no predicted lesion, no reference lesion, neither), where the scorer puts 0."""
+    its denominator is 0 (no predicted lesion, no reference lesion, neither), where the scorer puts 0.
+    With the scorer's counts (`detection_counts`) TP can be negative, and these with it."""
     def ratio(a: int, b: int) -> float:
         return a / b if b else NAN
     return ratio(tp, tp + fp), ratio(tp, tp + fn), ratio(2 * tp, 2 * tp + fp + fn)
@@ -395,7 +454,9 @@ def summarize(scores: Sequence[CaseScore], extra_predictions: int = 0) -> dict:
     - `dice_global_liver`, `dice_global_tumor` (`dice_global`).
     - `lesions_reference`, `lesions_predicted` (before merging); at IoU > 0.5: `lesions_tp`,
       `lesions_fp`, `lesions_fn`, `detection_precision`, `detection_recall`, `detection_f1`; the same
-      with the suffix `_iou0` at IoU > 0 (`detection_counts`, `detection_rates`).
+      with the suffix `_iou0` at IoU > 0 (`detection_counts`, the scorer's counts: TP can be negative;
+      `detection_rates`). The same five at IoU > 0.5 with the suffix `_pair_iou`: counted by each
+      merged pair's own IoU (`pair_detection_counts`), not the scorer's way.
     - `lesion_dice_detected`: the mean Dice of the lesion pairs detected at IoU > 0.5, over all cases'
       pairs pooled (the scorer's "lesion Dice"); 0 when reference lesions exist but none was detected
       (the scorer's default), NaN when there is no reference lesion at all.
@@ -427,6 +488,10 @@ def summarize(scores: Sequence[CaseScore], extra_predictions: int = 0) -> dict:
         rates = detection_rates(tp, fp, fn)
         for name, value in zip(("precision", "recall", "f1"), rates):
             summary[f"detection_{name}{suffix}"] = value
+    tp, fp, fn = (int(sum(s.pair_detection[i] for s in scores)) for i in range(3))
+    summary.update({"lesions_tp_pair_iou": tp, "lesions_fp_pair_iou": fp, "lesions_fn_pair_iou": fn})
+    for name, value in zip(("precision", "recall", "f1"), detection_rates(tp, fp, fn)):
+        summary[f"detection_{name}_pair_iou"] = value
     dices = [d for s in scores for d in s.detected_dice]
     summary["lesion_dice_detected"] = float(np.mean(dices)) if dices else (0.0 if num_ref else NAN)
     for name, _, _ in SIZE_CLASSES:
@@ -552,29 +617,31 @@ def pair_files(pred_dir: str | Path, gt_dir: str | Path, cases: Sequence[int] | 
     return pairs, extra
 
 
-def load_pair(pred_path: Path, gt_path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...], int]:
-    """Read a prediction and its ground truth in file voxel order, checking they share the voxel grid
-    and hold only labels 0, 1, 2. Returns (pred uint8, gt uint8, gt spacing in mm per array axis,
-    the array axis nearest the patient's head-feet direction, across which the slices are axial)."""
+def grid_of(img) -> tuple[tuple[float, ...], int]:
+    """(spacing in mm per array axis from the NIfTI header, as the scorer reads it; the array axis
+    nearest the patient's head-feet direction, across which the slices are axial) of a nibabel image."""
     import nibabel as nib
 
-    gt_img, gt = read_nifti(gt_path) if isinstance(gt_path, Path) else ground_truth_image(gt_path)
-    pred_img, pred = read_nifti(pred_path)
-    if pred.shape != gt.shape:
-        raise DataError(f"{pred_path}: found shape {pred.shape}; expected {gt.shape}, the shape of "
-                        f"{gt_path.name} (predictions must be on the ground truth's voxel grid)")
-    diff = float(np.max(np.abs(np.asarray(pred_img.affine, float) - np.asarray(gt_img.affine, float))))
-    if not diff <= AFFINE_TOLERANCE_MM:
-        raise DataError(f"{pred_path}: affine differs from {gt_path.name}'s by up to {diff:.4g} "
-                        f"(orientation {''.join(nib.aff2axcodes(pred_img.affine))} vs "
-                        f"{''.join(nib.aff2axcodes(gt_img.affine))}); expected the ground truth's voxel "
-                        f"grid to within {AFFINE_TOLERANCE_MM:g} mm (write predictions in the input's geometry)")
-    gt = check_labels(np.asarray(gt), gt_path)
-    pred = check_labels(np.asarray(pred), pred_path)
-    spacing = tuple(float(z) for z in gt_img.header.get_zooms()[:3])
-    world_axis = nib.io_orientation(gt_img.affine)[:, 0]  # array axis -> world axis (0 R-L, 1 A-P, 2 S-I)
+    spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
+    world_axis = nib.io_orientation(img.affine)[:, 0]  # array axis -> world axis (0 R-L, 1 A-P, 2 S-I)
     axial_axis = int(np.flatnonzero(world_axis == 2)[0]) if (world_axis == 2).any() else 2
-    return pred, gt, spacing, axial_axis
+    return spacing, axial_axis
+
+
+def load_pair(pred_path: Path, gt_path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...], int]:
+    """Read a prediction and its ground truth in file voxel order, checking they share the voxel grid
+    (`volumes.check_same_grid`, the rule `predict_segmentation.py --ground-truth` applies too) and hold
+    only labels 0, 1, 2. Returns (pred uint8, gt uint8, gt spacing in mm per array axis, the array
+    axis across which the slices are axial: `grid_of`)."""
+    pred_img, pred = read_nifti(pred_path)
+    if isinstance(gt_path, Path):
+        gt_img, gt = read_labels_on_grid(gt_path, pred_path, pred.shape, pred_img.affine)
+    else:  # a 3D-IRCADb or DICOM SEG case (`dicom_datasets.py`): its labels on its CT series' grid
+        gt_img, gt = ground_truth_image(gt_path)
+        check_same_grid(gt_path.folder, gt.shape, gt_img.affine, pred_path, pred.shape, pred_img.affine)
+        gt = check_labels(np.asarray(gt), gt_path.folder)
+    pred = check_labels(np.asarray(pred), pred_path)
+    return (pred, gt, *grid_of(gt_img))
 
 
 def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, *, cases: Sequence[int] | None = None,
@@ -627,6 +694,8 @@ def format_summary(summary: dict) -> str:
         lines.append(f"lesion detection ({label}): TP {summary['lesions_tp' + s]}, FP {summary['lesions_fp' + s]}, "
                      f"FN {summary['lesions_fn' + s]}, precision {_fmt(summary['detection_precision' + s])}, "
                      f"recall {_fmt(summary['detection_recall' + s])}, F1 {_fmt(summary['detection_f1' + s])}")
+    lines.append(f"  by each merged pair's own IoU > 0.5 (not the scorer's count): TP {summary['lesions_tp_pair_iou']}, "
+                 f"FP {summary['lesions_fp_pair_iou']}, FN {summary['lesions_fn_pair_iou']}")
     lines.append(f"Dice of detected lesions: {_fmt(summary['lesion_dice_detected'])}")
     lines.append("recall by largest axial diameter: " + ", ".join(
         f"{name} {_fmt(summary['recall_' + name])} ({summary['detected_' + name]}/{summary['lesions_' + name]})"

@@ -37,7 +37,6 @@ import argparse
 import functools
 import json
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +47,7 @@ from tqdm import tqdm
 from inference import FlipTTA, add_runtime_flags, fast_path_slices, load_checkpoint, postprocess, runtime, segment
 from lesions import measure, recist_role
 from volumes import (DICOM_SUFFIX, VOLUME_SUFFIXES, DataError, DicomSeries, atomic_write_text, ensure_folder,
-                     find_inputs, input_name, load_label_volume, load_slice_image, one_volume, overlay,
+                     find_inputs, input_name, load_slice_image, one_volume, overlay, read_labels_on_grid,
                      read_volume, run_cli, slice_of_file, write_labels, write_png)
 
 
@@ -56,12 +55,15 @@ from volumes import (DICOM_SUFFIX, VOLUME_SUFFIXES, DataError, DicomSeries, atom
 # Scoring against ground truth
 # --------------------------------------------------------------------------------------------
 
-def score(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> dict:
-    """LiTS metrics of a prediction against ground truth (both (Z, H, W) in slices order, so axial is
-    axis 0), with lesion detection counts at IoU > 0.5: `evaluate.score_case`'s row. Non-finite values
-    (an empty mask) become None, so the report stays JSON."""
-    from evaluate import json_safe, score_case
-    return json_safe(score_case(pred, truth, spacing, axial_axis=0).row)
+def score(pred: np.ndarray, truth: np.ndarray, truth_img) -> dict:
+    """LiTS metrics of a prediction against ground truth, with lesion detection counts at IoU > 0.5:
+    `evaluate.score_case`'s row. Both arrays in the ground-truth file's voxel order (`truth_img`, its
+    nibabel image, gives spacing and axial axis: `evaluate.grid_of`), as evaluate.py scores the files,
+    so the two print the same numbers (the scorer's lesion counts depend on the voxel order).
+    Non-finite values (an empty mask) become None, so the report stays JSON."""
+    from evaluate import grid_of, json_safe, score_case
+    spacing, axial_axis = grid_of(truth_img)
+    return json_safe(score_case(pred, truth, spacing, axial_axis).row)
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,8 +111,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--postprocess", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the largest 3D liver component and only tumor next to liver (default: on)")
     p.add_argument("--ground-truth", type=Path, default=None,
-                   help="segmentation NIfTI of the input volume, on its grid: score the prediction (Dice, VOE, RVD, "
-                        "surface distances, lesion detection) (default: none)")
+                   help="segmentation NIfTI of the input volume, on its voxel grid (same shape, affine within "
+                        "0.001 mm, as evaluate.py requires; nothing is reoriented): score the prediction as "
+                        "evaluate.py does (Dice, VOE, RVD, surface distances, lesion detection) (default: none)")
     p.add_argument("--report", type=Path, default=None,
                    help="also write the report as JSON to this file; volumes in mL and mm, 2D slices in "
                         "pixels (default: printed only)")
@@ -190,14 +193,17 @@ def _predict_volume(job: _Job, args: argparse.Namespace, hp: dict, device: torch
         which = [slice_of_file(geom, args.slice, where)]
     truth = None
     if args.ground_truth is not None:
+        # The rule evaluate.py applies: the input's voxel grid, or refused (never reoriented by its own
+        # affine, which would score a lying header mirrored). Checked before any work is done.
         image_path = source.folder if isinstance(source, DicomSeries) else source
-        truth, _ = load_label_volume(args.ground_truth, expected_shape=geom.shape, image_path=image_path)
+        truth_img, truth = read_labels_on_grid(args.ground_truth, image_path, geom.shape, geom.affine)
     found: list = []
     labels = segment(get_net(), hu, hp, device, fast=not args.exact, batch_size=args.batch_size, which=which,
                      desc=stem, info=found)
     if args.postprocess:
         labels = postprocess(labels)
-    write_labels(labels, geom if which is None else geom.one_slice(args.slice), job.outputs[0])
+    out_geom = geom if which is None else geom.one_slice(args.slice)
+    write_labels(labels, out_geom, job.outputs[0])
     report = {"input": str(source.folder if isinstance(source, DicomSeries) else source),
               "output": str(job.outputs[0]), "kind": "volume",
               "shape": list(geom.shape), "spacing_mm": [float(s) for s in geom.spacing],
@@ -212,9 +218,9 @@ def _predict_volume(job: _Job, args: argparse.Namespace, hp: dict, device: torch
         world[:, 3] = world @ [which[0], 0, 0, 1]  # the one slice's (0, row, column) is the volume's (z, ...)
     report.update(measure(labels, geom.spacing, to_file, hu=hu if which is None else hu[which], affine=world))
     if truth is not None:
-        ref = truth if which is None else truth[which]
+        ref = truth if which is None else truth[:, :, args.slice:args.slice + 1]  # the file's slice K
         report["ground_truth"] = str(args.ground_truth)
-        report["metrics"] = score(labels, ref, geom.spacing)
+        report["metrics"] = score(out_geom.to_file(labels), ref, truth_img)
     return report
 
 

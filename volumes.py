@@ -484,6 +484,38 @@ def load_label_volume(path: str | Path, expected_shape: tuple[int, ...] | None =
     return geom.to_slices(labels), geom
 
 
+AFFINE_TOLERANCE_MM = 1e-3  # two label volumes on "the same grid" have affines this close, entry by entry
+
+
+def check_same_grid(path: str | Path, shape: Sequence[int], affine: np.ndarray,
+                    other: str | Path, other_shape: Sequence[int], other_affine: np.ndarray) -> None:
+    """The one rule for a label volume that must lie on another file's voxel grid (a ground truth on its
+    CT volume or on a prediction): the same array shape, and affines that differ by at most
+    `AFFINE_TOLERANCE_MM` in every entry. Nothing is resampled or reoriented, as the LiTS scorer does
+    not: a file whose affine differs (a mirrored axis, another orientation, a lying header) is
+    refused rather than scored mirrored. Raises DataError naming `path` and `other`."""
+    shape, other_shape = tuple(int(s) for s in shape), tuple(int(s) for s in other_shape)
+    if shape != other_shape:
+        raise DataError(f"{path}: found shape {shape}; expected {other_shape}, the shape of {Path(other).name} "
+                        f"(labels must lie on its voxel grid; nothing is resampled)")
+    a, b = np.asarray(affine, dtype=np.float64), np.asarray(other_affine, dtype=np.float64)
+    diff = float(np.max(np.abs(a - b)))
+    if not diff <= AFFINE_TOLERANCE_MM:
+        raise DataError(f"{path}: affine differs from {Path(other).name}'s by up to {diff:.4g} mm (orientation "
+                        f"{''.join(nib.aff2axcodes(a))} vs {''.join(nib.aff2axcodes(b))}); expected its voxel "
+                        f"grid to within {AFFINE_TOLERANCE_MM:g} mm (nothing is resampled or reoriented)")
+
+
+def read_labels_on_grid(path: str | Path, other: str | Path, other_shape: Sequence[int],
+                        other_affine: np.ndarray):
+    """Read a label NIfTI that must lie on the voxel grid of `other` (`check_same_grid`): returns
+    (nibabel image, uint8 labels in the file's own voxel order, values in {0, 1, 2})."""
+    path = Path(path)
+    img, data = read_nifti(path)
+    check_same_grid(path, data.shape, img.affine, other, other_shape, other_affine)
+    return img, check_labels(data, path)
+
+
 def check_labels(data: np.ndarray, path: Path) -> np.ndarray:
     """Labels must be whole numbers in {0, 1, 2} (some LiTS files store them as floats)."""
     lo, hi = data.min(), data.max()

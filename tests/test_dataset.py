@@ -312,17 +312,34 @@ def test_prepare_leaves_complete_entries_only_and_parallel_equals_serial(lits_di
         np.testing.assert_array_equal(np.load(s.label_path), np.load(p.label_path))
 
 
+def slices_by_hand(path) -> np.ndarray:
+    """A phantom's voxels (axis-aligned affine, axes flipped as it says) as slices (Z, H, W) in
+    (S, P, L) order, from nibabel and the affine's signs alone: slices run inferior -> superior (+z),
+    rows anterior -> posterior (-y in RAS), columns patient right -> left (-x in RAS)."""
+    img = nib.load(str(path))
+    a = np.asarray(img.dataobj).transpose(2, 1, 0)  # (x, y, z) -> (z, y, x)
+    flips = [ax for ax, flip in ((0, img.affine[2, 2] < 0), (1, img.affine[1, 1] > 0), (2, img.affine[0, 0] > 0))
+             if flip]
+    return np.flip(a, flips) if flips else a
+
+
 def test_cached_arrays_equal_independent_computation(prepared, lits_dir):
+    # The cache against nibabel, the window written out ((HU - low) / (high - low), clipped to [0, 1])
+    # and PIL's resizing (torch's antialiased bilinear and nearest-exact are PIL's BILINEAR and NEAREST).
+    low, high = volumes.WINDOW_HU
     for case, prep in zip(dataset.find_cases(lits_dir), prepared):
-        hu, _ = volumes.load_volume(case.images[0])
-        expected = volumes.resize_slices(volumes.window_hu(hu), 32, "image").numpy()
+        hu = slices_by_hand(case.images[0]).astype(np.float32)
+        windowed = np.clip((hu - low) / (high - low), 0.0, 1.0).astype(np.float32)
+        expected = np.stack([np.asarray(Image.fromarray(s, mode="F").resize((32, 32), Image.BILINEAR))
+                             for s in windowed])
         image = np.load(prep.image_path)
         assert image.dtype == np.float16 and image.shape == (prep.num_slices, 32, 32)
         np.testing.assert_allclose(image.astype(np.float32), expected, atol=1e-3, rtol=0)
         label = np.load(prep.label_path)
-        lab, _ = volumes.load_label_volume(case.labels[0])
+        lab = np.ascontiguousarray(slices_by_hand(case.labels[0]).astype(np.uint8))
         assert label.dtype == np.uint8
-        np.testing.assert_array_equal(label, volumes.resize_slices(lab, 32, "label").numpy())
+        np.testing.assert_array_equal(label, np.stack([np.asarray(Image.fromarray(s).resize((32, 32), Image.NEAREST))
+                                                       for s in lab]))
         # native-resolution counts, straight from the segmentation file
         np.testing.assert_array_equal(prep.liver_pixels, per_slice_counts(case.labels[0], 1))
         np.testing.assert_array_equal(prep.tumor_pixels, per_slice_counts(case.labels[0], 2))

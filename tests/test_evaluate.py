@@ -318,6 +318,88 @@ def test_prediction_goes_to_the_lesion_it_overlaps_most():
     assert detect(pred, gt, 0.0) == (1, 1, 1)
 
 
+# The scorer's detect_lesions worked by hand (PatrickChrist/lits-challenge-scoring,
+# program/helpers/calc_metric.py). Its steps, in its own terms:
+#   1. For each prediction p in id order, the reference lesions whose largest overlap (first on a tie)
+#      is with p are merged into one group, named by its lowest id; g_merge_count of each = group size.
+#   2. Each prediction keeps only its largest overlap with a (merged) reference group.
+#   3. The predictions kept by one group are merged, named by their lowest id, and painted into
+#      `detected_mask` with the *group's* name.
+#   4. num_detected = number of merged pairs; for each pair (p, g) in the order of p:
+#      overlap / |detected_mask == p  or  reference group g| <= t -> erase detected_mask == g and
+#      num_detected -= g_merge_count[g].
+#   TP = num_detected, FP = predicted lesions - TP, FN = reference lesions - TP.
+# `line` lesions are numbered left to right (scipy's raster order).
+
+def pair_counts(pred: np.ndarray, gt: np.ndarray, threshold: float = 0.5) -> tuple[int, int, int]:
+    match = evaluate.match_lesions(*evaluate.label_lesions(pred), *evaluate.label_lesions(gt))
+    return evaluate.pair_detection_counts(match, threshold)
+
+
+def test_scorer_two_small_lesions_under_one_large_prediction_count_below_zero():
+    # g1 = [0, 2), g2 = [3, 5); p1 = [0, 10), 10 voxels. I(p1, g1) = I(p1, g2) = 2.
+    # 1. Both have their largest overlap with p1: merged into group 1, g_merge_count 2.
+    # 2-3. p1 keeps group 1; p1's voxels are painted 1.
+    # 4. Pair (p 1, g 1): overlap 4, union |painted == 1 (p1) or group 1| = 10: 0.4 <= 0.5, fails:
+    #    num_detected = 1 pair - 2 = -1. TP -1, FP 1 - (-1) = 2, FN 2 - (-1) = 3.
+    #    At IoU > 0: 0.4 > 0 passes: TP 1, FP 0, FN 1.
+    gt, pred = line(12, (0, 2), (3, 5)), line(12, (0, 10))
+    assert detect(pred, gt) == (-1, 2, 3)
+    assert detect(pred, gt, 0.0) == (1, 0, 1)
+    assert pair_counts(pred, gt) == (0, 1, 2)  # by the pair's own IoU 0.4: missed, never below zero
+    # The same two lesions under p1 = [0, 5): overlap 4, union 5, 0.8: one TP, the other lesion an FN.
+    assert detect(line(12, (0, 5)), gt) == (1, 0, 1)
+
+
+def test_scorer_one_lesion_split_by_two_predictions():
+    # g1 = [0, 10); p1 = [0, 2), p2 = [5, 7), I = 2 each.
+    # 1. g1's largest overlap: a tie, the first row wins: p1; group 1 alone, g_merge_count 1.
+    # 2-3. p1 and p2 both keep group 1, merged as 1, painted 1.
+    # 4. Pair (1, 1): overlap 4, union |p1 + p2 or g1| = 10: 0.4, fails: num_detected 1 - 1 = 0.
+    #    TP 0, FP 2, FN 1.
+    gt = line(10, (0, 10))
+    assert detect(line(10, (0, 2), (5, 7)), gt) == (0, 2, 1)
+    # p1 = [0, 3), p2 = [5, 8): overlap 6, union 10: 0.6, detected: TP 1, FP 2 - 1, FN 0.
+    assert detect(line(10, (0, 3), (5, 8)), gt) == (1, 1, 0)
+
+
+def test_scorer_union_reads_prediction_ids_in_a_mask_of_reference_ids():
+    # g1 = [0, 2) (no prediction touches it), g2 = [5, 15), 10 voxels; p1 = [4, 26), 22 voxels.
+    # 1-3. g2's only overlap is p1: group 2; p1 keeps it and is painted 2.
+    # 4. Pair (p 1, g 2): overlap 10; union |painted == 1 or group 2|: nothing is painted 1, so the
+    #    union is g2 alone, 10: 1.0 > 0.5, detected. TP 1, FP 0, FN 1.
+    #    The pair's own IoU is 10 / 22: missed (TP 0, FP 1, FN 2).
+    gt, pred = line(30, (0, 2), (5, 15)), line(30, (4, 26))
+    assert detect(pred, gt) == (1, 0, 1)
+    assert pair_counts(pred, gt) == (0, 1, 2)
+    s = evaluate.summarize([evaluate.score_case(pred, gt, (1.0, 1.0, 1.0), 0)])
+    assert (s["lesions_tp"], s["lesions_fp"], s["lesions_fn"]) == (1, 0, 1)
+    assert (s["lesions_tp_pair_iou"], s["lesions_fp_pair_iou"], s["lesions_fn_pair_iou"]) == (0, 1, 2)
+    assert s["lesion_dice_detected"] == pytest.approx(2 * 10 / 32)  # the scorer's detected pair
+
+
+def test_scorer_chain_of_partial_overlaps():
+    # g1 = [0, 2) (untouched), g2 = [4, 12) 8 voxels, g3 = [14, 18) 4, g4 = [26, 30) 4;
+    # p1 = [3, 7) 4 voxels, p2 = [14, 24) 10, p3 = [26, 30) 4.
+    # I(p1, g2) = 3, I(p2, g3) = 4, I(p3, g4) = 4, no other overlap.
+    # 1-3. Groups 2, 3, 4 of one lesion each; p1 painted 2, p2 painted 3, p3 painted 4.
+    # 4. num_detected = 3, then in the order of p:
+    #    (p 1, g 2): overlap 3, union |painted == 1 (none) or g2| = 8: 0.375, fails: erase painted 2 (p1),
+    #                num_detected 2.
+    #    (p 2, g 3): overlap 4, union |painted == 2 (p1, erased: none) or g3| = 4: 1.0, detected.
+    #    (p 3, g 4): overlap 4, union |painted == 3 (p2, 10) or g4 (4)| = 14: 0.29, fails: num_detected 1.
+    # TP 1, FP 3 - 1 = 2, FN 4 - 1 = 3: g3 detected (own IoU 0.4), g4 missed (own IoU 1.0).
+    gt = line(32, (0, 2), (4, 12), (14, 18), (26, 30))
+    pred = line(32, (3, 7), (14, 24), (26, 30))
+    match = evaluate.match_lesions(*evaluate.label_lesions(pred), *evaluate.label_lesions(gt))
+    assert [(p.pred_ids, p.ref_ids) for p in match.pairs] == [((1,), (2,)), ((2,), (3,)), ((3,), (4,))]
+    assert evaluate.scorer_detected(match, 0.5) == (False, True, False)
+    assert evaluate.detection_counts(match, 0.5) == (1, 2, 3)
+    assert [p.iou > 0.5 for p in match.pairs] == [False, False, True]
+    assert evaluate.pair_detection_counts(match, 0.5) == (1, 2, 3)  # the same totals, another lesion
+    assert evaluate.detection_counts(match, 0.0) == (3, 0, 1)
+
+
 def test_lesions_touching_at_a_corner_or_an_edge_are_two():
     gt = np.zeros((2, 2, 2), np.uint8)
     gt[0, 0, 0] = gt[1, 1, 1] = 2  # corner contact only
@@ -359,33 +441,49 @@ def test_detection_without_lesions():
 
 
 def scorer_procedure(pred: np.ndarray, gt: np.ndarray, threshold: float) -> tuple[int, int, int]:
-    """The scorer's detect_lesions, re-done from its description with a dense overlap matrix whose
-    columns (reference lesions) and rows (predictions) are merged in label order, and the IoU counted
-    on the merged masks themselves."""
+    """The scorer's detect_lesions and its TP/FP/FN, re-done the way it works: a dense overlap matrix
+    whose columns (reference lesions) and rows (predictions) are merged in label order, the merged
+    predictions painted into a mask under their reference group's id, and each pair's union counted
+    on that mask as the scorer counts it: the voxels holding the pair's lowest *prediction* id."""
     pl, n_p = ndimage.label(pred == 2)
     gl, n_g = ndimage.label(gt == 2)
+    if n_g == 0:
+        return 0, n_p, 0
     p_list = [p for p in range(1, n_p + 1) if ((pl == p) & (gl > 0)).any()]
-    members = [[g] for g in range(1, n_g + 1)]
-    inter = np.array([[np.sum((pl == p) & (gl == g)) for g in range(1, n_g + 1)] for p in p_list],
+    g_list = list(range(1, n_g + 1))
+    merged_ref = gl.copy()
+    group_size = {g: 1 for g in g_list}
+    inter = np.array([[np.sum((pl == p) & (gl == g)) for g in g_list] for p in p_list],
                      dtype=np.int64).reshape(len(p_list), n_g)
     for i in range(len(p_list)):  # references spanned by prediction i, and best overlapped by it
         cols = [j for j in np.flatnonzero(inter[i]) if np.argmax(inter[:, j]) == i]
+        names = [g_list[j] for j in cols]
+        for g in names:
+            group_size[g] = len(names)
+            merged_ref[merged_ref == g] = names[0]
         if len(cols) > 1:
             inter[:, cols[0]] = inter[:, cols].sum(axis=1)
-            members[cols[0]] = sum((members[j] for j in cols), [])
             inter = np.delete(inter, cols[1:], axis=1)
-            members = [m for j, m in enumerate(members) if j not in cols[1:]]
+            g_list = [g for j, g in enumerate(g_list) if j not in cols[1:]]
     kept = np.zeros_like(inter)
     if len(p_list):
         best = np.argmax(inter, axis=1)
         kept[np.arange(len(p_list)), best] = inter[np.arange(len(p_list)), best]
-    tp = 0
-    for j, refs in enumerate(members):
+    painted = np.zeros_like(pl)  # merged predictions under their reference group's id
+    rows_of = []
+    for j, g in enumerate(g_list):
         rows = np.flatnonzero(kept[:, j])
+        for r in rows:
+            painted[pl == p_list[r]] = g
         if len(rows):
-            p_mask, g_mask = np.isin(pl, [p_list[r] for r in rows]), np.isin(gl, refs)
-            tp += int(kept[rows, j].sum() / np.sum(p_mask | g_mask) > threshold)
-    return tp, n_p - tp, n_g - tp
+            rows_of.append((p_list[rows[0]], g, int(kept[rows, j].sum())))
+    detected = len(rows_of)
+    for p_name, g, overlap in sorted(rows_of):
+        union = np.sum((painted == p_name) | (merged_ref == g))
+        if overlap / union <= threshold:
+            painted[painted == g] = 0
+            detected -= group_size[g]
+    return detected, n_p - detected, n_g - detected
 
 
 def random_lesions(rng, shape) -> np.ndarray:
@@ -413,9 +511,10 @@ def test_detection_matches_the_scorer_procedure_on_random_lesions(seed):
 def test_predict_segmentation_scores_with_these_definitions():
     import predict_segmentation
     pred, gt = _lesion_case()
-    got = predict_segmentation.score(pred, gt, (2.5, 0.7, 0.7))
-    assert got == evaluate.json_safe(evaluate.score_case(pred, gt, (2.5, 0.7, 0.7), axial_axis=0).row)
-    assert (got["lesions_tp"], got["lesions_fp"], got["lesions_fn"]) == (1, 2, 1)
+    got = predict_segmentation.score(pred, gt, nib.Nifti1Image(gt, np.diag([2.5, 0.7, 0.7, 1.0])))
+    assert (got["lesions_tp"], got["lesions_fp"], got["lesions_fn"]) == (1, 2, 1)  # as worked out in _lesion_case
+    # Tumor: A (8 voxels) and B (8) against A' (12), B' (8), C (1): |P & G| = 8 + 2 = 10, Dice 20 / 37.
+    assert got["dice_tumor"] == pytest.approx(20 / 37)
 
 
 # --------------------------------------------------------------------------------------------
@@ -605,11 +704,14 @@ def test_degraded_prediction(folders, capsys):
     bad[bad == 2] = 1                                                  # every lesion missed
     bad[ndimage.binary_erosion(bad >= 1) ^ (bad >= 1)] = 0             # liver one voxel too thin
     save_labels(pred_dir / PRED_NAMES[1].format(1), bad, img.affine)
-    lesions_1 = evaluate.label_lesions(gt)[1]
-    counts = []
+    # Expected values from the files with numpy and scipy alone.
+    lesions_1 = ndimage.label(gt == 2)[1]  # face-connected, scipy's default
+    inter = total = 0
     for i in range(3):
-        g = read_labels(gt_dir / f"segmentation-{i}.nii")[0]
-        counts.append(evaluate.dice_counts(bad if i == 1 else g, g))
+        g = read_labels(gt_dir / f"segmentation-{i}.nii")[0] >= 1
+        p = (bad >= 1) if i == 1 else g
+        inter, total = inter + np.sum(p & g), total + np.sum(p) + np.sum(g)
+    dice_global_liver = 2 * inter / total
 
     rows, summary = evaluate.evaluate_folders(pred_dir, gt_dir)
     assert [r["case"] for r in rows] == [0, 1, 2]
@@ -622,13 +724,12 @@ def test_degraded_prediction(folders, capsys):
     assert (r1["lesions_tp"], r1["lesions_fp"], r1["lesions_fn"]) == (0, 0, lesions_1)
     assert summary["nan_assd_tumor"] == 1 and summary["mean_assd_tumor"] == 0.0  # the NaN left out
     assert summary["mean_dice_tumor"] == pytest.approx(2 / 3)
-    assert summary["dice_global_liver"] == pytest.approx(evaluate.dice_global(counts, "liver"))
-    assert summary["dice_global_liver"] < 1.0
+    assert summary["dice_global_liver"] == pytest.approx(dice_global_liver) and dice_global_liver < 1.0
     assert summary["lesions_fn"] == lesions_1 and summary["lesions_fp"] == 0
     assert summary["detection_precision"] == 1.0
     assert summary["detection_recall"] == pytest.approx(summary["lesions_tp"] / (summary["lesions_tp"] + lesions_1))
     assert summary["lesion_dice_detected"] == 1.0  # the lesions of cases 0 and 2, found exactly
-    assert summary["tumor_burden_max_error"] == pytest.approx(evaluate.tumor_burden(gt))  # case 1: burden 0
+    assert summary["tumor_burden_max_error"] == pytest.approx(np.sum(gt == 2) / np.sum(gt >= 1))  # case 1: burden 0
 
     rc = evaluate.run_cli(evaluate.main, evaluate.get_args_parser(),
                           ["--pred", str(pred_dir), "--gt", str(gt_dir)])
@@ -646,7 +747,8 @@ def test_summary_json_holds_every_aggregate(folders, tmp_path):
     saved = json.loads(out.read_text())
     _, summary = evaluate.evaluate_folders(pred_dir, gt_dir)
     assert saved == evaluate.json_safe(summary)
-    for key in ("dice_global_tumor", "mean_assd_liver", "lesions_tp_iou0", "detection_f1", "lesion_dice_detected",
+    for key in ("dice_global_tumor", "mean_assd_liver", "lesions_tp_iou0", "lesions_tp_pair_iou", "detection_f1",
+                "lesion_dice_detected",
                 "recall_lt10mm", "tumor_burden_rmse", "tumor_burden_max_error"):
         assert key in saved, key
     assert sorted(p.name for p in out.parent.iterdir()) == ["summary.json"]

@@ -271,14 +271,38 @@ def test_preprocessing_reads_any_dtype_byte_order_and_strides_as_float32_would()
     assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("task", ["segmentation", "classification"])
-def test_network_built_without_lightning_matches_lit_model(task):
-    from lit_model import LIT_MODULES, build_network
-    hp = dict(LIT_MODULES[task](**({"base_width": 4} if task == "segmentation" else {"hidden": 16})).hparams)
-    ours = {k: v.shape for k, v in inference.build_network(hp).state_dict().items()}
-    theirs = {k: v.shape for k, v in build_network(hp).state_dict().items()}
-    assert ours == theirs
-    assert type(inference.build_network(hp)) is type(build_network(hp))
+# Hyperparameters written out by hand, none at its default, and the network each must give, built
+# straight from unet.py / vgg16.py: an argument build_network dropped or mixed up would show.
+SEG_HP = {"task": "segmentation", "in_channels": 5, "num_classes": 3, "base_width": 4, "depth": 3,
+          "upsampling": "bilinear", "attention": True}
+CLS_HP = {"task": "classification", "in_channels": 3, "num_classes": 2, "batch_norm": False, "dropout": 0.3,
+          "hidden": 16, "head": "evidence", "pool_sharpness": 2.0}
+
+
+def _direct(task: str, hp: dict) -> nn.Module:
+    if task == "segmentation":
+        from unet import UNet
+        return UNet(in_channels=5, num_classes=3, base_width=4, depth=3, upsampling="bilinear", attention=True)
+    from vgg16 import VGG16
+    return VGG16(in_channels=3, num_classes=2, batch_norm=False, dropout=0.3, hidden=16,
+                 head=hp.get("head", "fc"), pool_sharpness=hp.get("pool_sharpness", 5.0))
+
+
+@pytest.mark.parametrize("task, hp", [("segmentation", SEG_HP), ("classification", CLS_HP),
+                                      ("classification", {k: v for k, v in CLS_HP.items()
+                                                          if k not in ("head", "pool_sharpness")})],
+                         ids=["segmentation", "classification", "classification-before-the-evidence-head"])
+def test_build_network_from_hyperparameters_alone(task, hp):
+    """A checkpoint's hyperparameters give the network they describe (a checkpoint from before the
+    evidence head, without `head`, the classic fc head)."""
+    torch.manual_seed(0)
+    expected = _direct(task, hp).eval()
+    got = inference.build_network(hp).eval()
+    assert type(got) is type(expected) and repr(got) == repr(expected)  # layers, widths, dropout, upsampling
+    got.load_state_dict(expected.state_dict(), strict=True)  # the same parameters, names and shapes
+    x = torch.rand(2, hp["in_channels"], 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(got(x), expected(x), rtol=0, atol=0)  # and forward (pool sharpness)
 
 
 def test_postprocess_removes_a_detached_island_and_a_far_tumor_voxel():

@@ -5,7 +5,7 @@ import torch
 
 from inference import volume_score
 from tests.helpers import save_checkpoint
-from lit_model import (LitClassifier, LitSegmenter, RegionDice, balanced_bce, binary_metrics_at, build_network,
+from lit_model import (LitClassifier, LitSegmenter, RegionDice, balanced_bce, binary_metrics_at,
                        choose_threshold, dice_from_counts, region_masks, soft_region_dice_loss, volume_scores,
                        stopwatch, warmup_cosine, warmup_cosine_in_time)
 
@@ -119,12 +119,18 @@ def test_warmup_cosine_schedule_shape():
 
 
 def test_hyperparameters_record_preprocessing_and_rebuild_network():
-    m = LitSegmenter(in_channels=3, base_width=4, image_size=64, context_slices=1, window=(-100.0, 200.0))
+    from unet import UNet
+    m = LitSegmenter(in_channels=3, base_width=4, depth=3, upsampling="bilinear", attention=True, image_size=64,
+                     context_slices=1, window=(-100.0, 200.0))
     hp = m.hparams
     assert hp.task == "segmentation" and hp.image_size == 64 and hp.context_slices == 1
     assert tuple(hp.window) == (-100.0, 200.0) and tuple(hp.class_names) == ("background", "liver", "tumor")
-    net = build_network(hp)
-    assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in m.net.parameters())
+    assert (hp.in_channels, hp.num_classes, hp.base_width, hp.depth, hp.upsampling, hp.attention) == \
+        (3, 3, 4, 3, "bilinear", True)
+    # The module's network is the U-Net those arguments describe, built here straight from unet.py
+    # (how hyperparameters become a network is tests/test_inference.py's).
+    assert repr(m.net) == repr(UNet(in_channels=3, num_classes=3, base_width=4, depth=3, upsampling="bilinear",
+                                    attention=True))
     c = LitClassifier(in_channels=1, hidden=16, image_size=32, context_slices=0)
     assert c.hparams.task == "classification" and tuple(c.hparams.class_names) == ("healthy", "tumor")
 

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy import ndimage
 from torch import nn
 
 import inference
@@ -776,7 +777,7 @@ def test_segmenting_a_slice_never_imports_lightning(slice_files, ckpts, tmp_path
 # --------------------------------------------------------------------------------------------
 
 def test_ground_truth_scoring_with_the_oracle_is_perfect(phantoms, ckpts, tmp_path, monkeypatch):
-    pytest.importorskip("evaluate")
+    import evaluate  # a failure to import it is a failure, not a skip
     volume, segmentation = phantoms["ras"]
     truth_slices, _ = volumes.load_label_volume(segmentation)
     use_oracle(monkeypatch, Oracle(unit_slices(volume, 48), torch.from_numpy(truth_slices)))
@@ -786,8 +787,80 @@ def test_ground_truth_scoring_with_the_oracle_is_perfect(phantoms, ckpts, tmp_pa
     metrics = result["cases"][0]["metrics"]
     assert metrics["dice_liver"] == pytest.approx(1.0) and metrics["dice_tumor"] == pytest.approx(1.0)
     assert metrics["voe_liver"] == pytest.approx(0.0) and metrics["assd_liver"] == pytest.approx(0.0)
-    assert metrics["lesions_fp"] == 0 and metrics["lesions_fn"] == 0 and metrics["lesions_tp"] >= 1
+    # Every lesion found once: TP = the lesions scipy finds in the file (face-connected, its default).
+    num_lesions = ndimage.label(np.asarray(nib.load(segmentation).dataobj) == 2)[1]
+    assert num_lesions >= 1
+    assert (metrics["lesions_tp"], metrics["lesions_fp"], metrics["lesions_fn"]) == (num_lesions, 0, 0)
     assert json.loads((tmp_path / "r.json").read_text())["cases"][0]["metrics"] == metrics
+    assert evaluate.json_safe(evaluate.score_case(*evaluate.load_pair(tmp_path / "p.nii.gz", segmentation)).row) \
+        == metrics
+
+
+def test_ground_truth_scores_as_evaluate_scores_the_written_file(phantoms, ckpts, tmp_path, monkeypatch):
+    """A flipped phantom (its slices order is not the file's) and an imperfect answer with several
+    lesions: the scorer's lesion counts depend on the voxel order, so --ground-truth must print what
+    evaluate.py prints for the file it wrote, number for number."""
+    import evaluate
+    volume, segmentation = phantoms["flipped"]
+    truth_slices, _ = volumes.load_label_volume(segmentation)
+    answer = truth_slices.copy()
+    rng = np.random.default_rng(0)
+    answer[(rng.random(answer.shape) < 0.05) & (truth_slices == 1)] = 2  # specks of false tumour
+    answer[ndimage.binary_dilation(truth_slices == 2, iterations=2) & (truth_slices >= 1)] = 2  # lesions grown
+    use_oracle(monkeypatch, Oracle(unit_slices(volume, 48), torch.from_numpy(answer)))
+    pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
+    gt_dir.mkdir()
+    shutil.copy(segmentation, gt_dir / segmentation.name)
+    result = ps.main(seg_args("--checkpoint", ckpts["seg48"], "--input", volume, "--output",
+                              pred_dir / "prediction-0.nii.gz", "--ground-truth", segmentation, "--no-postprocess",
+                              "--device", "cpu", "--exact"))
+    metrics = result["cases"][0]["metrics"]
+    rows, _ = evaluate.evaluate_folders(pred_dir, gt_dir)
+    assert metrics == evaluate.json_safe({k: v for k, v in rows[0].items() if k != "case"})
+    # The scorer's counts, re-done independently (tests/test_evaluate.py) on the files as stored; in the
+    # slices' order they differ for this answer, which is why the order matters.
+    from tests.test_evaluate import scorer_procedure
+    pred_file = np.asarray(nib.load(pred_dir / "prediction-0.nii.gz").dataobj)
+    truth_file = np.asarray(nib.load(segmentation).dataobj)
+    counts = scorer_procedure(pred_file, truth_file, 0.5)
+    assert (metrics["lesions_tp"], metrics["lesions_fp"], metrics["lesions_fn"]) == counts
+    assert scorer_procedure(answer, truth_slices, 0.5) != counts
+
+
+def test_mirrored_affine_ground_truth_is_refused_by_both_commands_alike(phantoms, ckpts, tmp_path, capsys):
+    """A ground truth whose affine says its x axis runs the other way (its voxels as they were): the
+    same shape, another voxel grid. Both commands refuse it with one line, exit 2, the same message."""
+    import evaluate
+    volume, segmentation = phantoms["ras"]
+    img = nib.load(segmentation)
+    mirrored = img.affine.copy()
+    mirrored[:3, 3] += mirrored[:3, 0] * (img.shape[0] - 1)
+    mirrored[:3, 0] *= -1
+    gt_dir, pred_dir, out = tmp_path / "gt", tmp_path / "pred", tmp_path / "out"
+    for d in (gt_dir, pred_dir, out):
+        d.mkdir()
+    truth = gt_dir / "segmentation-1.nii"
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), mirrored), str(truth))
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), img.affine), str(pred_dir / "prediction-1.nii"))
+
+    rc_predict = volumes.run_cli(ps.main, ps.get_args_parser(), [
+        "--checkpoint", str(ckpts["seg"]), "--input", str(volume), "--output", str(out / "p.nii.gz"),
+        "--ground-truth", str(truth), "--device", "cpu"])
+    err_predict = capsys.readouterr().err.strip()
+    rc_evaluate = volumes.run_cli(evaluate.main, evaluate.get_args_parser(), [
+        "--pred", str(pred_dir), "--gt", str(gt_dir), "--output", str(out / "m.csv")])
+    err_evaluate = capsys.readouterr().err.strip()
+    assert rc_predict == rc_evaluate == 2
+    dx = float(np.abs(img.affine[0, 0]))
+    # |entry differences|: the x column's 2 dx, the origin's (shape - 1) dx.
+    largest = max(2 * dx, (img.shape[0] - 1) * dx)
+    for err, other in ((err_predict, volume.name), (err_evaluate, "prediction-1.nii")):
+        errors = [ln for ln in err.splitlines() if ln.startswith("error:")]  # evaluate's progress bar aside
+        assert "Traceback" not in err
+        assert errors == [f"error: {truth}: affine differs from {other}'s by up to {largest:.4g} mm (orientation "
+                          f"LAS vs RAS); expected its voxel grid to within 0.001 mm (nothing is resampled or "
+                          f"reoriented)"], err
+    assert list(out.iterdir()) == []  # nothing written
 
 
 def test_volume_verdict_is_the_checkpoints_volume_threshold_on_every_slice(phantoms, ckpts, tmp_path, monkeypatch,

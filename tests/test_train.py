@@ -14,7 +14,7 @@ import torch
 import phantom
 import train
 import volumes
-from lit_model import LitSegmenter, RegionDice
+from lit_model import LitClassifier, LitSegmenter, RegionDice
 from tests.helpers import assert_one_line_naming, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +51,51 @@ def _epoch_losses(summary: dict) -> list[float]:
     return [v for _, v in scalars["train/loss_epoch"]]
 
 
-def test_segmentation_learns_and_writes_graphs_and_checkpoints(tiny_data, tmp_path):
+class RecordingSegmenter(LitSegmenter):
+    """LitSegmenter that records each test batch's predicted labels, reference and case index as its
+    per-case Dice receives them, so a test can score them itself."""
+
+    recorded: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def on_test_epoch_start(self):
+        super().on_test_epoch_start()
+        update = self.case_dice.update
+
+        def record(pred, target, groups):
+            RecordingSegmenter.recorded.append((pred.cpu().numpy(), target.cpu().numpy(), groups.cpu().numpy()))
+            return update(pred, target, groups)
+        self.case_dice.update = record
+
+
+def dice_by_hand(recorded) -> dict[str, float]:
+    """The test metrics from the recorded labels with numpy: per region the split's pooled Dice (NaN
+    without reference anywhere) and the mean over cases of each case's Dice (both empty: 1; NaN when
+    no case has the region)."""
+    pred = np.concatenate([p for p, _, _ in recorded])
+    target = np.concatenate([t for _, t, _ in recorded])
+    case = np.concatenate([c for _, _, c in recorded])
+    out = {}
+    for name, region in (("liver", lambda a: a >= 1), ("tumor", lambda a: a == 2)):
+        p, g = region(pred), region(target)
+        out[f"test/dice_{name}"] = 2 * np.sum(p & g) / (np.sum(p) + np.sum(g)) if g.any() else float("nan")
+        per_case = []
+        for c in np.unique(case):
+            pc, gc = p[case == c], g[case == c]
+            total = np.sum(pc) + np.sum(gc)
+            per_case.append(2 * np.sum(pc & gc) / total if total else 1.0)
+        out[f"test/dice_{name}_per_case"] = float(np.mean(per_case)) if g.any() else float("nan")
+    return out
+
+
+def assert_matches(got: dict, expected: dict) -> None:
+    for key, want in expected.items():
+        assert (np.isnan(got[key]) and np.isnan(want)) or got[key] == pytest.approx(want, rel=1e-5, abs=1e-6), \
+            (key, got[key], want)
+
+
+def test_segmentation_learns_and_writes_graphs_and_checkpoints(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "LitSegmenter", RecordingSegmenter)
+    RecordingSegmenter.recorded.clear()
     out = tmp_path / "run"
     summary = train.main(run_args(tiny_data, out, "segmentation", "--max-epochs", "4", "--lr", "3e-3"))
     losses = _epoch_losses(summary)
@@ -61,22 +105,66 @@ def test_segmentation_learns_and_writes_graphs_and_checkpoints(tiny_data, tmp_pa
     for name in ("test_examples", "val_dice", "train_dice_epoch", "val_loss", "train_loss_epoch"):
         png = out / "graphs" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-    for key in ("test/dice_liver", "test/dice_tumor", "test/dice_liver_per_case", "test/dice_tumor_per_case"):
-        assert 0.0 <= summary["test"][key] <= 1.0
+    expected = dice_by_hand(RecordingSegmenter.recorded)
+    assert np.sum(np.concatenate([t for _, t, _ in RecordingSegmenter.recorded]) == 2) > 0  # tumour in the test
+    assert_matches(summary["test"], expected)
     assert set(summary["test_per_case_dice"]) == set(summary["split"]["test"])
     saved = json.loads((out / "test_metrics.json").read_text())
     assert saved["test"] == pytest.approx(summary["test"])
 
 
-def test_classification_graphs_and_metrics(tiny_data, tmp_path):
+class RecordingClassifier(LitClassifier):
+    """LitClassifier that records each test batch's slice probabilities, targets and case indices as
+    its test metrics receive them."""
+
+    recorded: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        update = self.test_preds.update
+
+        def record(prob, target, case=None):
+            RecordingClassifier.recorded.append((prob.detach().cpu().double().numpy(), target.cpu().numpy(),
+                                                 case.cpu().numpy()))
+            return update(prob, target, case)
+        self.test_preds.update = record
+
+
+def auroc_by_pairs(scores: np.ndarray, target: np.ndarray) -> float:
+    """Probability that a positive outscores a negative (ties count half), every pair compared."""
+    pos, neg = scores[target == 1], scores[target == 0]
+    return float(np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg]))
+
+
+def classification_by_hand(recorded, threshold: float) -> dict[str, float]:
+    from inference import VOLUME_TOP_K
+    prob = np.concatenate([p for p, _, _ in recorded])
+    target = np.concatenate([t for _, t, _ in recorded])
+    case = np.concatenate([c for _, _, c in recorded])
+    pred = prob >= threshold
+    tp, fn = np.sum(pred & (target == 1)), np.sum(~pred & (target == 1))
+    tn, fp = np.sum(~pred & (target == 0)), np.sum(pred & (target == 0))
+    sens, spec = tp / (tp + fn), tn / (tn + fp)
+    volumes_ = np.unique(case)
+    vol_score = np.array([np.mean(np.sort(prob[case == c])[::-1][:VOLUME_TOP_K]) for c in volumes_])
+    vol_target = np.array([target[case == c].max() for c in volumes_])
+    return {"test/acc": (tp + tn) / len(target), "test/sensitivity": sens, "test/specificity": spec,
+            "test/balanced_acc": (sens + spec) / 2, "test/f1": 2 * tp / (2 * tp + fp + fn),
+            "test/auroc": auroc_by_pairs(prob, target), "test/auroc_volume": auroc_by_pairs(vol_score, vol_target)}
+
+
+def test_classification_graphs_and_metrics(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "LitClassifier", RecordingClassifier)
+    RecordingClassifier.recorded.clear()
     out = tmp_path / "run"
     # A third of the patients for the test: a tumour-free one and one with tumours, so both classes.
     summary = train.main(run_args(tiny_data, out, "classification", "--max-epochs", "2", "--test-fraction", "0.34"))
     for name in ("train_loss_epoch", "train_accuracy_epoch", "train_loss_step", "train_accuracy_step", "val_loss",
                  "val_accuracy", "roc_curve", "confusion_matrix"):
         assert (out / "graphs" / f"{name}.png").is_file(), name
-    for key in ("acc", "balanced_acc", "auroc", "sensitivity", "specificity", "f1", "auroc_volume", "threshold"):
-        assert 0.0 <= summary["test"][f"test/{key}"] <= 1.0, key
+    threshold = summary["test"]["test/threshold"]  # chosen on validation
+    assert 0.0 <= threshold <= 1.0
+    assert_matches(summary["test"], classification_by_hand(RecordingClassifier.recorded, threshold))
     # The test ran at the threshold chosen on validation, which best.ckpt records for prediction.
     ckpt = torch.load(summary["checkpoint"], map_location="cpu", weights_only=True)
     assert ckpt["hyper_parameters"]["threshold"] == pytest.approx(summary["test"]["test/threshold"])
@@ -394,7 +482,9 @@ def test_best_goes_by_the_mean_of_liver_and_tumor_dice(tiny_data, tmp_path, monk
     assert ckpt_epoch(out / "checkpoints" / "best.ckpt") == 1
 
 
-def test_liver_only_data_has_no_tumor_dice_and_best_follows_liver_dice(tmp_path):
+def test_liver_only_data_has_no_tumor_dice_and_best_follows_liver_dice(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "LitSegmenter", RecordingSegmenter)
+    RecordingSegmenter.recorded.clear()
     data = tmp_path / "liver_only"
     for i in range(5):
         phantom.write_phantom_case(data, i, size=48, seed=4, num_slices=10, num_tumors=0)
@@ -408,7 +498,7 @@ def test_liver_only_data_has_no_tumor_dice_and_best_follows_liver_dice(tmp_path)
     best = 1 if liver[1] > liver[0] or (liver[1] == liver[0] and loss[1] < loss[0]) else 0
     assert ckpt_epoch(out / "checkpoints" / "best.ckpt") == best
     assert np.isnan(summary["test"]["test/dice_tumor"]) and np.isnan(summary["test"]["test/dice_tumor_per_case"])
-    assert 0.0 <= summary["test"]["test/dice_liver"] <= 1.0
+    assert_matches(summary["test"], dice_by_hand(RecordingSegmenter.recorded))  # the tumour's NaN included
     saved = json.loads((out / "test_metrics.json").read_text())  # strict JSON: NaN written as null
     assert saved["test"]["test/dice_tumor"] is None and saved["test"]["test/dice_liver"] is not None
 
