@@ -23,7 +23,7 @@ import matplotlib
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, WeightAveraging
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, Timer, WeightAveraging
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.strategies import StrategyRegistry
 from pytorch_lightning.utilities import rank_zero_info
@@ -127,6 +127,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="keep an exponential moving average of the weights (each step: average = DECAY * average + "
                         "(1 - DECAY) * weights) and validate, test and save it instead of the raw weights; 0 = off "
                         + _default_help("ema"))
+    p.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --ema, let the decay grow as min(DECAY, (1 + n) / (10 + n)) over the first updates n, "
+                        "so that a short run's average is not mostly its initial weights")
     p.add_argument("--image-size", type=int_at_least(32), default=None,
                    help="training resolution " + _default_help("image_size"))
     p.add_argument("--context-slices", type=int_at_least(0), default=None,
@@ -392,10 +395,21 @@ def checkpoint_callbacks(task: str, dirpath: Path) -> list[ModelCheckpoint]:
     return [best, last]
 
 
+def ema_decay(decay: float, updates: int, warmup: bool = True) -> float:
+    """The decay of an average's `updates`-th update (1 for the first after the copy of the first
+    step's weights). With `warmup`, min(decay, (1 + n) / (10 + n)), the schedule of TensorFlow's
+    ExponentialMovingAverage(num_updates) and timm's ModelEmaV3: 0.18 at the first update, 0.5 at the
+    8th, 0.9 at the 80th, 0.995 from the 1,790th on, so that a run of a few hundred steps averages
+    what it learnt rather than the initial weights (a fixed 0.995 after 300 steps still holds
+    0.995**300 = 22 % of the first step's weights)."""
+    return min(decay, (1.0 + updates) / (10.0 + updates)) if warmup else decay
+
+
 class EMAWeights(WeightAveraging):
     """An exponential moving average of the weights (BatchNorm statistics included), updated after every
-    optimiser step: average = decay * average + (1 - decay) * weights, starting from the first step's
-    weights. Validation runs on the average (so best.ckpt is chosen by it), checkpoints hold it as their
+    optimiser step: average = d * average + (1 - d) * weights, starting from the first step's
+    weights, with d = `ema_decay(decay, n, warmup)` at the n-th update. Validation runs on the average
+    (so best.ckpt is chosen by it), checkpoints hold it as their
     `state_dict` (the raw weights ride along for resuming), and the model ends training holding it.
 
     Lightning's `WeightAveraging` reloads the raw weights into the model whenever a checkpoint is
@@ -408,10 +422,14 @@ class EMAWeights(WeightAveraging):
     # averaged with older choices (averaged, a classifier's test once ran at a threshold of 0.01).
     CHOSEN_BY_VALIDATION = ("operating_threshold", "volume_operating_point")
 
-    def __init__(self, decay: float):
+    def __init__(self, decay: float, warmup: bool = True):
         from torch.optim.swa_utils import get_ema_multi_avg_fn
-        super().__init__(multi_avg_fn=get_ema_multi_avg_fn(decay))
-        self.decay = decay
+
+        def update(averaged, current, updates: torch.Tensor) -> None:  # torch's update at this step's decay
+            get_ema_multi_avg_fn(ema_decay(decay, int(updates), warmup))(averaged, current, updates)
+
+        super().__init__(multi_avg_fn=update)
+        self.decay, self.warmup = decay, warmup
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         if trainer.state.fn == "fit":
@@ -443,6 +461,47 @@ class RecordTrainingData(pl.Callback):
         found = getattr(trainer.datamodule, "training_data", None)
         if found:
             checkpoint.setdefault("hyper_parameters", {})["training_data"] = found
+
+
+class LearningCheck(pl.Callback):
+    """One warning line when a segmentation run has spent a third of its budget (of `--max-time`, else
+    of its epochs) and its validation liver Dice is below 0.5: checked once, at the first validation
+    past that third. A run at that point has nearly always been given too little compute for its image
+    size and network, and would otherwise end with a model that segments nothing, silently.
+    `elapsed()` gives the seconds of training so far (default: Lightning's Timer, which --max-time sets)."""
+
+    SHARE, FLOOR = 1 / 3, 0.5
+
+    def __init__(self, budget_s: float | None, max_epochs: int, elapsed=None):
+        self.budget_s, self.max_epochs, self.elapsed, self.done = budget_s, max_epochs, elapsed, False
+
+    def _spent(self, trainer) -> float:
+        """The share of the budget spent: of the time or of the epochs, whichever ends the run first."""
+        shares = [(trainer.current_epoch + 1) / self.max_epochs] if self.max_epochs > 0 else [0.0]
+        elapsed = self.elapsed
+        if self.budget_s and elapsed is None:
+            timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
+            elapsed = (lambda: timer.time_elapsed("train")) if timer is not None else None
+        if self.budget_s and elapsed is not None:
+            shares.append(elapsed() / self.budget_s)
+        return max(shares)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        dice = trainer.callback_metrics.get("val/dice_liver")
+        if self.done or trainer.sanity_checking or dice is None:
+            return
+        spent = self._spent(trainer)
+        if spent < self.SHARE:
+            return
+        self.done = True
+        if float(dice) < self.FLOOR and trainer.is_global_zero:
+            budget = f"epoch {trainer.current_epoch + 1}" + (f" of {self.max_epochs}" if self.max_epochs > 0 else "")
+            if self.budget_s:
+                budget += f", {self.budget_s / 60:g} minutes' budget"
+            sys.stderr.write(f"warning: at {spent:.0%} of the run ({budget}) the validation liver Dice is "
+                             f"{float(dice):.2f}, below "
+                             f"{self.FLOOR}: this run is unlikely to give a usable model; give it more time, or "
+                             f"less to compute per step (--image-size 128 --base-width 16)\n")
 
 
 class Throughput(pl.Callback):
@@ -618,13 +677,15 @@ def main(args: argparse.Namespace) -> dict:
     checkpoint = checkpoints[0]
     logger = TensorBoardLogger(save_dir=str(out), name="tensorboard", version=log_version(out / "tensorboard", args.resume),
                                default_hp_metric=False)
-    averaging = [EMAWeights(args.ema)] if args.ema > 0 else []
+    averaging = [EMAWeights(args.ema, args.ema_warmup)] if args.ema > 0 else []
+    budget_s = parse_duration(args.max_time) if args.max_time else None
+    checks = [LearningCheck(budget_s, args.max_epochs)] if args.task == "segmentation" else []
     trainer = pl.Trainer(
         accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy,
         precision=args.precision, max_epochs=args.max_epochs,
         max_time=timedelta(seconds=parse_duration(args.max_time)) if args.max_time else None, logger=logger,
         callbacks=[*checkpoints, LearningRateMonitor(logging_interval="step"), Throughput(), RecordTrainingData(),
-                   *averaging],
+                   *averaging, *checks],
         fast_dev_run=args.fast_dev_run, log_every_n_steps=5, deterministic="warn" if args.accelerator != "cpu" else True,
         default_root_dir=str(out))
     started = time.perf_counter()

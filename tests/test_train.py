@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -526,11 +527,11 @@ class _Counter(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=1.0)
 
 
-def _fit_with_ema(model: pl.LightningModule, tmp_path: Path):
-    """Two epochs of three steps with EMAWeights(0.5), last.ckpt in tmp_path; returns (trainer, loader)."""
+def _fit_with_ema(model: pl.LightningModule, tmp_path: Path, decay: float = 0.5, warmup: bool = False):
+    """Two epochs of three steps with EMAWeights(decay, warmup), last.ckpt in tmp_path; returns (trainer, loader)."""
     loader = torch.utils.data.DataLoader(torch.zeros(3, 1), batch_size=1)
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, filename="last", save_top_k=1, monitor=None)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, callbacks=[ckpt, train.EMAWeights(0.5)],
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, callbacks=[ckpt, train.EMAWeights(decay, warmup)],
                          num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, loader, loader)
     return trainer, loader
@@ -549,6 +550,65 @@ def test_ema_validates_saves_and_tests_the_average(tmp_path):
     model.w.data.fill_(-1.0)
     trainer.test(model, loader, ckpt_path=str(tmp_path / "last.ckpt"), verbose=False)
     assert model.seen["test"] == [5.03125] * 3
+
+
+def test_ema_decay_warms_up_to_its_ceiling():
+    """min(decay, (1 + n) / (10 + n)): 2/11 at the first update, 101/110 at the 100th, the ceiling
+    0.995 from update 1,790 (1791/1800 = 0.995) on; without warm-up the ceiling throughout."""
+    assert train.ema_decay(0.995, 1) == pytest.approx(2 / 11)
+    assert train.ema_decay(0.995, 100) == pytest.approx(101 / 110)
+    assert train.ema_decay(0.995, 1789) < 0.995 and train.ema_decay(0.995, 1790) == pytest.approx(0.995)
+    assert train.ema_decay(0.995, 10**6) == 0.995 and train.ema_decay(0.995, 1, warmup=False) == 0.995
+
+
+def test_ema_with_warm_up_averages_at_the_growing_decay(tmp_path):
+    """Raw weights 1, 2, ..., 6 under decay 0.9 with warm-up: updates 1-5 use 2/11, 3/12, 4/13, 5/14,
+    6/15 (all below 0.9). By hand: 2/11 * 1 + 9/11 * 2 = 20/11; 1/4 * 20/11 + 3/4 * 3 = 119/44 (the
+    first validation); 4/13 * 119/44 + 9/13 * 4 = 515/143; 5/14 * 515/143 + 9/14 * 5 = 4505/1001;
+    2/5 * 4505/1001 + 3/5 * 6 = 27028/5005 (the second validation, the checkpoint and the model), where
+    a fixed 0.9 gives 0.9**5 * 1 + 0.1 * (0.9**4 * 2 + 0.9**3 * 3 + 0.9**2 * 4 + 0.9 * 5 + 6) = 2.31441,
+    more than half of it the first step's weights."""
+    model = _Counter()
+    _fit_with_ema(model, tmp_path, decay=0.9, warmup=True)
+    assert model.seen["val"] == pytest.approx([119 / 44] * 3 + [27028 / 5005] * 3)
+    saved = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
+    assert float(saved["state_dict"]["w"]) == pytest.approx(27028 / 5005)
+    fixed = _Counter()
+    _fit_with_ema(fixed, tmp_path / "fixed", decay=0.9, warmup=False)
+    assert fixed.w.item() == pytest.approx(2.31441)
+
+
+def _validated(check, epoch: int, dice: float) -> None:
+    trainer = SimpleNamespace(callback_metrics={"val/dice_liver": torch.tensor(dice)}, sanity_checking=False,
+                              current_epoch=epoch, callbacks=[], is_global_zero=True)
+    check.on_validation_end(trainer, None)
+
+
+def test_learning_check_warns_once_when_the_liver_is_not_learnt_by_a_third_of_the_time(capsys):
+    """A 20-minute budget: validations at 5 and 6.5 minutes (under a third) say nothing whatever the
+    Dice; the first at or past 6 min 40 s with liver Dice 0.31 gives one line; later ones none."""
+    clock = [0.0]
+    check = train.LearningCheck(budget_s=1200, max_epochs=-1, elapsed=lambda: clock[0])
+    for seconds, dice in ((300, 0.0), (390, 0.1), (400, 0.31), (800, 0.2)):
+        clock[0] = seconds
+        _validated(check, epoch=seconds // 100, dice=dice)
+        if seconds == 390:
+            assert capsys.readouterr().err == ""
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: at 33% of the run (epoch 5, 20 minutes' budget)")
+    assert "liver Dice is 0.31, below 0.5" in err
+
+
+def test_learning_check_is_silent_for_a_run_that_learns_and_counts_epochs_without_a_time_budget(capsys):
+    """30 epochs, no --max-time: epoch 10 (a third) with Dice 0.8 passes and nothing more is checked;
+    another run at 0.4 in epoch 10 is warned about in epochs."""
+    learns = train.LearningCheck(budget_s=None, max_epochs=30)
+    for epoch, dice in ((8, 0.1), (9, 0.8), (10, 0.1)):
+        _validated(learns, epoch, dice)
+    assert capsys.readouterr().err == ""
+    stalls = train.LearningCheck(budget_s=None, max_epochs=30)
+    _validated(stalls, 9, 0.4)
+    assert capsys.readouterr().err.startswith("warning: at 33% of the run (epoch 10 of 30)")
 
 
 class _Thresholded(_Counter):
