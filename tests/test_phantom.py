@@ -47,3 +47,60 @@ def test_phantom_tumor_contrast_and_noise(tmp_path, seed):
     spine = hu > 350  # bone is the one flat region above 350 HU (500 HU + noise)
     assert spine.sum() > 200
     assert 9.5 <= hu[spine].std() <= 20.5
+
+
+def _heldout_family():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "heldout_phantoms.py"
+    spec = importlib.util.spec_from_file_location("heldout_phantoms", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_heldout_family_is_stored_as_messy_files_and_reads_back_as_made(tmp_path):
+    """The second phantom family's four storage kinds, read back by nibabel (as_closest_canonical) and by
+    the loaders training uses: volume-0 identity affine, int16, float32 labels; volume-1 mirrored,
+    uint16 with a -1024 intercept; volumes 2-3 honest flipped axes. The honest and mirrored files hold
+    the phantom as made (RAS), the mirrored one reversed left-right; every label file reads as 0/1/2."""
+    family = _heldout_family()
+    made = {}
+    for i in range(4):
+        family.write_case(tmp_path, i, seed=5, size=40)
+        made[i] = family.make_case(int(np.random.default_rng([5, i]).integers(2**31)), 40)
+    ext = {0: ".nii.gz", 1: ".nii", 2: ".nii.gz", 3: ".nii"}
+    vols = {i: nib.load(str(tmp_path / f"volume-{i}{ext[i]}")) for i in range(4)}
+    segs = {i: nib.load(str(tmp_path / f"segmentation-{i}{ext[i]}")) for i in range(4)}
+    assert np.array_equal(vols[0].affine, np.eye(4)) and segs[0].get_data_dtype() == np.float32
+    assert vols[1].get_data_dtype() == np.uint16 and vols[1].dataobj.inter == -1024
+    for i in (2, 3):
+        hu, labels, spacing = made[i]
+        canonical = nib.as_closest_canonical(vols[i])
+        assert np.array_equal(np.asanyarray(canonical.dataobj), np.clip(np.round(hu), -1024, 3071))
+        assert np.array_equal(np.asanyarray(nib.as_closest_canonical(segs[i]).dataobj), labels)
+        assert np.allclose(canonical.header.get_zooms(), spacing, atol=1e-5)
+    hu, labels, _ = made[1]
+    assert np.array_equal(np.asanyarray(vols[1].dataobj), np.clip(np.round(hu), -1024, 3071)[::-1])
+    for i in range(4):
+        slices, _ = volumes.load_label_volume(tmp_path / f"segmentation-{i}{ext[i]}")
+        assert slices.dtype == np.uint8 and set(np.unique(slices)) <= {0, 1, 2} and (slices == 1).any()
+        ct, _ = volumes.load_volume(tmp_path / f"volume-{i}{ext[i]}")
+        assert ct.min() >= -1024 and ct.max() > 200  # air to bone, whatever the storage
+
+
+def test_heldout_family_lesions_and_slices_span_the_ranges_it_promises():
+    """Over 12 cases at 160 px: lesions under 10 mm and over 20 mm across (equivalent diameter of each
+    connected lesion, from its voxel count and spacing), and slices from under 2 mm to over 3.5 mm thick."""
+    from scipy import ndimage
+    family = _heldout_family()
+    diameters, thickness = [], []
+    for seed in range(12):
+        _, labels, spacing = family.make_case(seed, 160)
+        thickness.append(spacing[2])
+        found, count = ndimage.label(labels == 2)
+        for k in range(1, count + 1):
+            volume_mm3 = float((found == k).sum()) * np.prod(spacing)
+            diameters.append((6 * volume_mm3 / np.pi) ** (1 / 3))
+    assert min(diameters) < 10 and max(diameters) > 20
+    assert min(thickness) < 2 and max(thickness) > 3.5
