@@ -390,6 +390,7 @@ COARSE_STRIDE = 8      # ... every COARSE_STRIDE-th slice
 MARGIN_PX = 24         # in-plane margin around the liver, in pixels of the model's grid (S x S)
 GROW_WITHIN_PX = 4     # a crop grows where the liver comes this close to its side
 MARGIN_SLICES = 2      # margin beyond the liver's first and last slice, besides the coarse stride
+CONFIRM_STRIDE = 4     # no liver in the coarse pass: every CONFIRM_STRIDE-th slice is looked at again at full size
 BACKGROUND_LOGIT = 30.0  # outside the region the logits say background by this much
 
 
@@ -544,11 +545,13 @@ def _placed_head(box: Box, grid: int, size: Sequence[int]) -> Callable[[torch.Te
 @dataclass
 class FastInfo:
     """What the fast path did to one volume: the bounding block of what it segmented at full
-    resolution (None: the coarse pass found no liver and every slice was segmented), how many slices
+    resolution (None: no liver found, neither by the coarse pass nor by the second look at every
+    CONFIRM_STRIDE-th slice at full resolution; the labels are all background), how many slices
     each pass ran (a slice run again on a wider crop counts again, so the full-resolution count can
     exceed the block's slices), how many times the block grew
     because the liver reached its edge, the share of the volume's model-grid voxels inside the final
-    crops, and whether it ran in bf16."""
+    crops, whether it ran in bf16, and how many slices the second look at full resolution saw (0: the
+    coarse pass found the liver)."""
 
     box: Box | None
     coarse_slices: int
@@ -556,19 +559,23 @@ class FastInfo:
     grown: int
     bf16: bool
     share: float = 1.0
+    second_look: int = 0
 
     def summary(self, num_slices: int) -> dict:
         """What the fast path did, for a report: slices through each pass, the share of the volume's
         model-grid voxels inside the full-resolution crops, and how often the block had to grow."""
-        block = num_slices if self.box is None else self.box.z1 - self.box.z0
+        block = 0 if self.box is None else self.box.z1 - self.box.z0
         return {"slices": num_slices, "coarse_slices": self.coarse_slices, "full_resolution_slices": self.full_slices,
                 "block_slices": block, "share_of_volume": round(self.share, 4), "liver_found": self.box is not None,
-                "grown": self.grown, "bf16": self.bf16}
+                "grown": self.grown, "bf16": self.bf16, "second_look_slices": self.second_look}
 
 
 def fast_path_slices(summary: dict) -> str:
     """'N of M slices' of a `FastInfo.summary`: the slices of the block segmented at full resolution,
     and how many of them ran again on a wider crop, for a printout or a report."""
+    if not summary.get("liver_found", True):
+        return (f"{summary['second_look_slices']} of {summary['slices']} slices (every {CONFIRM_STRIDE}th; "
+                "no liver found, all background)")
     rerun = summary["full_resolution_slices"] - summary["block_slices"]
     return f"{summary['block_slices']} of {summary['slices']} slices" + (
         f" ({rerun} run again on a wider crop)" if rerun > 0 else "")
@@ -619,18 +626,24 @@ def fast_segment(net: nn.Module, volume: torch.Tensor, hparams: dict, size: Sequ
        keep their answer, their crop held their liver and its margin). A component that ends inside
        the block is whole, so the largest one, which `postprocess` keeps, is the one --exact keeps,
        unless the coarse pass missed a separate larger one.
-    No liver in the coarse pass: every slice is segmented at full resolution (the slow case, for a
-    scan that may show no liver at all, rather than a liver missed). Returns the labels and a FastInfo."""
+    No liver in the coarse pass (a scan without liver, or a network that does not recognise it at half
+    size): the network looks again at full resolution on every CONFIRM_STRIDE-th slice; liver there
+    places the block as in 2, none leaves the volume background. A liver on fewer than CONFIRM_STRIDE
+    consecutive slices can be missed that way; --exact looks at every slice. Returns the labels and a FastInfo."""
     num, grid = volume.shape[0], volume.shape[-1]
     context = hparams["context_slices"]
     align = 2 ** int(hparams.get("depth", 4))
     zs, liver, scale = _coarse_liver(net, volume, context, align, batch_size, cpu_bf16, desc)
+    coarse_slices, looked_again = len(zs), 0
+    if liver is None:
+        zs = np.arange(min(CONFIRM_STRIDE // 2, num - 1), num, CONFIRM_STRIDE)
+        found = infer_batched(net, volume, context, lambda logits: logits.argmax(dim=1) >= 1, batch_size, zs,
+                              desc=f"{desc or 'volume'}: no liver at half size, looking again", cpu_bf16=cpu_bf16)
+        liver, scale, looked_again = largest_component(found.numpy()), 1.0, len(zs)
     box = None if liver is None else region_from_mask(liver, zs, num, grid, scale, MARGIN_PX, MARGIN_SLICES, align)
     labels = np.zeros((num, *size), dtype=np.uint8)
     if box is None:
-        labels[:] = infer_batched(net, volume, context, label_head(size), batch_size, desc=desc,
-                                  cpu_bf16=cpu_bf16).numpy()
-        return labels, FastInfo(None, len(zs), num, 0, cpu_bf16)
+        return labels, FastInfo(None, coarse_slices, 0, 0, cpu_bf16, looked_again / max(num, 1), looked_again)
     z0, z1 = box.z0, box.z1
     planes = np.zeros((num, 4), dtype=np.int64)  # per slice (y0, y1, x0, x1); used on z0..z1-1
     planes[z0:z1] = slice_boxes(liver, zs, z0, z1, grid, scale, MARGIN_PX, align)
@@ -648,7 +661,7 @@ def fast_segment(net: nn.Module, volume: torch.Tensor, hparams: dict, size: Sequ
     p = planes[z0:z1]
     box = Box(z0, z1, int(p[:, 0].min()), int(p[:, 1].max()), int(p[:, 2].min()), int(p[:, 3].max()))
     share = float(((p[:, 1] - p[:, 0]) * (p[:, 3] - p[:, 2])).sum()) / (num * grid * grid)
-    return labels, FastInfo(box, len(zs), full_slices, grown, cpu_bf16, share)
+    return labels, FastInfo(box, coarse_slices, full_slices, grown, cpu_bf16, share, looked_again)
 
 
 def _coarse_liver(net: nn.Module, volume: torch.Tensor, context: int, align: int, batch_size: int, cpu_bf16: bool,

@@ -28,7 +28,8 @@ lone 2D slice has no neighbours, so it stands in for them: its 2.5D stack repeat
 A volume takes the fast path unless --exact: a coarse pass (the same network on every eighth slice
 at half the model's size) finds the liver, the network then runs at full resolution only on the
 liver's slices, each on a crop around its liver plus a margin (growing while the liver reaches an
-edge), everything else is background; on a CPU with native bf16 (AVX512-BF16, AMX) in bf16.
+edge), everything else is background; on a CPU with native bf16 (AVX512-BF16, AMX) in bf16. No liver
+at half size: every fourth slice is looked at again at full size before the volume is called background.
 --exact runs every slice at full resolution in float32 on a CPU: the reference (`inference.segment`).
 """
 from __future__ import annotations
@@ -280,7 +281,6 @@ def print_report(report: dict) -> None:
             f = report["fast_path"]
             lines.append(f"  fast path: {fast_path_slices(f)} at full resolution, {100 * f['share_of_volume']:.0f} % "
                          "of the volume" +
-                         ("" if f["liver_found"] else " (the coarse pass found no liver: every slice)") +
                          (", bf16" if f["bf16"] else "") + "; --exact for the reference path")
     else:
         lines.append(f"  liver {report['liver_area_px']:.0f} px, tumor {report['tumor_area_px']:.0f} px "

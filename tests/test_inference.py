@@ -202,17 +202,46 @@ def test_a_far_speck_of_liver_does_not_stretch_the_region(monkeypatch):
     np.testing.assert_array_equal(inference.postprocess(fast), inference.postprocess(exact))
 
 
-def test_volume_without_liver_is_segmented_whole(monkeypatch):
-    """No liver in the coarse pass: every slice goes through at full resolution (stated behaviour),
-    so a liver the coarse pass missed is not lost; here the answer is all background."""
+def test_volume_without_liver_is_looked_at_again_then_left_background(monkeypatch):
+    """No liver in the coarse pass: a second look at full resolution on every CONFIRM_STRIDE-th slice
+    (12 slices: 2, 6, 10), none there either: all background, no full-resolution block, far less work
+    than --exact's 12 slices."""
     monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: False)
-    hu = np.full((6, 64, 64), LEVELS_HU[0], dtype=np.float32)
+    hu = np.full((12, 64, 64), LEVELS_HU[0], dtype=np.float32)
     net = NearestLevel()
     info: list = []
     pred = inference.segment(net, hu, hparams(64), fast=True, info=info)
-    assert info[0].box is None and info[0].full_slices == 6
-    assert pred.shape == (6, 64, 64) and not pred.any()
+    assert inference.CONFIRM_STRIDE == 4
+    assert info[0].box is None and info[0].full_slices == 0 and info[0].second_look == 3
+    assert pred.shape == (12, 64, 64) and not pred.any()
     assert (64, 64) in net.sizes
+    summary = info[0].summary(12)
+    assert summary["block_slices"] == 0 and not summary["liver_found"]
+    assert inference.fast_path_slices(summary) == "3 of 12 slices (every 4th; no liver found, all background)"
+
+
+def test_a_liver_the_coarse_pass_missed_is_found_by_the_second_look(monkeypatch):
+    """A coarse pass that sees no liver (as a network that does not recognise it at half size): the
+    second look at full size finds it, places the block, and the answer is --exact's, voxel for voxel."""
+    monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: False)
+    labels, hu = coded_volume(size=64)
+    monkeypatch.setattr(inference, "_coarse_liver", lambda net, volume, *a: (np.arange(4, len(volume), 8), None, 2.0))
+    info: list = []
+    fast = inference.segment(NearestLevel(), hu, hparams(64), fast=True, info=info)
+    np.testing.assert_array_equal(fast, inference.segment(NearestLevel(), hu, hparams(64), fast=False))
+    assert info[0].box is not None and info[0].second_look == len(range(2, len(hu), 4))
+
+
+def test_a_liver_on_fewer_slices_than_the_second_looks_stride_can_be_missed(monkeypatch):
+    """The stated limit: liver on slices 3-5 only, between the second look's slices 2 and 6, and a
+    coarse pass that misses it: background, where --exact finds it."""
+    monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: False)
+    labels, hu = coded_volume(size=64)
+    hu[3:6] = hu[24]  # a liver slice (the liver spans 8..40)
+    hu[:3], hu[6:] = LEVELS_HU[0], LEVELS_HU[0]
+    monkeypatch.setattr(inference, "_coarse_liver", lambda net, volume, *a: (np.arange(4, len(volume), 8), None, 2.0))
+    assert not inference.segment(NearestLevel(), hu, hparams(64), fast=True).any()
+    assert inference.segment(NearestLevel(), hu, hparams(64), fast=False)[3:6].any()
 
 
 def test_chosen_slices_and_lone_images_take_the_full_resolution_pass(monkeypatch):
