@@ -43,6 +43,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 DEMO_DATA_DIR = Path("data/synthetic")
 DEMO_CASES, DEMO_SIZE = 12, 128
+# The demo trains for this long whatever the machine (its learning-rate schedule spans the time), so
+# that each demo command ends within 5 minutes on a 2-core CPU, phantoms and cache included.
+DEMO_MAX_TIME = "00:00:03:30"
 # Lightning's own names, so that a misspelt one is refused while parsing, not by the Trainer later.
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 STRATEGIES = ("auto", *StrategyRegistry.available_strategies())
@@ -53,10 +56,10 @@ GRAPHS_DIRS = {"classification": Path("Graphs_Classification"), "segmentation": 
 
 # Values used when a flag is not given: (normal run, --demo preset) per task.
 DEFAULTS = {
-    "classification": {"max_epochs": (30, 12), "batch_size": (16, 16), "lr": (3e-4, 3e-4), "image_size": (224, 128),
+    "classification": {"max_epochs": (30, -1), "batch_size": (16, 16), "lr": (3e-4, 3e-4), "image_size": (224, 128),
                        "oversample_tumor": (0.5, 0.5), "dice_per_slice": (False, False), "ema": (0.0, 0.0),
                        "rotation": (20.0, 20.0), "scale": ((0.8, 1.2), (0.8, 1.2)), "paste_tumor": (0.5, 0.5)},
-    "segmentation": {"max_epochs": (40, 30), "batch_size": (16, 16), "lr": (1e-3, 2e-3), "image_size": (256, 128),
+    "segmentation": {"max_epochs": (40, -1), "batch_size": (16, 16), "lr": (1e-3, 2e-3), "image_size": (256, 128),
                      "oversample_tumor": (0.0, 0.5), "dice_per_slice": (True, False), "ema": (0.995, 0.0),
                      "rotation": (10.0, 10.0), "scale": ((0.9, 1.1), (0.9, 1.1)), "paste_tumor": (0.0, 0.0)},
     "common": {"context_slices": (1, 1), "base_width": (32, 16), "num_workers": (4, 2), "vgg_hidden": (4096, 512),
@@ -113,12 +116,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--graphs-dir", type=Path, default=None,
                    help="where the PNG curves go (default: Graphs_Classification or Graphs_Segmentation)")
     p.add_argument("--demo", action="store_true",
-                   help="small preset for a CPU: synthetic data, small images and network, few epochs; "
+                   help=f"small preset for a CPU: synthetic data, small images and network, {DEMO_MAX_TIME} of training; "
                         "flags given explicitly override it")
-    p.add_argument("--max-epochs", type=int_at_least(1), default=None, help=_default_help("max_epochs"))
+    p.add_argument("--max-epochs", type=int_at_least(1), default=None,
+                   help=_default_help("max_epochs") + "; -1: no limit, the --max-time budget ends the run")
     p.add_argument("--max-time", default=None,
                    help="stop after this long, DD:HH:MM:SS; without --max-epochs the learning-rate schedule spans "
-                        "this time instead of an epoch count (default: none)")
+                        "this time instead of an epoch count (default: none; --demo: " + DEMO_MAX_TIME + ", unless "
+                        "--max-epochs is given)")
     p.add_argument("--batch-size", type=int_at_least(1), default=None, help=_default_help("batch_size"))
     p.add_argument("--lr", type=POSITIVE, default=None, help="peak learning rate of AdamW " + _default_help("lr"))
     p.add_argument("--weight-decay", type=float_in(0, math.inf, high_open=True), default=1e-4,
@@ -214,6 +219,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     line (a DataError) what parsing could not check alone: flags that contradict each other, the
     machine, or the file system. Writes nothing."""
     args.time_budget_s = None
+    if args.demo and args.max_time is None and args.max_epochs is None:
+        args.max_time = DEMO_MAX_TIME
     if args.max_time is not None:
         seconds = parse_duration(args.max_time)
         if args.max_epochs is None:

@@ -188,6 +188,18 @@ def test_augmentation_strength_defaults_by_task_and_flags_override_it():
         (5.0, (1.0, 1.5), 0.0)
 
 
+def test_the_demo_trains_for_its_time_budget_unless_epochs_are_given():
+    """--demo: 3 min 30 s of training (210 s), no epoch limit, the schedule spanning the time; an explicit
+    --max-epochs or --max-time takes over; outside the demo neither is set."""
+    def resolved(*argv):
+        args = train.resolve_args(train.get_args_parser().parse_args(["--task", "segmentation", *argv]))
+        return args.max_time, args.max_epochs, args.time_budget_s
+    assert resolved("--demo") == ("00:00:03:30", -1, 210.0)
+    assert resolved("--demo", "--max-epochs", "5") == (None, 5, None)
+    assert resolved("--demo", "--max-time", "00:00:01:00") == ("00:00:01:00", -1, 60.0)
+    assert resolved() == (None, 40, None)
+
+
 @pytest.fixture(scope="module")
 def small_ckpts(tmp_path_factory):
     """Checkpoints of untrained networks as train.py's flags below would build them (--base-width 4,
