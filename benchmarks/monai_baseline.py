@@ -10,7 +10,10 @@ Every train.py flag is accepted and means what it means there; the model differs
 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2, norm=BATCH)`, `DiceLoss(to_onehot_y=True,
 softmax=True)` (background included), Adam at a constant 1e-4 (`--lr` changes it). The test metrics
 (pooled, per patient, per slice) are computed by our LitSegmenter, so both models are scored by the
-same code. The checkpoint it writes holds MONAI's network and is not for the predict scripts.
+same code. The checkpoint it writes holds MONAI's network and is not for the predict scripts; instead
+`--predict-dir DIR --predict-out OUT` segments every volume of DIR after training as
+`predict_segmentation.py --exact` does (the same preprocessing, `inference.segment`, `postprocess`,
+labels on the input's grid as `<name>_seg.nii.gz`), for `evaluate.py --pred OUT --gt DIR`.
 """
 from __future__ import annotations
 
@@ -52,15 +55,39 @@ def build_model(args):
     return model
 
 
+def predict_folder(model: MonaiTutorialSegmenter, folder: Path, out: Path) -> None:
+    """Every volume of `folder` through the trained network, as predict_segmentation.py --exact does."""
+    from inference import postprocess, segment
+    from volumes import find_inputs, input_name, read_volume, write_labels
+    out.mkdir(parents=True, exist_ok=True)
+    hp = dict(model.hparams, task="segmentation")
+    net = model.net.eval()
+    for source, kind in find_inputs(folder):
+        if kind != "volume":
+            continue
+        hu, geom = read_volume(source, dtype=None)
+        labels = postprocess(segment(net, hu, hp, "cpu", fast=False))
+        write_labels(labels, geom, out / f"{input_name(source)[0]}_seg.nii.gz")
+
+
 def main(argv=None) -> dict:
     parser = train.get_args_parser()
     parser.set_defaults(lr=1e-4)
+    parser.add_argument("--predict-dir", type=Path, default=None, help="volumes to segment after training")
+    parser.add_argument("--predict-out", type=Path, default=Path("runs/monai/predictions"),
+                        help="where --predict-dir's label volumes go")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv if "--task" in argv else ["--task", "segmentation", *argv])
     if args.task != "segmentation":
         parser.error("the MONAI baseline is a segmentation model; expected --task segmentation")
-    train.build_model = build_model
-    return train.main(args)
+    built: list = []
+    train.build_model = lambda a: built.append(build_model(a)) or built[-1]
+    summary = train.main(args)
+    if args.predict_dir is not None:
+        best = summary.get("checkpoint")
+        model = MonaiTutorialSegmenter.load_from_checkpoint(best, map_location="cpu") if best else built[-1]
+        predict_folder(model, args.predict_dir, args.predict_out)
+    return summary
 
 
 if __name__ == "__main__":
