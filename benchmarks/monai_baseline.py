@@ -84,8 +84,9 @@ def main(argv=None) -> dict:
     train.build_model = lambda a: built.append(build_model(a)) or built[-1]
     summary = train.main(args)
     if args.predict_dir is not None:
-        best = summary.get("checkpoint")
-        model = MonaiTutorialSegmenter.load_from_checkpoint(best, map_location="cpu") if best else built[-1]
+        model, best = built[-1], summary.get("checkpoint")
+        if best:  # best.ckpt's weights into the model as built (its hyperparameters carry train.py's extras)
+            model.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
         predict_folder(model, args.predict_dir, args.predict_out)
     return summary
 
