@@ -23,7 +23,7 @@ import matplotlib
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, Timer, WeightAveraging
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, WeightAveraging
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.strategies import StrategyRegistry
 from pytorch_lightning.utilities import rank_zero_info
@@ -482,14 +482,12 @@ class LearningCheck(pl.Callback):
     def __init__(self, budget_s: float | None, max_epochs: int, elapsed=None):
         self.budget_s, self.max_epochs, self.elapsed, self.done = budget_s, max_epochs, elapsed, False
 
-    def _spent(self, trainer) -> float:
-        """The share of the budget spent: of the time or of the epochs, whichever ends the run first."""
+    def _spent(self, trainer, pl_module) -> float:
+        """The share of the budget spent: of the time or of the epochs, whichever ends the run first.
+        The time is the module's training clock (the Timer that --max-time adds)."""
         shares = [(trainer.current_epoch + 1) / self.max_epochs] if self.max_epochs > 0 else [0.0]
-        elapsed = self.elapsed
-        if self.budget_s and elapsed is None:
-            timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
-            elapsed = (lambda: timer.time_elapsed("train")) if timer is not None else None
-        if self.budget_s and elapsed is not None:
+        if self.budget_s:
+            elapsed = self.elapsed or pl_module._training_clock()
             shares.append(elapsed() / self.budget_s)
         return max(shares)
 
@@ -497,7 +495,7 @@ class LearningCheck(pl.Callback):
         dice = trainer.callback_metrics.get("val/dice_liver")
         if self.done or trainer.sanity_checking or dice is None:
             return
-        spent = self._spent(trainer)
+        spent = self._spent(trainer, pl_module)
         if spent < self.SHARE:
             return
         self.done = True
