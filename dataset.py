@@ -591,8 +591,8 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor | None = None, max_r
     angle = (torch.rand(n, device=dev) * 2 - 1) * math.radians(max_rotation)
     s = torch.empty(n, device=dev).uniform_(*scale)
     cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
-    flip_x = torch.where(torch.rand(n, device=dev) < 0.5, -1.0, 1.0) if hflip else torch.ones(n, device=dev)
-    flip_y = torch.where(torch.rand(n, device=dev) < 0.5, -1.0, 1.0) if vflip else torch.ones(n, device=dev)
+    flip_x = torch.where(torch.rand(n, device=dev) < HYPERDENSE, -1.0, 1.0) if hflip else torch.ones(n, device=dev)
+    flip_y = torch.where(torch.rand(n, device=dev) < HYPERDENSE, -1.0, 1.0) if vflip else torch.ones(n, device=dev)
     theta = torch.zeros(n, 2, 3, device=dev)
     theta[:, 0, 0], theta[:, 0, 1] = cos * flip_x, -sin * flip_y
     theta[:, 1, 0], theta[:, 1, 1] = sin * flip_x, cos * flip_y
@@ -658,6 +658,77 @@ def paste_tumors(images: torch.Tensor, labels: torch.Tensor, probability: float)
     return images, labels, pasted
 
 
+# Ranges of `vary_appearance`: nnU-Net's intensity augmentation (Isensee et al., Nature Methods 2021)
+# for the scanner, plus the two that tell contrast phases and lesion types apart.
+LESION_CONTRAST = (0.4, 1.5)    # |k|: the tumour's difference to its liver times k ...
+HYPERDENSE = 0.5                # ... negative (the lesion flips to the liver's other side) this often
+LIVER_SHIFT = 0.15              # liver (tumour with it) against the rest, in window units: ±68 HU at 450
+GAMMA = (0.7, 1.5)
+GAIN = (0.75, 1.25)             # contrast about the slice's mean
+BLUR_SIGMA = (0.5, 1.0)         # pixels
+LOW_RES = (1.0, 2.0)            # down by this factor and back up
+NOISE_SIGMA = (0.0, 0.05)
+
+
+def _uniform(n: int, low: float, high: float, device) -> torch.Tensor:
+    return torch.empty(n, device=device).uniform_(low, high)
+
+
+def vary_appearance(images: torch.Tensor, labels: torch.Tensor, probability: float) -> torch.Tensor:
+    """How slices look on other scanners, in other contrast phases and with other lesions: each of
+    the following, independently, with `probability` per slice (blur and low resolution at half of it,
+    as nnU-Net does):
+
+    - lesion contrast: the tumour's difference to the slice's mean healthy liver times k, |k| in
+      `LESION_CONTRAST`, negative in a share `HYPERDENSE` of them, so that a hypodense lesion may come out fainter, darker or
+      hyperdense (never invisible: a label on nothing teaches nothing);
+    - liver enhancement: liver and tumour shifted together by up to `LIVER_SHIFT` against the rest
+      (an unenhanced or a late-phase liver), the shift softened over the liver's edge by a 5-pixel box;
+    - gamma, contrast about the slice's mean, Gaussian blur, low resolution, Gaussian noise.
+
+    images (N, C, H, W) in [0, 1] (C stacked neighbours: the centre slice's labels place the edits on
+    every channel); labels (N, H, W) {0, 1, 2}. Returns new images in [0, 1]; labels are unchanged.
+    Draws from torch's global RNG, so a seeded run repeats."""
+    from torchvision.transforms.v2.functional import gaussian_blur
+
+    if probability <= 0:
+        return images
+    n, c, h, w = images.shape
+    dev = images.device
+    out = images.float().clone()
+    pick = lambda share=1.0: (torch.rand(n, device=dev) < probability * share).view(n, 1, 1, 1)  # noqa: E731
+    view = lambda t: t.view(n, 1, 1, 1)  # noqa: E731
+
+    healthy, tumour = (labels == 1).float()[:, None], (labels == 2).float()[:, None]
+    count = healthy.flatten(1).sum(1)
+    liver_mean = view((out[:, c // 2:c // 2 + 1] * healthy).flatten(1).sum(1) / count.clamp(min=1))
+    k = _uniform(n, *LESION_CONTRAST, dev) * torch.where(torch.rand(n, device=dev) < HYPERDENSE, -1.0, 1.0)
+    k = torch.where(pick() & view(count > 0), view(k), 1.0)
+    out = out + tumour * (k - 1) * (out - liver_mean)
+
+    liver = F.avg_pool2d((labels >= 1).float()[:, None], 5, stride=1, padding=2, count_include_pad=False)
+    out = out + liver * torch.where(pick(), view(_uniform(n, -LIVER_SHIFT, LIVER_SHIFT, dev)), 0.0)
+    out = out.clamp(0.0, 1.0)
+
+    gamma = torch.where(pick(), view(torch.exp(_uniform(n, *(float(g) for g in np.log(GAMMA)), dev))), 1.0)
+    out = out ** gamma
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    out = mean + (out - mean) * torch.where(pick(), view(_uniform(n, *GAIN, dev)), 1.0)
+
+    blur = pick(0.5)[:, 0, 0, 0]
+    if blur.any():  # one sigma per batch: torchvision blurs a batch with one kernel
+        sigma = float(_uniform(1, *BLUR_SIGMA, dev))
+        out[blur] = gaussian_blur(out[blur], kernel_size=[5, 5], sigma=[sigma, sigma])
+    coarse = pick(0.5)[:, 0, 0, 0]
+    if coarse.any():
+        factor = float(_uniform(1, *LOW_RES, dev))
+        small = F.interpolate(out[coarse], size=(max(1, round(h / factor)), max(1, round(w / factor))), mode="area")
+        out[coarse] = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+    sigma = torch.where(pick(), view(_uniform(n, *NOISE_SIGMA, dev)), 0.0)
+    out = out + torch.randn_like(out) * sigma
+    return out.clamp_(0.0, 1.0).to(images.dtype)
+
+
 def tumor_sampler(tumor: np.ndarray, fraction: float, num_samples: int | None = None,
                   seed: int = 0) -> WeightedRandomSampler:
     """Sample with replacement so that tumor slices make up `fraction` of each epoch in expectation."""
@@ -697,9 +768,11 @@ def slice_loader(ds: LiTSSliceDataset, batch_size: int, num_workers: int, train:
 
 
 def augment_training_batch(batch: tuple, task: str, paste_tumor: float = 0.0, flip: bool = False,
-                           rotation: float = 10.0, scale: tuple[float, float] = (0.9, 1.1)) -> tuple:
+                           rotation: float = 10.0, scale: tuple[float, float] = (0.9, 1.1),
+                           appearance: float = 0.0) -> tuple:
     """One training batch augmented, on its device: tumours pasted between slices (`paste_tumors`)
-    first, then the geometric and intensity augmentation (`augment_batch`), which apply to them too.
+    first, then the geometric and intensity augmentation (`augment_batch`), which apply to them too,
+    then, with `appearance` > 0, other scanners, phases and lesion contrasts (`vary_appearance`).
 
     The label map moves with the image: the target for segmentation; for classification the third
     element, which supervises where the tumour is (the second is the slice label, set to tumour on
@@ -712,6 +785,8 @@ def augment_training_batch(batch: tuple, task: str, paste_tumor: float = 0.0, fl
         if task == "classification":
             items[1] = items[1].masked_fill(pasted, 1)
     items[0], items[at] = augment_batch(images, labels, hflip=flip, vflip=flip, max_rotation=rotation, scale=scale)
+    if appearance > 0:
+        items[0] = vary_appearance(items[0], items[at], appearance)
     return tuple(items)
 
 
@@ -732,7 +807,7 @@ def _datamodule_class():
                      output_dir: str | Path | None = None, oversample_tumor: float = 0.0,
                      min_tumor_pixels: int = 1, liver_only: bool | None = None, augment: bool = True,
                      flip: bool = False, prepare_workers: int | None = None, rotation: float = 10.0,
-                     scale: Sequence[float] = (0.9, 1.1), paste_tumor: float = 0.0,
+                     scale: Sequence[float] = (0.9, 1.1), paste_tumor: float = 0.0, appearance: float = 0.0,
                      dicom_options: DicomOptions | None = None, drop_ircadb_duplicates: bool = True):
             super().__init__()
             # One data folder, or several trained on together (`prepare_datasets`).
@@ -750,7 +825,7 @@ def _datamodule_class():
             self.liver_only = (task == "classification") if liver_only is None else bool(liver_only)
             self.augment, self.flip, self.prepare_workers = augment, bool(flip), prepare_workers
             self.rotation, self.scale = float(rotation), (float(scale[0]), float(scale[1]))
-            self.paste_tumor = float(paste_tumor)
+            self.paste_tumor, self.appearance = float(paste_tumor), float(appearance)
             self.split: dict[str, list[str]] | None = None
             self.datasets: dict[str, LiTSSliceDataset] = {}
 
@@ -795,7 +870,8 @@ def _datamodule_class():
         def on_after_batch_transfer(self, batch, dataloader_idx: int):
             trainer = getattr(self, "trainer", None)
             if self.augment and trainer is not None and trainer.training:
-                return augment_training_batch(batch, self.task, self.paste_tumor, self.flip, self.rotation, self.scale)
+                return augment_training_batch(batch, self.task, self.paste_tumor, self.flip, self.rotation, self.scale,
+                                              self.appearance)
             return batch
 
     LiTSDataModule.__module__ = __name__

@@ -58,10 +58,12 @@ GRAPHS_DIRS = {"classification": Path("Graphs_Classification"), "segmentation": 
 DEFAULTS = {
     "classification": {"max_epochs": (30, -1), "batch_size": (16, 16), "lr": (3e-4, 3e-4), "image_size": (224, 128),
                        "oversample_tumor": (0.5, 0.5), "dice_per_slice": (False, False), "ema": (0.0, 0.0),
-                       "rotation": (20.0, 20.0), "scale": ((0.8, 1.2), (0.8, 1.2)), "paste_tumor": (0.5, 0.5)},
+                       "rotation": (20.0, 20.0), "scale": ((0.8, 1.2), (0.8, 1.2)), "paste_tumor": (0.5, 0.5),
+                       "appearance": (0.0, 0.0)},
     "segmentation": {"max_epochs": (40, -1), "batch_size": (16, 16), "lr": (1e-3, 2e-3), "image_size": (256, 128),
                      "oversample_tumor": (0.0, 0.5), "dice_per_slice": (True, False), "ema": (0.995, 0.0),
-                     "rotation": (10.0, 10.0), "scale": ((0.9, 1.1), (0.9, 1.1)), "paste_tumor": (0.0, 0.0)},
+                     "rotation": (10.0, 10.0), "scale": ((0.9, 1.1), (0.9, 1.1)), "paste_tumor": (0.0, 0.0),
+                     "appearance": (0.0, 0.0)},
     "common": {"context_slices": (1, 1), "base_width": (32, 16), "num_workers": (4, 2), "vgg_hidden": (4096, 512),
                "channels_last": (True, False), "flip": (True, True)},
 }
@@ -185,6 +187,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="training augmentation: with probability P a slice receives the tumour of another slice "
                         "of its batch, moved into its liver with the donor's contrast to the liver (TumorCP) "
                         + _default_help("paste_tumor"))
+    p.add_argument("--appearance", type=float_in(0, 1, what="a probability"), default=None, metavar="P",
+                   help="training augmentation: with probability P each, per slice, change the lesions' contrast "
+                        "to the liver (hypo- to hyperdense), the liver's enhancement, gamma, contrast, blur, "
+                        "resolution and noise, so that other scanners and phases look familiar "
+                        + _default_help("appearance"))
     p.add_argument("--min-tumor-pixels", type=int_at_least(1), default=1,
                    help="a slice counts as tumor from this many tumor pixels (classification)")
     p.add_argument("--val-fraction", type=float_in(0, 1, low_open=True, high_open=True, what="a share"), default=0.15,
@@ -228,7 +235,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             args.max_epochs = -1  # the time budget alone ends the run
     for name in ("max_epochs", "batch_size", "lr", "image_size", "context_slices", "base_width", "num_workers",
                  "vgg_hidden", "oversample_tumor", "channels_last", "flip", "dice_per_slice", "ema", "rotation",
-                 "scale", "paste_tumor"):
+                 "scale", "paste_tumor", "appearance"):
         if getattr(args, name) is None:
             setattr(args, name, _default(args.task, name, args.demo))
     if args.output_dir is None:
@@ -674,7 +681,7 @@ def main(args: argparse.Namespace) -> dict:
         val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed, split_file=split_file,
         output_dir=out, oversample_tumor=args.oversample_tumor, min_tumor_pixels=args.min_tumor_pixels,
         flip=args.flip, rotation=args.rotation, scale=args.scale, paste_tumor=args.paste_tumor,
-        dicom_options=options_from_args(args), drop_ircadb_duplicates=args.drop_ircadb_duplicates)
+        appearance=args.appearance, dicom_options=options_from_args(args), drop_ircadb_duplicates=args.drop_ircadb_duplicates)
     model = build_model(args)
     model.set_speed(channels_last=args.channels_last, compile=args.compile)
     # Listed best first: Lightning runs checkpoint callbacks in order, so last.ckpt holds best's updated state.

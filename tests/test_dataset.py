@@ -858,3 +858,90 @@ def test_datamodule_pastes_before_augmenting_and_relabels_the_slice(tmp_path):
     assert 4 <= int((lab[0] == 2).sum()) <= 9 and torch.equal(lab[1], labels[1])
     dm.paste_tumor = 0.0
     assert dm.on_after_batch_transfer((images, target, labels), 0)[1].tolist() == [0, 1]
+
+
+# vary_appearance: each transform alone (the others set to leave the slice as it is), against values
+# worked out by hand on a slice of three flat regions.
+NEUTRAL = {"LESION_CONTRAST": (1.0, 1.0), "HYPERDENSE": 0.0, "LIVER_SHIFT": 0.0, "GAMMA": (1.0, 1.0), "GAIN": (1.0, 1.0),
+           "BLUR_SIGMA": (1e-3, 1e-3), "LOW_RES": (1.0, 1.0), "NOISE_SIGMA": (0.0, 0.0)}
+
+
+def _flat_slices(n=64):
+    """Background 0.1; a liver (label 1, 0.6) over rows/columns 4-19; a tumour (label 2, 0.4) at 9-13."""
+    images = torch.full((n, 3, 24, 24), 0.1)
+    labels = torch.zeros(n, 24, 24, dtype=torch.int64)
+    images[:, :, 4:20, 4:20], labels[:, 4:20, 4:20] = 0.6, 1
+    images[:, :, 9:14, 9:14], labels[:, 9:14, 9:14] = 0.4, 2
+    return images, labels
+
+
+def _only(monkeypatch, **changed):
+    for name, value in {**NEUTRAL, **changed}.items():
+        monkeypatch.setattr(dataset, name, value)
+
+
+def test_vary_appearance_with_neutral_ranges_or_no_probability_leaves_slices_alone(monkeypatch):
+    images, labels = _flat_slices()
+    assert torch.equal(dataset.vary_appearance(images, labels, 0.0), images)
+    _only(monkeypatch)
+    torch.manual_seed(0)
+    torch.testing.assert_close(dataset.vary_appearance(images, labels, 1.0), images)
+
+
+def test_vary_appearance_turns_a_lesion_hyperdense_or_darker_and_nothing_else(monkeypatch):
+    _only(monkeypatch, LESION_CONTRAST=(0.5, 0.5), HYPERDENSE=0.5)
+    images, labels = _flat_slices()
+    torch.manual_seed(0)
+    out = dataset.vary_appearance(images, labels, 1.0)
+    tumour = (labels == 2)[:, None].expand_as(images)
+    torch.testing.assert_close(out[~tumour], images[~tumour])
+    # 0.4 against a 0.6 liver, its difference halved: 0.5, or flipped: 0.7 (hyperdense); every channel alike.
+    values = out[tumour].view(64, -1)
+    assert torch.allclose(values, values[:, :1])
+    seen = {round(float(v), 4) for v in values[:, 0]}
+    assert seen == {0.5, 0.7}
+
+
+def test_vary_appearance_shifts_liver_and_tumour_together_softly_at_the_edge(monkeypatch):
+    _only(monkeypatch, LIVER_SHIFT=0.15)
+    images, labels = _flat_slices()
+    torch.manual_seed(1)
+    out = dataset.vary_appearance(images, labels, 1.0)
+    shift = out[:, 1, 11, 11] - 0.4  # the tumour's centre
+    assert (shift.abs() <= 0.15 + 1e-6).all() and shift.std() > 0.03
+    torch.testing.assert_close(out[:, :, 6:18, 6:18] - images[:, :, 6:18, 6:18],
+                               shift.view(64, 1, 1, 1).expand(64, 3, 12, 12))  # 2 pixels inside: whole shift
+    torch.testing.assert_close(out[:, :, 0:2, :], images[:, :, 0:2, :])  # over 2 pixels outside: none
+    # On the edge the 5x5 box covers 3 of 5 rows inside the liver (the liver's last row and the two above).
+    torch.testing.assert_close(out[:, 1, 19, 11] - 0.6, shift * 3 / 5)
+
+
+def test_vary_appearance_gamma_contrast_and_noise_stay_in_their_ranges(monkeypatch):
+    images, labels = torch.full((64, 1, 16, 16), 0.25), torch.zeros(64, 16, 16, dtype=torch.int64)
+    _only(monkeypatch, GAMMA=(0.7, 1.5))
+    torch.manual_seed(2)
+    out = dataset.vary_appearance(images, labels, 1.0)[:, 0, 0, 0]
+    assert (out >= 0.25 ** 1.5 - 1e-6).all() and (out <= 0.25 ** 0.7 + 1e-6).all() and out.std() > 0.02
+    _only(monkeypatch, NOISE_SIGMA=(0.0, 0.05))
+    out = dataset.vary_appearance(images, labels, 1.0)
+    sd = (out - 0.25).flatten(1).std(1)
+    assert sd.max() <= 0.06 and sd.max() > 0.03  # 256 draws a slice: within 20 % of its sigma
+    ramp, none = torch.linspace(0, 1, 16).repeat(64, 1, 16, 1), torch.zeros(64, 16, 16, dtype=torch.int64)
+    _only(monkeypatch, GAIN=(0.75, 1.25))
+    out = dataset.vary_appearance(ramp, none, 1.0)
+    gain = (out[:, 0, 0, 10] - out[:, 0, 0, 5]) / (ramp[0, 0, 0, 10] - ramp[0, 0, 0, 5])
+    assert (gain >= 0.75 - 1e-4).all() and (gain <= 1.25 + 1e-4).all()
+    torch.testing.assert_close(out.mean(dim=(1, 2, 3)), ramp.mean(dim=(1, 2, 3)))  # about the slice's mean
+
+
+def test_vary_appearance_blurs_and_coarsens_about_half_the_slices_it_may(monkeypatch):
+    images, labels = _flat_slices(200)
+    for name, value in (("BLUR_SIGMA", (1.0, 1.0)), ("LOW_RES", (2.0, 2.0))):
+        _only(monkeypatch, **{name: value})
+        torch.manual_seed(3)
+        out = dataset.vary_appearance(images, labels, 1.0)
+        changed = (out - images).abs().flatten(1).amax(1) > 1e-3
+        assert 70 <= int(changed.sum()) <= 130  # half of 200 (probability times one half)
+        torch.testing.assert_close(out[~changed], images[~changed])
+        # Averaging: no value leaves the range the slice had.
+        assert out.min() >= 0.1 - 1e-6 and out.max() <= 0.6 + 1e-6

@@ -181,11 +181,13 @@ def test_classification_graphs_and_metrics(tiny_data, tmp_path, monkeypatch):
 def test_augmentation_strength_defaults_by_task_and_flags_override_it():
     def resolved(*argv):
         args = train.resolve_args(train.get_args_parser().parse_args(list(argv)))
-        return args.rotation, tuple(args.scale), args.paste_tumor
-    assert resolved("--task", "classification") == resolved("--task", "classification", "--demo") == (20.0, (0.8, 1.2), 0.5)
-    assert resolved("--task", "segmentation") == resolved("--task", "segmentation", "--demo") == (10.0, (0.9, 1.1), 0.0)
-    assert resolved("--task", "classification", "--rotation", "5", "--scale", "1", "1.5", "--paste-tumor", "0") == \
-        (5.0, (1.0, 1.5), 0.0)
+        return args.rotation, tuple(args.scale), args.paste_tumor, args.appearance
+    assert resolved("--task", "classification") == resolved("--task", "classification", "--demo") == \
+        (20.0, (0.8, 1.2), 0.5, 0.0)
+    assert resolved("--task", "segmentation") == resolved("--task", "segmentation", "--demo") == \
+        (10.0, (0.9, 1.1), 0.0, 0.0)
+    assert resolved("--task", "classification", "--rotation", "5", "--scale", "1", "1.5", "--paste-tumor", "0",
+                    "--appearance", "0.3") == (5.0, (1.0, 1.5), 0.0, 0.3)
 
 
 def test_the_demo_trains_for_its_time_budget_unless_epochs_are_given():
