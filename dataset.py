@@ -576,6 +576,11 @@ class LiTSSliceDataset(Dataset):
         return item + (ci,) if self.return_case else item
 
 
+def _random_signs(n: int, negative: float, device) -> torch.Tensor:
+    """(n,) of -1.0 with probability `negative`, else 1.0, from torch's global RNG."""
+    return torch.where(torch.rand(n, device=device) < negative, -1.0, 1.0)
+
+
 def augment_batch(images: torch.Tensor, masks: torch.Tensor | None = None, max_rotation: float = 10.0,
                   scale: tuple[float, float] = (0.9, 1.1), contrast: float = 0.1, brightness: float = 0.05,
                   noise: float = 0.02, hflip: bool = False, vflip: bool = False):
@@ -591,8 +596,8 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor | None = None, max_r
     angle = (torch.rand(n, device=dev) * 2 - 1) * math.radians(max_rotation)
     s = torch.empty(n, device=dev).uniform_(*scale)
     cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
-    flip_x = torch.where(torch.rand(n, device=dev) < HYPERDENSE, -1.0, 1.0) if hflip else torch.ones(n, device=dev)
-    flip_y = torch.where(torch.rand(n, device=dev) < HYPERDENSE, -1.0, 1.0) if vflip else torch.ones(n, device=dev)
+    flip_x = _random_signs(n, 0.5, dev) if hflip else torch.ones(n, device=dev)
+    flip_y = _random_signs(n, 0.5, dev) if vflip else torch.ones(n, device=dev)
     theta = torch.zeros(n, 2, 3, device=dev)
     theta[:, 0, 0], theta[:, 0, 1] = cos * flip_x, -sin * flip_y
     theta[:, 1, 0], theta[:, 1, 1] = sin * flip_x, cos * flip_y
@@ -680,8 +685,8 @@ def vary_appearance(images: torch.Tensor, labels: torch.Tensor, probability: flo
     as nnU-Net does):
 
     - lesion contrast: the tumour's difference to the slice's mean healthy liver times k, |k| in
-      `LESION_CONTRAST`, negative in a share `HYPERDENSE` of them, so that a hypodense lesion may come out fainter, darker or
-      hyperdense (never invisible: a label on nothing teaches nothing);
+      `LESION_CONTRAST`, negative in a share `HYPERDENSE` of them, so that a hypodense lesion may
+      come out fainter, darker or hyperdense (never invisible: a label on nothing teaches nothing);
     - liver enhancement: liver and tumour shifted together by up to `LIVER_SHIFT` against the rest
       (an unenhanced or a late-phase liver), the shift softened over the liver's edge by a 5-pixel box;
     - gamma, contrast about the slice's mean, Gaussian blur, low resolution, Gaussian noise.
@@ -695,14 +700,14 @@ def vary_appearance(images: torch.Tensor, labels: torch.Tensor, probability: flo
         return images
     n, c, h, w = images.shape
     dev = images.device
-    out = images.float().clone()
+    out = images.float()  # read only: every step below makes a new tensor before any writes in place
     pick = lambda share=1.0: (torch.rand(n, device=dev) < probability * share).view(n, 1, 1, 1)  # noqa: E731
     view = lambda t: t.view(n, 1, 1, 1)  # noqa: E731
 
     healthy, tumour = (labels == 1).float()[:, None], (labels == 2).float()[:, None]
     count = healthy.flatten(1).sum(1)
     liver_mean = view((out[:, c // 2:c // 2 + 1] * healthy).flatten(1).sum(1) / count.clamp(min=1))
-    k = _uniform(n, *LESION_CONTRAST, dev) * torch.where(torch.rand(n, device=dev) < HYPERDENSE, -1.0, 1.0)
+    k = _uniform(n, *LESION_CONTRAST, dev) * _random_signs(n, HYPERDENSE, dev)
     k = torch.where(pick() & view(count > 0), view(k), 1.0)
     out = out + tumour * (k - 1) * (out - liver_mean)
 
