@@ -482,21 +482,53 @@ class LearningCheck(pl.Callback):
     of its epochs) and its validation liver Dice is below 0.5: checked once, at the first validation
     past that third. A run at that point has nearly always been given too little compute for its image
     size and network, and would otherwise end with a model that segments nothing, silently.
-    `elapsed()` gives the seconds of training so far (default: Lightning's Timer, which --max-time sets)."""
 
-    SHARE, FLOOR = 1 / 3, 0.5
+    Validation comes at epoch ends. When a time-budgeted run's epoch would end more than WAIT of the
+    budget after the third (a large image size on a CPU: one epoch can outlast the whole budget), the
+    check asks Lightning for one validation right after the batch that crosses the third (Lightning's
+    time-based validation, 2.6 and later; older versions check at the epoch end). `elapsed()` gives
+    the seconds of training so far (default: the module's training clock, Lightning's Timer that
+    --max-time sets)."""
+
+    SHARE, FLOOR, WAIT = 1 / 3, 0.5, 1 / 6
 
     def __init__(self, budget_s: float | None, max_epochs: int, elapsed=None):
         self.budget_s, self.max_epochs, self.elapsed, self.done = budget_s, max_epochs, elapsed, False
+        self.asked = self.forced = False
+        self.epoch_started = 0.0
+
+    def _clock(self, pl_module):
+        return self.elapsed or pl_module._training_clock()
 
     def _spent(self, trainer, pl_module) -> float:
         """The share of the budget spent: of the time or of the epochs, whichever ends the run first.
         The time is the module's training clock (the Timer that --max-time adds)."""
         shares = [(trainer.current_epoch + 1) / self.max_epochs] if self.max_epochs > 0 else [0.0]
         if self.budget_s:
-            elapsed = self.elapsed or pl_module._training_clock()
-            shares.append(elapsed() / self.budget_s)
+            shares.append(self._clock(pl_module)() / self.budget_s)
         return max(shares)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if self.budget_s:
+            self.epoch_started = self._clock(pl_module)()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.forced:  # the asked-for validation has run: epoch ends validate again
+            trainer._val_check_time_interval, self.forced = None, False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (self.done or self.asked or not self.budget_s or trainer.sanity_checking
+                or getattr(trainer, "_val_check_time_interval", 0.0) is not None):
+            return  # checked already, no time budget, or a Lightning without time-based validation
+        now = self._clock(pl_module)()
+        if now < self.SHARE * self.budget_s:
+            return
+        self.asked = True
+        per_batch = (now - self.epoch_started) / (batch_idx + 1)
+        epoch_ends_in = (trainer.num_training_batches - batch_idx - 1) * per_batch  # inf for an endless loader
+        if epoch_ends_in > self.WAIT * self.budget_s:
+            self.forced = True  # Lightning validates after this batch: at least 0 s since "the last validation"
+            trainer._val_check_time_interval, trainer._last_val_time = 0.0, time.monotonic()
 
     def on_validation_end(self, trainer, pl_module) -> None:
         dice = trainer.callback_metrics.get("val/dice_liver")

@@ -625,6 +625,49 @@ def test_learning_check_is_silent_for_a_run_that_learns_and_counts_epochs_withou
     assert capsys.readouterr().err.startswith("warning: at 33% of the run (epoch 10 of 30)")
 
 
+class _Stalled(pl.LightningModule):
+    """Learns nothing (validation liver Dice 0.2); each training step advances a clock by 100 s.
+    Records the step count at each validation."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.clock, self.validated_at = [0.0], []
+
+    def training_step(self, batch, batch_idx):
+        self.clock[0] += 100.0
+        return -self.w
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/dice_liver", 0.2)
+
+    def on_validation_epoch_end(self):
+        self.validated_at.append(self.global_step)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+
+@pytest.mark.parametrize("per_epoch, validated_at", [(12, [4, 12, 24]), (5, [5, 10])])
+def test_learning_check_validates_at_a_third_of_the_time_when_the_epoch_ends_much_later(capsys, per_epoch,
+                                                                                        validated_at):
+    """A 20-minute budget, 100 s a step. Epochs of 12 steps end at 1200 s, far past the third (400 s):
+    one extra validation after step 4 (clock 400 s) gives the warning then; epochs of 5 steps end 100 s
+    after the third (under a sixth of the budget, 200 s), so validation stays at the epoch ends and the
+    warning comes after step 5 (500 s: 42 %)."""
+    model = _Stalled()
+    check = train.LearningCheck(budget_s=1200, max_epochs=-1, elapsed=lambda: model.clock[0])
+    loader = torch.utils.data.DataLoader(torch.zeros(per_epoch, 1), batch_size=1)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, callbacks=[check], num_sanity_val_steps=0,
+                         logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False)
+    trainer.fit(model, loader, torch.utils.data.DataLoader(torch.zeros(1, 1), batch_size=1))
+    assert model.validated_at == validated_at
+    err = capsys.readouterr().err
+    assert err.count("warning: at ") == 1
+    assert f"warning: at {33 if per_epoch == 12 else 42}% of the run (epoch 1, 20 minutes' budget)" in err
+
+
 class _Thresholded(_Counter):
     """_Counter with a buffer that validation sets, as LitClassifier's operating threshold: epoch e's
     validation chooses 10 * (e + 1)."""
