@@ -60,7 +60,7 @@ DEFAULTS = {
                        "oversample_tumor": (0.5, 0.5), "dice_per_slice": (False, False), "ema": (0.0, 0.0),
                        "rotation": (20.0, 20.0), "scale": ((0.8, 1.2), (0.8, 1.2)), "paste_tumor": (0.5, 0.5),
                        "appearance": (0.0, 0.0)},
-    "segmentation": {"max_epochs": (40, -1), "batch_size": (16, 16), "lr": (1e-3, 2e-3), "image_size": (256, 128),
+    "segmentation": {"max_epochs": (40, -1), "batch_size": (8, 16), "lr": (1e-3, 2e-3), "image_size": (256, 128),
                      "oversample_tumor": (0.0, 0.5), "dice_per_slice": (True, False), "ema": (0.995, 0.0),
                      "rotation": (10.0, 10.0), "scale": ((0.9, 1.1), (0.9, 1.1)), "paste_tumor": (0.0, 0.0),
                      "appearance": (0.0, 0.0)},
@@ -544,8 +544,9 @@ class LearningCheck(pl.Callback):
                 budget += f", {self.budget_s / 60:g} minutes' budget"
             sys.stderr.write(f"warning: at {spent:.0%} of the run ({budget}) the validation liver Dice is "
                              f"{float(dice):.2f}, below "
-                             f"{self.FLOOR}: this run is unlikely to give a usable model; give it more time, or "
-                             f"less to compute per step (--image-size 128 --base-width 16)\n")
+                             f"{self.FLOOR}: this run may be short of compute for its image size and network; if the "
+                             f"next validation is no better, give it more time, or less to compute per step "
+                             f"(--image-size 128 --base-width 16)\n")
 
 
 class Throughput(pl.Callback):

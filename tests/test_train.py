@@ -190,6 +190,16 @@ def test_augmentation_strength_defaults_by_task_and_flags_override_it():
                     "--appearance", "0.3") == (5.0, (1.0, 1.5), 0.0, 0.3)
 
 
+def test_batch_size_defaults_by_task_and_demo():
+    """Segmentation takes 8 slices a step (16 in the demo), classification 16; --batch-size overrides."""
+    def resolved(*argv):
+        return train.resolve_args(train.get_args_parser().parse_args(list(argv))).batch_size
+    assert resolved("--task", "segmentation") == 8
+    assert resolved("--task", "segmentation", "--demo") == resolved("--task", "classification") == 16
+    assert resolved("--task", "classification", "--demo") == 16
+    assert resolved("--task", "segmentation", "--batch-size", "4") == 4
+
+
 def test_the_demo_trains_for_its_time_budget_unless_epochs_are_given():
     """--demo: 3 min 30 s of training (210 s), no epoch limit, the schedule spanning the time; an explicit
     --max-epochs or --max-time takes over; outside the demo neither is set."""
