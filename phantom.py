@@ -35,9 +35,13 @@ def make_phantom(size: int = 128, num_slices: int | None = None, seed: int = 0,
     anterior, z: inferior -> superior).
 
     Returns (hu (X, Y, Z) int16, labels (X, Y, Z) uint8 with 0/1/2, spacing in mm). Body, fat,
-    muscle, spine, aorta, spleen, kidneys, a textured lobulated liver (95-120 HU) with vessels,
-    0-4 hypo- or hyperdense tumors (10-60 mm, 10-50 HU contrast) inside it, and 10-20 HU noise."""
-    from scipy.ndimage import distance_transform_edt
+    muscle, ribs, spine, aorta, spleen, kidneys, a textured lobulated liver with vessels and, four cases
+    in five, a gallbladder in its fossa (bile, labelled background), scanned
+    portal-venous (liver 95-120 HU) or, one case in four, unenhanced (liver 15-30 HU above muscle);
+    0-4 tumors inside it, 4-60 mm across (a third under 10 mm), hypodense, hyperdense or
+    rim-enhancing (10-60 HU contrast); and noise of 8-22 HU correlated over neighbouring pixels, as
+    a CT reconstruction kernel leaves it."""
+    from scipy.ndimage import distance_transform_edt, gaussian_filter
     rng = np.random.default_rng(seed)
     nz = num_slices or int(rng.integers(size // 3, size // 2 + 1))
     xy_mm = 360.0 / size * rng.uniform(0.85, 1.1)
@@ -51,23 +55,32 @@ def make_phantom(size: int = 128, num_slices: int | None = None, seed: int = 0,
     body = (u / bx) ** 2 + (v / by) ** 2 <= 1.0
     muscle = (u / (bx - 0.07)) ** 2 + (v / (by - 0.07)) ** 2 <= 1.0
     hu = np.where(body, -100.0, hu)          # subcutaneous fat
-    hu = np.where(muscle, rng.uniform(40, 55), hu)  # muscle and bowel soft tissue
+    muscle_hu = rng.uniform(40, 55)
+    hu = np.where(muscle, muscle_hu, hu)  # muscle and bowel soft tissue
     hu = np.where(muscle & (_smooth_noise(rng, (size, size, nz), 6) > 0.6), -80.0, hu)  # visceral fat
     spine = (u ** 2 + (v + by * 0.7) ** 2) <= 0.11 ** 2
     hu = np.where(np.broadcast_to(spine, hu.shape), 500.0, hu)
     aorta = ((u + 0.08) ** 2 + (v + by * 0.42) ** 2) <= 0.05 ** 2
-    hu = np.where(np.broadcast_to(aorta, hu.shape), 170.0, hu)
+    # Ribs: cross-sections at the inner edge of the body wall in the upper abdomen, moving along it
+    # from slice to slice as oblique bones do: bright structures that touch the liver, not part of it.
+    ribs = np.zeros(hu.shape, dtype=bool)
+    for t in np.linspace(0.1, 0.9, 7) * np.pi:
+        for a in (t + 0.25 * (w - 0.5), -t + 0.25 * (w - 0.5)):
+            rib = (u - (bx - 0.065) * np.cos(a)) ** 2 + (v - (by - 0.065) * np.sin(a)) ** 2 <= 0.025 ** 2
+            ribs |= rib & (w > 0.3)
 
-    # Enhanced organs as in a portal-venous scan: a spleen on the patient's left about as bright as
-    # the liver (so position and shape matter, not brightness alone) and two bright kidneys.
-    liver_hu = rng.uniform(95, 120)
+    # Organs as in a portal-venous scan (a spleen on the patient's left about as bright as the liver,
+    # so position and shape matter, not brightness alone, and two bright kidneys), or unenhanced.
+    enhanced = rng.random() < 0.75
+    hu = np.where(np.broadcast_to(aorta, hu.shape), 170.0 if enhanced else 45.0, hu)
+    liver_hu = rng.uniform(95, 120) if enhanced else muscle_hu + rng.uniform(15, 30)  # unenhanced: 55-85 HU
     with np.errstate(divide="ignore", invalid="ignore"):
         sp = np.clip(np.sin(np.pi * (w - 0.45) / 0.5), 0, None) ** 0.6
         spleen = (((u + 0.45) / (0.12 * sp)) ** 2 + ((v + 0.18) / (0.2 * sp)) ** 2) <= 1
         kp = np.clip(np.sin(np.pi * (w - 0.05) / 0.45), 0, None) ** 0.6
         kidneys = (((np.abs(u) - 0.3) / (0.08 * kp)) ** 2 + ((v + by * 0.55) / (0.12 * kp)) ** 2) <= 1
     hu = np.where(spleen & muscle, liver_hu + rng.uniform(-5, 15), hu)
-    hu = np.where(kidneys & muscle, rng.uniform(150, 190), hu)
+    hu = np.where(kidneys & muscle, rng.uniform(150, 190) if enhanced else rng.uniform(30, 40), hu)
 
     # Liver on the patient's right, largest in mid-upper slices, with a lobulated outline.
     z0, z1 = rng.uniform(0.1, 0.25), rng.uniform(0.75, 0.95)
@@ -77,21 +90,40 @@ def make_phantom(size: int = 128, num_slices: int | None = None, seed: int = 0,
     lobes = 1 + 0.18 * _smooth_noise(rng, (size, size, nz), 5)
     with np.errstate(divide="ignore", invalid="ignore"):
         liver = (((u - cx) / rx) ** 2 + ((v - cy) / ry) ** 2) <= lobes
-    liver &= muscle & ~np.broadcast_to(spine | aorta, hu.shape)
+    liver &= muscle & ~np.broadcast_to(spine | aorta, hu.shape) & ~ribs
     hu = np.where(liver, liver_hu + 8.0 * _smooth_noise(rng, hu.shape, max(4, size // 8)), hu)
     vessels = np.abs(_smooth_noise(rng, hu.shape, 7)) < 0.04
-    hu = np.where(liver & vessels, liver_hu + rng.uniform(40, 80), hu)
+    hu = np.where(liver & vessels, liver_hu + (rng.uniform(40, 80) if enhanced else -rng.uniform(10, 25)), hu)
+    # A gallbladder in four cases of five: bile (0-25 HU) in the fossa of the liver's lower, anterior,
+    # medial surface, half sunk into it. Not liver: a dark oval the liver wraps that is no lesion.
+    if liver.any() and rng.random() < 0.8:
+        r_mm = rng.uniform(12.0, 20.0)
+        depth_mm = distance_transform_edt(liver, sampling=(xy_mm, xy_mm, z_mm))
+        lz = np.flatnonzero(liver.any(axis=(0, 1)))
+        fossa = (depth_mm > 0.3 * r_mm) & (depth_mm < 0.8 * r_mm) & (u < cx) & (v > cy)
+        fossa &= (np.arange(nz) < lz[0] + 0.5 * (lz[-1] - lz[0] + 1))[None, None, :]
+        pts = np.argwhere(fossa)
+        if len(pts):
+            c = pts[rng.integers(len(pts))]
+            rads = np.array([r_mm / xy_mm, r_mm / xy_mm * rng.uniform(0.7, 1.0), rng.uniform(25.0, 40.0) / z_mm])
+            ii, jj, kk = np.ogrid[:size, :size, :nz]
+            gallbladder = (((ii - c[0]) / rads[0]) ** 2 + ((jj - c[1]) / rads[1]) ** 2
+                           + ((kk - c[2]) / rads[2]) ** 2) <= 1
+            gallbladder &= muscle & ~np.broadcast_to(spine | aorta, hu.shape) & ~ribs
+            liver &= ~gallbladder
+            hu = np.where(gallbladder, rng.uniform(0, 25), hu)
+    hu = np.where(ribs & body, rng.uniform(350, 700), hu)
 
     labels = liver.astype(np.uint8)
     if not liver.any():
         num_tumors = 0
     elif num_tumors is None:
         num_tumors = int(rng.choice([0, 1, 2, 3, 4], p=[0.2, 0.3, 0.25, 0.15, 0.1]))
-    # Lesions of 10-60 mm diameter, centred at least half a radius inside the liver so that most of
-    # each lies in it (LiTS lesions range from a few mm to over 10 cm).
+    # Lesions of 4-60 mm diameter, log-uniform (a third under 10 mm), centred at least half a radius
+    # inside the liver so that most of each lies in it (LiTS lesions range from a few mm to over 10 cm).
     depth_mm = distance_transform_edt(liver, sampling=(xy_mm, xy_mm, z_mm)) if num_tumors else None
     for _ in range(num_tumors):
-        r_mm = rng.uniform(5.0, 30.0)
+        r_mm = float(np.exp(rng.uniform(np.log(2.0), np.log(30.0))))
         pts = np.argwhere(depth_mm >= min(0.5 * r_mm, depth_mm.max()))
         c = pts[rng.integers(len(pts))].astype(np.float32)
         rads = np.array([r_mm / xy_mm, r_mm / xy_mm * rng.uniform(0.7, 1.3), r_mm / z_mm], dtype=np.float32)
@@ -100,11 +132,21 @@ def make_phantom(size: int = 128, num_slices: int | None = None, seed: int = 0,
         gz = (np.arange(nz, dtype=np.float32)[None, None, :] - c[2]) / max(rads[2], 0.6)
         blob = (gx ** 2 + gy ** 2 + gz ** 2) <= 1 + 0.15 * _smooth_noise(rng, hu.shape, 6)
         blob &= liver
-        contrast = rng.uniform(10, 50) * (1 if rng.random() < 0.2 else -1)  # most lesions are hypodense
-        hu = np.where(blob, liver_hu + contrast + 5.0 * _smooth_noise(rng, hu.shape, max(4, size // 8)), hu)
+        # Most lesions are hypodense; some hyperdense; some a dark core in a bright rim 2-3 mm wide, the
+        # label covering both (metastases often look so in the portal-venous phase).
+        kind = rng.choice(["hypo", "hyper", "rim"], p=[0.6, 0.2, 0.2])
+        contrast = rng.uniform(10, 60) * (1 if kind == "hyper" else -1)
+        value = liver_hu + contrast + 5.0 * _smooth_noise(rng, hu.shape, max(4, size // 8))
+        if kind == "rim" and r_mm > 4.0:
+            rim_px = rng.uniform(2.0, 3.0) / xy_mm
+            inner = (gx ** 2 + gy ** 2 + gz ** 2) <= (1 - rim_px / min(rads[0], rads[1])) ** 2
+            value = np.where(inner, value, liver_hu + rng.uniform(20, 50))
+        hu = np.where(blob, value, hu)
         labels[blob] = 2
 
-    hu += rng.normal(0, rng.uniform(10, 20), hu.shape).astype(np.float32)
+    # CT noise is not white: the reconstruction kernel correlates it over neighbouring pixels.
+    noise = gaussian_filter(rng.standard_normal(hu.shape).astype(np.float32), sigma=(*[rng.uniform(0.6, 1.2)] * 2, 0.0))
+    hu += noise * (rng.uniform(8, 22) / max(float(noise.std()), 1e-6))
     return np.clip(np.round(hu), -1024, 3071).astype(np.int16), labels, (xy_mm, xy_mm, z_mm)
 
 
