@@ -308,7 +308,9 @@ def test_classifier_keeps_the_end_of_training_whatever_validation_auroc_says(tin
     falling = iter(np.linspace(0.99, 0.01, 199))
     monkeypatch.setattr(lit_model, "binary_auroc", lambda *a, **k: torch.tensor(float(next(falling))))
     out = tmp_path / "run"
-    summary = train.main(run_args(tiny_data, out, "classification", "--max-epochs", "3", "--test-fraction", "0.34"))
+    # a tumour-free patient in validation too: both classes, so that there is an AUROC to script
+    summary = train.main(run_args(tiny_data, out, "classification", "--max-epochs", "3", "--test-fraction", "0.34",
+                                  "--val-fraction", "0.34"))
     val_auroc = [v for _, v in train.read_scalars(Path(summary["tensorboard"]))["val/auroc"]]
     assert len(val_auroc) == 3 and val_auroc[0] > val_auroc[1] > val_auroc[2]
     best, last = (torch.load(out / "checkpoints" / f"{n}.ckpt", map_location="cpu", weights_only=True)
