@@ -29,6 +29,13 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], cells: int) 
     return field_[tuple(slice(0, s) for s in shape)] / 1.5
 
 
+def _ellipsoid_radius2(shape: tuple[int, int, int], centre, radii: np.ndarray) -> np.ndarray:
+    """Squared normalised distance from `centre` on a grid of `shape` (<= 1 inside the ellipsoid with
+    semi-axes `radii`, in voxels), computed in the radii's dtype."""
+    gx, gy, gz = ((np.arange(n, dtype=radii.dtype) - c) / r for n, c, r in zip(shape, centre, radii))
+    return gx[:, None, None] ** 2 + gy[None, :, None] ** 2 + gz[None, None, :] ** 2
+
+
 def make_phantom(size: int = 128, num_slices: int | None = None, seed: int = 0,
                  num_tumors: int | None = None) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
     """A CT-like abdominal phantom in canonical RAS voxel order (x: left -> right, y: posterior ->
@@ -90,7 +97,8 @@ def make_phantom(size: int = 128, num_slices: int | None = None, seed: int = 0,
     lobes = 1 + 0.18 * _smooth_noise(rng, (size, size, nz), 5)
     with np.errstate(divide="ignore", invalid="ignore"):
         liver = (((u - cx) / rx) ** 2 + ((v - cy) / ry) ** 2) <= lobes
-    liver &= muscle & ~np.broadcast_to(spine | aorta, hu.shape) & ~ribs
+    soft = muscle & ~np.broadcast_to(spine | aorta, hu.shape) & ~ribs  # where organs may lie
+    liver &= soft
     hu = np.where(liver, liver_hu + 8.0 * _smooth_noise(rng, hu.shape, max(4, size // 8)), hu)
     vessels = np.abs(_smooth_noise(rng, hu.shape, 7)) < 0.04
     hu = np.where(liver & vessels, liver_hu + (rng.uniform(40, 80) if enhanced else -rng.uniform(10, 25)), hu)
@@ -106,10 +114,7 @@ def make_phantom(size: int = 128, num_slices: int | None = None, seed: int = 0,
         if len(pts):
             c = pts[rng.integers(len(pts))]
             rads = np.array([r_mm / xy_mm, r_mm / xy_mm * rng.uniform(0.7, 1.0), rng.uniform(25.0, 40.0) / z_mm])
-            ii, jj, kk = np.ogrid[:size, :size, :nz]
-            gallbladder = (((ii - c[0]) / rads[0]) ** 2 + ((jj - c[1]) / rads[1]) ** 2
-                           + ((kk - c[2]) / rads[2]) ** 2) <= 1
-            gallbladder &= muscle & ~np.broadcast_to(spine | aorta, hu.shape) & ~ribs
+            gallbladder = (_ellipsoid_radius2(hu.shape, c, rads) <= 1) & soft
             liver &= ~gallbladder
             hu = np.where(gallbladder, rng.uniform(0, 25), hu)
     hu = np.where(ribs & body, rng.uniform(350, 700), hu)
@@ -127,10 +132,8 @@ def make_phantom(size: int = 128, num_slices: int | None = None, seed: int = 0,
         pts = np.argwhere(depth_mm >= min(0.5 * r_mm, depth_mm.max()))
         c = pts[rng.integers(len(pts))].astype(np.float32)
         rads = np.array([r_mm / xy_mm, r_mm / xy_mm * rng.uniform(0.7, 1.3), r_mm / z_mm], dtype=np.float32)
-        gx = (np.arange(size, dtype=np.float32)[:, None, None] - c[0]) / rads[0]
-        gy = (np.arange(size, dtype=np.float32)[None, :, None] - c[1]) / rads[1]
-        gz = (np.arange(nz, dtype=np.float32)[None, None, :] - c[2]) / max(rads[2], 0.6)
-        blob = (gx ** 2 + gy ** 2 + gz ** 2) <= 1 + 0.15 * _smooth_noise(rng, hu.shape, 6)
+        radius2 = _ellipsoid_radius2(hu.shape, c, np.array([rads[0], rads[1], max(rads[2], 0.6)], dtype=np.float32))
+        blob = radius2 <= 1 + 0.15 * _smooth_noise(rng, hu.shape, 6)
         blob &= liver
         # Most lesions are hypodense; some hyperdense; some a dark core in a bright rim 2-3 mm wide, the
         # label covering both (metastases often look so in the portal-venous phase).
@@ -139,13 +142,15 @@ def make_phantom(size: int = 128, num_slices: int | None = None, seed: int = 0,
         value = liver_hu + contrast + 5.0 * _smooth_noise(rng, hu.shape, max(4, size // 8))
         if kind == "rim" and r_mm > 4.0:
             rim_px = rng.uniform(2.0, 3.0) / xy_mm
-            inner = (gx ** 2 + gy ** 2 + gz ** 2) <= (1 - rim_px / min(rads[0], rads[1])) ** 2
+            inner = radius2 <= (1 - rim_px / min(rads[0], rads[1])) ** 2
             value = np.where(inner, value, liver_hu + rng.uniform(20, 50))
         hu = np.where(blob, value, hu)
         labels[blob] = 2
 
     # CT noise is not white: the reconstruction kernel correlates it over neighbouring pixels.
-    noise = gaussian_filter(rng.standard_normal(hu.shape).astype(np.float32), sigma=(*[rng.uniform(0.6, 1.2)] * 2, 0.0))
+    noise = rng.standard_normal(hu.shape).astype(np.float32)
+    kernel = rng.uniform(0.6, 1.2)
+    noise = gaussian_filter(noise, sigma=(kernel, kernel, 0.0))
     hu += noise * (rng.uniform(8, 22) / max(float(noise.std()), 1e-6))
     return np.clip(np.round(hu), -1024, 3071).astype(np.int16), labels, (xy_mm, xy_mm, z_mm)
 
