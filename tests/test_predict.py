@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import pickle
 import shutil
 import subprocess
@@ -1018,15 +1019,40 @@ def test_split_file_that_selects_nothing_is_refused(phantoms, ckpts, tmp_path):
             ps.main(seg_args("--checkpoint", ckpts["seg"], "--input", phantoms["ras"][0], "--output", out,
                              "--device", "cpu", *argv))
     assert not out.exists()
+def _eval_classifier_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("eval_classifier", ROOT / "benchmarks" / "eval_classifier.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_eval_classifier_auroc_by_lesion_size_by_hand():
+    """Each tumour slice falls in the size class of the largest lesion it shows (a lesion's largest
+    axial diameter: centre to centre of its farthest voxels in one slice), and each class is ranked
+    against every healthy slice: a row of 5 voxels at 1 mm is 4 mm (< 10 mm), a row of 26 is 25 mm."""
+    ec = _eval_classifier_module()
+    labels = np.ones((5, 40, 40), dtype=np.uint8)
+    labels[0:2, 5, 2:7] = 2      # one small lesion over slices 0 and 1
+    labels[2, 20, 2:28] = 2      # a large one on slice 2 ...
+    labels[2, 30, 2:7] = 2       # ... beside another small one: the slice counts as large
+    classes = ec.slice_size_classes(labels, (2.0, 1.0, 1.0))
+    assert classes == ["lt10mm", "lt10mm", "gt20mm", None, None]
+    prob = torch.tensor([0.2, 0.6, 0.9, 0.5, 0.1], dtype=torch.float64)
+    target = torch.tensor([1, 1, 1, 0, 0])
+    by_size = ec.auroc_by_size(prob, target, classes)
+    assert by_size["gt20mm"] == {"slices": 1, "auroc": 1.0}
+    # small slices 0.2 and 0.6 against healthy 0.5 and 0.1: 3 of 4 pairs ranked right
+    assert by_size["lt10mm"] == {"slices": 2, "auroc": pytest.approx(0.75)}
+    assert by_size["10to20mm"]["slices"] == 0 and math.isnan(by_size["10to20mm"]["auroc"])
+
+
 def test_eval_classifier_benchmark_scores_the_verdict_predict_gives(tmp_path):
     """benchmarks/eval_classifier.py scores each volume and decides it exactly as
     predict_classification.py does (every slice, the checkpoint's volume threshold): with the threshold
     set between two phantoms' scores, one verdict each way, the same in both."""
-    import importlib.util
     from lit_model import LitClassifier
-    spec = importlib.util.spec_from_file_location("eval_classifier", ROOT / "benchmarks" / "eval_classifier.py")
-    eval_classifier = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(eval_classifier)
+    eval_classifier = _eval_classifier_module()
     phantom.write_synthetic_lits(tmp_path / "d", cases=2, size=32, seed=1)
     torch.manual_seed(0)
     model = LitClassifier(in_channels=3, hidden=16, image_size=32)
@@ -1047,3 +1073,4 @@ def test_eval_classifier_benchmark_scores_the_verdict_predict_gives(tmp_path):
         assert v["score"] == pytest.approx(predicted[v["case"]]["probability"], abs=1e-6)
         assert ("tumor" if v["verdict"] else "healthy") == predicted[v["case"]]["prediction"]
     assert sorted(v["verdict"] for v in result["per_volume"]) == [0, 1]
+    assert set(result["slice_auroc_by_size"]) == {"lt10mm", "10to20mm", "gt20mm"}
