@@ -3,7 +3,7 @@ train.py on the same data, split, preprocessing, augmentation and time budget as
 
     pip install monai          # not a dependency of the project; only this script needs it
     python benchmarks/monai_baseline.py --data-dir real-liver-slices --image-size 128 \
-        --context-slices 0 --max-time 00:00:10:00 --output-dir runs/monai --graphs-dir runs/monai/graphs
+        --context-slices 0 --max-time 00:00:10:00        # into runs/monai, its graphs in runs/monai/graphs
 
 Every train.py flag is accepted and means what it means there; the model differs, as in MONAI's
 3D spleen-segmentation tutorial made 2D: `monai.networks.nets.UNet(spatial_dims=2, channels=(16, 32,
@@ -70,9 +70,12 @@ def predict_folder(model: MonaiTutorialSegmenter, folder: Path, out: Path) -> No
         write_labels(labels, geom, out / f"{input_name(source)[0]}_seg.nii.gz")
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None):
+    """train.py's flags and the two of this script. The run folder defaults to runs/monai and the graphs
+    to <run folder>/graphs, so that the peer never writes into our runs/segmentation or over the
+    project's Graphs_Segmentation/."""
     parser = train.get_args_parser()
-    parser.set_defaults(lr=1e-4)
+    parser.set_defaults(lr=1e-4, output_dir=Path("runs/monai"))
     parser.add_argument("--predict-dir", type=Path, default=None, help="volumes to segment after training")
     parser.add_argument("--predict-out", type=Path, default=Path("runs/monai/predictions"),
                         help="where --predict-dir's label volumes go")
@@ -80,6 +83,13 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv if "--task" in argv else ["--task", "segmentation", *argv])
     if args.task != "segmentation":
         parser.error("the MONAI baseline is a segmentation model; expected --task segmentation")
+    if args.graphs_dir is None:
+        args.graphs_dir = args.output_dir / "graphs"
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     built: list = []
     train.build_model = lambda a: built.append(build_model(a)) or built[-1]
     summary = train.main(args)

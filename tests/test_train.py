@@ -752,3 +752,21 @@ def test_a_max_time_run_resumed_ends_its_schedule_where_an_uninterrupted_one_doe
     monkeypatch.setattr(_Clocked, "stop_at_epoch", None)
     resumed = run(out, "--resume", str(out / "checkpoints" / "last.ckpt"))
     assert abs(resumed["step"] - full["step"]) <= 6 and resumed["lr"] < 0.01 * peak
+
+
+def test_monai_peer_writes_into_its_own_folders():
+    """benchmarks/monai_baseline.py (MONAI's tutorial U-Net through train.py) defaults to runs/monai and
+    its graphs beside it, so a peer run never overwrites our runs/segmentation or the committed
+    Graphs_Segmentation/; flags given still win. Parsing needs no MONAI."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("monai_baseline", ROOT / "benchmarks" / "monai_baseline.py")
+    peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer)
+    args = peer.parse_args(["--data-dir", "d"])
+    assert (args.task, args.lr) == ("segmentation", 1e-4)
+    assert (args.output_dir, args.graphs_dir) == (Path("runs/monai"), Path("runs/monai/graphs"))
+    assert peer.parse_args(["--output-dir", "r/m"]).graphs_dir == Path("r/m/graphs")
+    args = peer.parse_args(["--output-dir", "r/m", "--graphs-dir", "g"])
+    assert (args.output_dir, args.graphs_dir) == (Path("r/m"), Path("g"))
+    with pytest.raises(SystemExit):
+        peer.parse_args(["--task", "classification"])
