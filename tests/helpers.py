@@ -1,5 +1,8 @@
 """Small helpers several test files share: one-line errors, NIfTI files, real checkpoints of untrained
-networks, and the oracle that stands in for a network where the answer must be known."""
+networks, the oracle that stands in for a network where the answer must be known, and the benchmark
+scripts as modules."""
+import importlib.util
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -11,6 +14,21 @@ from torch import nn
 
 import inference
 import volumes
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(path: Path, module_name: str | None = None):
+    """A script outside the repository root (benchmarks/*.py) as a module, imported as it runs: with its
+    own folder first on sys.path (the benchmarks import each other)."""
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec = importlib.util.spec_from_file_location(module_name or path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
 
 
 def assert_one_line_naming(exc: pytest.ExceptionInfo, *names: str) -> str:

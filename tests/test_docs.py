@@ -7,16 +7,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import importlib.util
 import io
 import math
 import re
 import shlex
-import sys
 from functools import cache
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import load_script
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
@@ -70,14 +70,7 @@ def parser_of(path: Path) -> argparse.ArgumentParser:
     if path.parent == REPO:
         module = importlib.import_module(path.stem)
     else:
-        # A benchmark runs as a script, with its own folder first on the path (they import each other).
-        sys.path.insert(0, str(path.parent))
-        try:
-            spec = importlib.util.spec_from_file_location(f"_docs_{path.stem}", path)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        finally:
-            sys.path.remove(str(path.parent))
+        module = load_script(path, f"_docs_{path.stem}")
     assert hasattr(module, "get_args_parser"), f"{path.name}: has no get_args_parser() to check its commands with"
     return module.get_args_parser()
 

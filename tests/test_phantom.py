@@ -9,6 +9,7 @@ import pytest
 import dataset
 import phantom
 import volumes
+from tests.helpers import REPO, load_script
 
 
 def test_phantom_files_int16_volume_and_0_1_2_labels(lits_dir):
@@ -100,13 +101,7 @@ def test_phantom_lesions_livers_and_ribs_span_what_the_docstring_promises():
 
 
 def _heldout_family():
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "heldout_phantoms.py"
-    spec = importlib.util.spec_from_file_location("heldout_phantoms", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "benchmarks" / "heldout_phantoms.py")
 
 
 def test_heldout_family_is_stored_as_messy_files_and_reads_back_as_made(tmp_path):

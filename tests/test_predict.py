@@ -32,7 +32,7 @@ import predict_segmentation as ps
 import pydicom
 import volumes
 from tests.dicom_helpers import canonical_slices, dicom_twin, read_series_by_tags, seg_label_frames
-from tests.helpers import Oracle, save_checkpoint, unit_slices, use_oracle
+from tests.helpers import Oracle, load_script, save_checkpoint, unit_slices, use_oracle
 
 ROOT = Path(__file__).resolve().parents[1]
 WINDOW = volumes.WINDOW_HU
@@ -1019,12 +1019,10 @@ def test_split_file_that_selects_nothing_is_refused(phantoms, ckpts, tmp_path):
             ps.main(seg_args("--checkpoint", ckpts["seg"], "--input", phantoms["ras"][0], "--output", out,
                              "--device", "cpu", *argv))
     assert not out.exists()
+
+
 def _eval_classifier_module():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("eval_classifier", ROOT / "benchmarks" / "eval_classifier.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "benchmarks" / "eval_classifier.py")
 
 
 def test_eval_classifier_auroc_by_lesion_size_by_hand():

@@ -16,7 +16,7 @@ import phantom
 import train
 import volumes
 from lit_model import LitClassifier, LitSegmenter, RegionDice
-from tests.helpers import assert_one_line_naming, save_checkpoint
+from tests.helpers import assert_one_line_naming, load_script, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -758,10 +758,7 @@ def test_monai_peer_writes_into_its_own_folders():
     """benchmarks/monai_baseline.py (MONAI's tutorial U-Net through train.py) defaults to runs/monai and
     its graphs beside it, so a peer run never overwrites our runs/segmentation or the committed
     Graphs_Segmentation/; flags given still win. Parsing needs no MONAI."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("monai_baseline", ROOT / "benchmarks" / "monai_baseline.py")
-    peer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(peer)
+    peer = load_script(ROOT / "benchmarks" / "monai_baseline.py")
     args = peer.parse_args(["--data-dir", "d"])
     assert (args.task, args.lr) == ("segmentation", 1e-4)
     assert (args.output_dir, args.graphs_dir) == (Path("runs/monai"), Path("runs/monai/graphs"))
