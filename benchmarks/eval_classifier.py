@@ -3,10 +3,10 @@ sensitivity and specificity at the checkpoint's slice threshold, counted as trai
 count them (slices that show liver; a slice is tumorous from --min-tumor-pixels tumour pixels), and
 the slice AUROC of each lesion size class (the tumour slices whose largest lesion, by its largest axial
 diameter as evaluate.py measures it, falls in the class, against every healthy slice: what size of
-lesion the classifier sees), and the volume verdict as predict_classification.py and report.py give it: a volume's score is the mean of
-its 3 highest slice probabilities over every slice, and it is tumour when that reaches the
-checkpoint's volume threshold (chosen by train.py on validation volumes scored the same way). Volume
-AUROC, sensitivity and specificity follow from those verdicts.
+lesion the classifier sees), and the volume verdict as predict_classification.py and report.py give
+it: a volume's score is the mean of its 3 highest slice probabilities over every slice, and it is
+tumour when that reaches the checkpoint's volume threshold (chosen by train.py on validation volumes
+scored the same way). Volume AUROC, sensitivity and specificity follow from those verdicts.
 
     python benchmarks/unseen_phantoms.py --out-dir data/heldout --seed 99 --cases 10
     python benchmarks/eval_classifier.py --checkpoint runs/classification/checkpoints/best.ckpt --data-dir data/heldout
