@@ -116,19 +116,20 @@ def test_segmentation_learns_and_writes_graphs_and_checkpoints(tiny_data, tmp_pa
 
 class RecordingClassifier(LitClassifier):
     """LitClassifier that records each test batch's slice probabilities, targets and case indices as
-    its test metrics receive them."""
+    its test metrics receive them (`recorded`), and those of the test volumes' slices the loader does
+    not serve, which only the volume scores see (`rest`)."""
 
     recorded: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    rest: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        update = self.test_preds.update
-
-        def record(prob, target, case=None):
-            RecordingClassifier.recorded.append((prob.detach().cpu().double().numpy(), target.cpu().numpy(),
-                                                 case.cpu().numpy()))
-            return update(prob, target, case)
-        self.test_preds.update = record
+        for metric, into in ((self.test_preds, RecordingClassifier.recorded),
+                             (self.test_rest, RecordingClassifier.rest)):
+            def record(prob, target, case=None, update=metric.update, into=into):
+                into.append((prob.detach().cpu().double().numpy(), target.cpu().numpy(), case.cpu().numpy()))
+                return update(prob, target, case)
+            metric.update = record
 
 
 def auroc_by_pairs(scores: np.ndarray, target: np.ndarray) -> float:
@@ -137,18 +138,19 @@ def auroc_by_pairs(scores: np.ndarray, target: np.ndarray) -> float:
     return float(np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg]))
 
 
-def classification_by_hand(recorded, threshold: float) -> dict[str, float]:
+def classification_by_hand(recorded, rest, threshold: float) -> dict[str, float]:
+    """The slice metrics from the served slices (`recorded`); each volume's score (the mean of its
+    VOLUME_TOP_K highest probabilities) over every slice of it, served or not (`recorded` + `rest`)."""
     from inference import VOLUME_TOP_K
-    prob = np.concatenate([p for p, _, _ in recorded])
-    target = np.concatenate([t for _, t, _ in recorded])
-    case = np.concatenate([c for _, _, c in recorded])
+    prob, target, case = (np.concatenate([r[i] for r in recorded]) for i in range(3))
     pred = prob >= threshold
     tp, fn = np.sum(pred & (target == 1)), np.sum(~pred & (target == 1))
     tn, fp = np.sum(~pred & (target == 0)), np.sum(pred & (target == 0))
     sens, spec = tp / (tp + fn), tn / (tn + fp)
-    volumes_ = np.unique(case)
-    vol_score = np.array([np.mean(np.sort(prob[case == c])[::-1][:VOLUME_TOP_K]) for c in volumes_])
-    vol_target = np.array([target[case == c].max() for c in volumes_])
+    all_prob, all_target, all_case = (np.concatenate([r[i] for r in recorded + rest]) for i in range(3))
+    volumes_ = np.unique(all_case)
+    vol_score = np.array([np.mean(np.sort(all_prob[all_case == c])[::-1][:VOLUME_TOP_K]) for c in volumes_])
+    vol_target = np.array([all_target[all_case == c].max() for c in volumes_])
     return {"test/acc": (tp + tn) / len(target), "test/sensitivity": sens, "test/specificity": spec,
             "test/balanced_acc": (sens + spec) / 2, "test/f1": 2 * tp / (2 * tp + fp + fn),
             "test/auroc": auroc_by_pairs(prob, target), "test/auroc_volume": auroc_by_pairs(vol_score, vol_target)}
@@ -157,6 +159,7 @@ def classification_by_hand(recorded, threshold: float) -> dict[str, float]:
 def test_classification_graphs_and_metrics(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "LitClassifier", RecordingClassifier)
     RecordingClassifier.recorded.clear()
+    RecordingClassifier.rest.clear()
     out = tmp_path / "run"
     # A third of the patients for the test: a tumour-free one and one with tumours, so both classes.
     summary = train.main(run_args(tiny_data, out, "classification", "--max-epochs", "2", "--test-fraction", "0.34"))
@@ -165,7 +168,8 @@ def test_classification_graphs_and_metrics(tiny_data, tmp_path, monkeypatch):
         assert (out / "graphs" / f"{name}.png").is_file(), name
     threshold = summary["test"]["test/threshold"]  # chosen on validation
     assert 0.0 <= threshold <= 1.0
-    assert_matches(summary["test"], classification_by_hand(RecordingClassifier.recorded, threshold))
+    assert_matches(summary["test"], classification_by_hand(RecordingClassifier.recorded, RecordingClassifier.rest,
+                                                          threshold))
     # The test ran at the threshold chosen on validation, which best.ckpt records for prediction.
     ckpt = torch.load(summary["checkpoint"], map_location="cpu", weights_only=True)
     assert ckpt["hyper_parameters"]["threshold"] == pytest.approx(summary["test"]["test/threshold"])
