@@ -37,7 +37,8 @@ def _ellipsoid_radius2(shape: tuple[int, int, int], centre, radii: np.ndarray) -
 
 
 def make_phantom(size: int = 128, num_slices: int | None = None, seed: int = 0,
-                 num_tumors: int | None = None) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+                 num_tumors: int | None = None,
+                 steatosis: bool | None = None) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
     """A CT-like abdominal phantom in canonical RAS voxel order (x: left -> right, y: posterior ->
     anterior, z: inferior -> superior).
 
@@ -45,9 +46,12 @@ def make_phantom(size: int = 128, num_slices: int | None = None, seed: int = 0,
     muscle, ribs, spine, aorta, spleen, kidneys, a textured lobulated liver with vessels and, four cases
     in five, a gallbladder in its fossa (bile, labelled background), scanned
     portal-venous (liver 95-120 HU) or, one case in four, unenhanced (liver 15-30 HU above muscle);
+    one liver in five fatty (`steatosis`, or None to draw it): 15-50 HU darker than it would be, in
+    either phase, so below its spleen and, unenhanced, down to or below muscle, its vessels and
+    spleen left as they were (fat lowers the parenchyma, not the blood);
     0-4 tumors inside it, 4-60 mm across (a third under 10 mm), hypodense, hyperdense or
-    rim-enhancing (10-60 HU contrast); and noise of 8-22 HU correlated over neighbouring pixels, as
-    a CT reconstruction kernel leaves it."""
+    rim-enhancing (10-60 HU contrast to the liver as it is); and noise of 8-22 HU correlated over
+    neighbouring pixels, as a CT reconstruction kernel leaves it."""
     from scipy.ndimage import distance_transform_edt, gaussian_filter
     rng = np.random.default_rng(seed)
     nz = num_slices or int(rng.integers(size // 3, size // 2 + 1))
@@ -88,6 +92,12 @@ def make_phantom(size: int = 128, num_slices: int | None = None, seed: int = 0,
         kidneys = (((np.abs(u) - 0.3) / (0.08 * kp)) ** 2 + ((v + by * 0.55) / (0.12 * kp)) ** 2) <= 1
     hu = np.where(spleen & muscle, liver_hu + rng.uniform(-5, 15), hu)
     hu = np.where(kidneys & muscle, rng.uniform(150, 190) if enhanced else rng.uniform(30, 40), hu)
+    # Hepatic steatosis, common in real CT, drawn from a stream of its own so that the rest of a seed's
+    # phantom is the same with or without it: the parenchyma only (lesions keep their contrast to it).
+    fat = np.random.default_rng([seed, 1])
+    drawn, drop = bool(fat.random() < 0.2), float(fat.uniform(15, 50))  # both drawn either way
+    vessel_base = liver_hu  # blood, not parenchyma: as bright with a fatty liver as without
+    liver_hu -= drop if (drawn if steatosis is None else steatosis) else 0.0
 
     # Liver on the patient's right, largest in mid-upper slices, with a lobulated outline.
     z0, z1 = rng.uniform(0.1, 0.25), rng.uniform(0.75, 0.95)
@@ -101,7 +111,7 @@ def make_phantom(size: int = 128, num_slices: int | None = None, seed: int = 0,
     liver &= soft
     hu = np.where(liver, liver_hu + 8.0 * _smooth_noise(rng, hu.shape, max(4, size // 8)), hu)
     vessels = np.abs(_smooth_noise(rng, hu.shape, 7)) < 0.04
-    hu = np.where(liver & vessels, liver_hu + (rng.uniform(40, 80) if enhanced else -rng.uniform(10, 25)), hu)
+    hu = np.where(liver & vessels, vessel_base + (rng.uniform(40, 80) if enhanced else -rng.uniform(10, 25)), hu)
     # A gallbladder in four cases of five: bile (0-25 HU) in the fossa of the liver's lower, anterior,
     # medial surface, half sunk into it. Not liver: a dark oval the liver wraps that is no lesion.
     if liver.any() and rng.random() < 0.8:
