@@ -97,7 +97,9 @@ def make_phantom(size: int = 128, num_slices: int | None = None, seed: int = 0,
     fat = np.random.default_rng([seed, 1])
     drawn, drop = bool(fat.random() < 0.2), float(fat.uniform(15, 50))  # both drawn either way
     vessel_base = liver_hu  # blood, not parenchyma: as bright with a fatty liver as without
-    liver_hu -= drop if (drawn if steatosis is None else steatosis) else 0.0
+    fatty = drawn if steatosis is None else steatosis
+    if fatty:
+        liver_hu -= drop
 
     # Liver on the patient's right, largest in mid-upper slices, with a lobulated outline.
     z0, z1 = rng.uniform(0.1, 0.25), rng.uniform(0.75, 0.95)
