@@ -70,6 +70,7 @@ def build_network(hparams: dict) -> nn.Module:
         return VGG16(in_channels=hp["in_channels"], num_classes=hp["num_classes"], batch_norm=hp["batch_norm"],
                      dropout=hp["dropout"], hidden=hp["hidden"], head=hp.get("head", "fc"),
                      pool_sharpness=hp.get("pool_sharpness", 5.0),
+                     liver_gate=hp.get("liver_gate", False),  # absent before the liver gate
                      # Absent or None: no normalisation, as before pretrained weights brought ImageNet's.
                      input_mean=hp.get("input_mean") or 0.0, input_std=hp.get("input_std") or 1.0)
     if hp["task"] == "segmentation":

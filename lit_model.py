@@ -329,7 +329,9 @@ class LitClassifier(_Base):
     head="evidence" (default) scores each location of the last feature map and pools the scores
     into the slice logit; with `deep_supervision` > 0 that map is also trained against the tumour
     mask max-pooled to its size (binary cross-entropy), the dense signal that lets a VGG16 learn
-    tumours from a dozen patients. head="fc" is the classic VGG16 head, trained on slice labels.
+    tumours from a dozen patients. With `liver_gate` the head also reads a liver logit per location,
+    trained the same way against the liver mask, and tumour evidence counts only as far as the place
+    is liver (`vgg16.VGG16.forward_with_evidence`). head="fc" is the classic VGG16 head, trained on slice labels.
     The operating threshold is chosen on each validation epoch's predictions (Youden's J, or the
     highest threshold reaching `target_sensitivity`), kept in the state dict and written into the
     checkpoint's hyperparameters as `threshold`, which the predict script uses.
@@ -345,8 +347,8 @@ class LitClassifier(_Base):
 
     def __init__(self, in_channels: int = 3, num_classes: int = 2, batch_norm: bool = True, dropout: float = 0.5,
                  hidden: int = 4096, head: str = "evidence", pool_sharpness: float = 5.0,
-                 deep_supervision: float = 3.0, pretrained: bool = False, lr: float = 1e-4,
-                 weight_decay: float = 1e-4, warmup_fraction: float = 0.05,
+                 deep_supervision: float = 3.0, liver_gate: bool = False, pretrained: bool = False,
+                 lr: float = 1e-4, weight_decay: float = 1e-4, warmup_fraction: float = 0.05,
                  class_weights: Sequence[float] | None = None, threshold: float = 0.5,
                  target_sensitivity: float | None = None, window: Sequence[float] = WINDOW_HU,
                  image_size: int = 256, context_slices: int = 1, class_names: Sequence[str] = CLS_CLASSES,
@@ -406,6 +408,10 @@ class LitClassifier(_Base):
             # A location is tumour evidence when any pixel under it is tumour (max-pooled mask).
             ds = sum(w * balanced_bce(m, F.adaptive_max_pool2d(tumor, m.shape[-2:]),
                                       F.adaptive_max_pool2d(liver, m.shape[-2:])) for m, w in maps)
+            # The liver gate's logits against the liver mask (tumour included), weighted alike, finest
+            # map first: a location is liver when any pixel under it is.
+            livers = zip(out[3][::-1], (w for _, w in maps))
+            ds = ds + sum(w * balanced_bce(m, F.adaptive_max_pool2d(liver, m.shape[-2:])) for m, w in livers)
             loss = loss + self.hparams.deep_supervision * ds / sum(w for _, w in maps)
         return logits, loss
 

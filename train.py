@@ -159,6 +159,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--deep-supervision", type=float_in(0, math.inf, high_open=True), default=3.0,
                    help="weight of the evidence map's loss against the downsampled tumour mask (evidence head; "
                         "0 trains on slice labels alone)")
+    p.add_argument("--liver-gate", action=argparse.BooleanOptionalAction, default=None,
+                   help="evidence head: also read a liver logit per location, trained against the liver mask, and "
+                        "let a location count as tumour only as far as it is liver, so tissue outside the liver "
+                        "cannot make a slice tumorous (default: on with the evidence head)")
     p.add_argument("--target-sensitivity", type=float_in(0, 1, low_open=True, what="a share"), default=None,
                    help="choose the classifier's thresholds on validation patients, the slices' and the volume "
                         "verdict's, as the highest ones reaching this sensitivity (default: Youden's J, the best "
@@ -266,6 +270,11 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.pretrained and args.task != "classification":
         raise DataError(f"found --pretrained with --task {args.task}; expected it with --task classification "
                         f"(ImageNet weights exist for the VGG16 only)")
+    if args.liver_gate and (args.task != "classification" or args.head != "evidence"):
+        raise DataError(f"found --liver-gate with --task {args.task} --head {args.head}; expected it with "
+                        f"--task classification --head evidence (it gates the evidence map)")
+    if args.liver_gate is None:
+        args.liver_gate = args.task == "classification" and args.head == "evidence"
     if args.pretrained and args.head == "fc" and args.vgg_hidden != IMAGENET_HIDDEN:
         raise DataError(f"found --pretrained with --head fc and --vgg-hidden {args.vgg_hidden}; expected "
                         f"--vgg-hidden {IMAGENET_HIDDEN}, the width of the ImageNet weights")
@@ -304,8 +313,8 @@ def build_model(args: argparse.Namespace):
                   window=tuple(args.window), image_size=args.image_size, context_slices=args.context_slices)
     if args.task == "classification":
         model = LitClassifier(hidden=args.vgg_hidden, head=args.head, deep_supervision=args.deep_supervision,
-                              target_sensitivity=args.target_sensitivity, pretrained=args.pretrained,
-                              class_names=CLS_CLASSES, **common)
+                              liver_gate=args.liver_gate, target_sensitivity=args.target_sensitivity,
+                              pretrained=args.pretrained, class_names=CLS_CLASSES, **common)
     else:
         model = LitSegmenter(base_width=args.base_width, attention=args.attention, dice_per_slice=args.dice_per_slice,
                              deep_supervision=args.unet_deep_supervision, class_names=SEG_CLASSES, **common)
@@ -326,10 +335,13 @@ def check_resume(args: argparse.Namespace) -> None:
         expected.update(base_width=("--base-width", args.base_width), attention=("--attention", args.attention),
                         deep_supervision=("--unet-deep-supervision", args.unet_deep_supervision))
     else:
-        expected.update(head=("--head", args.head))
+        expected.update(head=("--head", args.head), liver_gate=("--liver-gate", args.liver_gate))
         if args.head == "fc":
             expected.update(hidden=("--vgg-hidden", args.vgg_hidden))
-    load_checkpoint(args.resume, args.task, "--resume", expected)
+    found = load_checkpoint(args.resume, args.task, "--resume", expected).hparams
+    if args.task == "classification" and args.liver_gate and "liver_gate" not in found:  # from before the gate
+        raise DataError(f"{args.resume}: found a checkpoint without the liver gate; expected --no-liver-gate "
+                        f"to resume it")
 
 
 def check_pretrained(args: argparse.Namespace) -> None:

@@ -11,7 +11,8 @@ per location from conv5_3, conv4_3 and conv3_3 with 1x1 convolutions and sums th
 into one map at stride 4 (as FCN-8s does on VGG16); the map is pooled into the slice logit by a
 smooth maximum (log-mean-exp), so a slice is tumorous when some place in it is. The map can be
 supervised directly with the downsampled tumour mask (deep supervision) and drawn as a heat map of
-where the classifier looked.
+where the classifier looked. With `liver_gate=True` the head also reads a liver logit per location
+and a place counts as tumour only as far as it is liver (`forward_with_evidence`).
 """
 
 from __future__ import annotations
@@ -66,12 +67,15 @@ class VGG16(nn.Module):
         pool_sharpness: float = 5.0,
         input_mean: float = 0.0,
         input_std: float = 1.0,
+        liver_gate: bool = False,
     ) -> None:
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"expected head in {HEADS}, got {head!r}")
         if head == "evidence" and num_classes != 2:
             raise ValueError(f"the evidence head is binary (num_classes=2), got num_classes={num_classes}")
+        if liver_gate and head != "evidence":
+            raise ValueError(f"the liver gate belongs to the evidence head, got head={head!r}")
         if not pool_sharpness > 0:
             raise ValueError(f"expected pool_sharpness > 0, got {pool_sharpness}")
         if in_channels < 1:
@@ -90,6 +94,7 @@ class VGG16(nn.Module):
         self.hidden = hidden
         self.head = head
         self.pool_sharpness = float(pool_sharpness)
+        self.liver_gate = bool(liver_gate)
         # The input is (x - input_mean) / input_std before the first convolution: ImageNet's values for
         # pretrained weights (recorded in the checkpoint's hyperparameters, so prediction does the same).
         self.input_mean, self.input_std = float(input_mean), float(input_std)
@@ -114,14 +119,18 @@ class VGG16(nn.Module):
             # (stride 16), conv4_3 (8) and conv3_3 (4), summed coarse to fine into one map at stride 4.
             # The shallow maps see a lesion's edge and texture, the deep one its context; the map is
             # fine enough that a lesion and the healthy liver beside it fall on different locations.
-            self.evidence = nn.Conv2d(512, 1, kernel_size=1)  # conv5_3
-            self.evidence_skip = nn.ModuleList([nn.Conv2d(512, 1, kernel_size=1), nn.Conv2d(256, 1, kernel_size=1)])
+            # With the liver gate each location also gets a liver logit (second channel), read the same way.
+            maps = 2 if liver_gate else 1
+            self.evidence = nn.Conv2d(512, maps, kernel_size=1)  # conv5_3
+            self.evidence_skip = nn.ModuleList([nn.Conv2d(512, maps, kernel_size=1),
+                                                nn.Conv2d(256, maps, kernel_size=1)])
             self.reset_parameters()
             # Small weights and a prior of about 5 % tumour locations: the first steps neither
-            # saturate the pooled logit nor flood the map with false evidence.
+            # saturate the pooled logit nor flood the map with false evidence. The liver logit starts at 0.
             for conv, bias in ((self.evidence, -3.0), (self.evidence_skip[0], 0.0), (self.evidence_skip[1], 0.0)):
                 nn.init.normal_(conv.weight, 0.0, 0.01)
-                nn.init.constant_(conv.bias, bias)
+                nn.init.zeros_(conv.bias)
+                nn.init.constant_(conv.bias[:1], bias)
             return
         # Fixed 7x7 output makes the classifier size independent of the input
         # size, so inputs other than 224 px work and ImageNet FC weights still fit.
@@ -172,15 +181,21 @@ class VGG16(nn.Module):
 
         Args:
             x: float tensor of shape (N, in_channels, H, W) with H, W >= 32.
-            aux: also return the coarser partial sums (for deep supervision).
+            aux: also return the coarser partial sums and the liver maps (for deep supervision).
 
         Returns:
-            (logits (N, 2), evidence (N, 1, H // 4, W // 4)), and with `aux` a third element
-            [conv5_3's map (N, 1, H // 16, W // 16), conv5_3's + conv4_3's (N, 1, H // 8, W // 8)];
-            all are logits. The evidence map is conv5_3's + conv4_3's + conv3_3's, each upsampled
-            (nearest) to the next. The slice logits are [0, s] with s the log-mean-exp
-            of the evidence at sharpness r, s = log(mean(exp(r * e))) / r, between the mean (r -> 0)
-            and the maximum (r -> inf) of the map, so softmax(logits)[:, 1] = sigmoid(s).
+            (logits (N, 2), evidence (N, 1, H // 4, W // 4)), and with `aux` two more elements:
+            the coarser evidence maps [conv5_3's (N, 1, H // 16, W // 16), conv5_3's + conv4_3's
+            (N, 1, H // 8, W // 8)], and the liver logits at the three strides, coarse to fine (each
+            (N, 1, h, w); an empty list without the liver gate). All are logits. Each map is
+            conv5_3's + conv4_3's + conv3_3's, each upsampled (nearest) to the next.
+            With the liver gate, the tumour evidence at a location is its tumour logit t plus
+            log(sigmoid(l)) of its liver logit l: the log-odds of "tumour" lowered by the log of the
+            probability that the place is liver at all, so a location the network does not take for
+            liver cannot make a slice tumorous however tumour-like it looks (t where l >> 0, -inf as
+            l -> -inf). The slice logits are [0, s] with s the log-mean-exp of the evidence at
+            sharpness r, s = log(mean(exp(r * e))) / r, between the mean (r -> 0) and the maximum
+            (r -> inf) of the map, so softmax(logits)[:, 1] = sigmoid(s).
         """
         if self.head != "evidence":
             raise RuntimeError("forward_with_evidence needs head='evidence'")
@@ -191,10 +206,13 @@ class VGG16(nn.Module):
             if isinstance(layer, nn.MaxPool2d) and feat.shape[1] in (256, 512):
                 taps[feat.shape[1]] = feat  # conv3_3 (256 channels), conv4_3 (512)
             feat = layer(feat)  # ends (N, 512, H // 16, W // 16): conv5_3
-        maps = [self.evidence(feat).float()]  # (N, 1, H // 16, W // 16)
+        maps = [self.evidence(feat).float()]  # (N, 1 or 2, H // 16, W // 16)
         for conv, tap in zip(self.evidence_skip, (taps[512], taps[256])):
-            fine = conv(tap).float()  # (N, 1, H // 8, W // 8), then (N, 1, H // 4, W // 4)
+            fine = conv(tap).float()  # (N, 1 or 2, H // 8, W // 8), then (N, 1 or 2, H // 4, W // 4)
             maps.append(fine + F.interpolate(maps[-1], size=fine.shape[-2:], mode="nearest"))
+        liver = [m[:, 1:] for m in maps] if self.liver_gate else []
+        if self.liver_gate:
+            maps = [m[:, :1] + F.logsigmoid(m[:, 1:]) for m in maps]
         evidence = maps[-1]  # (N, 1, H // 4, W // 4)
         r = self.pool_sharpness
         flat = evidence.flatten(1)  # (N, h * w)
@@ -202,7 +220,7 @@ class VGG16(nn.Module):
         logits = torch.stack([torch.zeros_like(s), s], dim=1)
         if not aux:
             return logits, evidence
-        return logits, evidence, maps[:-1]
+        return logits, evidence, maps[:-1], liver
 
     def _checked(self, x: torch.Tensor) -> torch.Tensor:
         """x checked for its shape, then normalised (input_mean, input_std)."""

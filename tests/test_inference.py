@@ -314,13 +314,16 @@ def _direct(task: str, hp: dict) -> nn.Module:
         return UNet(in_channels=5, num_classes=3, base_width=4, depth=3, upsampling="bilinear", attention=True)
     from vgg16 import VGG16
     return VGG16(in_channels=3, num_classes=2, batch_norm=False, dropout=0.3, hidden=16,
-                 head=hp.get("head", "fc"), pool_sharpness=hp.get("pool_sharpness", 5.0))
+                 head=hp.get("head", "fc"), pool_sharpness=hp.get("pool_sharpness", 5.0),
+                 liver_gate=hp.get("liver_gate", False))
 
 
 @pytest.mark.parametrize("task, hp", [("segmentation", SEG_HP), ("classification", CLS_HP),
+                                      ("classification", {**CLS_HP, "liver_gate": True}),
                                       ("classification", {k: v for k, v in CLS_HP.items()
                                                           if k not in ("head", "pool_sharpness")})],
-                         ids=["segmentation", "classification", "classification-before-the-evidence-head"])
+                         ids=["segmentation", "classification", "classification-liver-gate",
+                              "classification-before-the-evidence-head"])
 def test_build_network_from_hyperparameters_alone(task, hp):
     """A checkpoint's hyperparameters give the network they describe (a checkpoint from before the
     evidence head, without `head`, the classic fc head)."""

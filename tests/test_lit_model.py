@@ -140,7 +140,8 @@ def test_checkpoint_reload_gives_identical_outputs(tmp_path):
     torch.manual_seed(0)
     for model in (LitSegmenter(in_channels=3, base_width=4, image_size=32),
                   LitClassifier(in_channels=3, hidden=16, image_size=32, head="fc"),
-                  LitClassifier(in_channels=3, image_size=32)):
+                  LitClassifier(in_channels=3, image_size=32),
+                  LitClassifier(in_channels=3, image_size=32, liver_gate=True)):
         trainer = pl.Trainer(logger=False, enable_checkpointing=False, max_epochs=0, enable_progress_bar=False)
         trainer.strategy.connect(model)
         path = tmp_path / f"{model.hparams.task}.ckpt"
@@ -241,6 +242,34 @@ def test_classifier_evidence_loss_uses_the_tumour_mask():
     model.hparams.deep_supervision = 0.0
     _, switched_off = model._logits_and_loss(images, target, labels)
     assert with_mask.item() > slice_only.item() and switched_off.item() == pytest.approx(slice_only.item())
+
+
+def test_classifier_liver_gate_loss_by_hand():
+    """Zeroed 1x1 heads, the coarsest one's biases tumour bt and liver bl: every location of every
+    stride has tumour logit bt and liver logit bl, so the evidence is g = bt + log(sigmoid(bl))
+    everywhere and the slice logit is g. Each of the three maps scores the tumour BCE of g over its
+    three groups (tumour, healthy liver, the rest: all present) and the liver BCE of bl over two
+    (liver, the rest); loss = CE + 3 * (tumour BCE + liver BCE), the maps' weights cancelling."""
+    bt, bl = 0.7, -1.3
+    model = LitClassifier(in_channels=1, image_size=64, context_slices=0, liver_gate=True)
+    net = model.net
+    for conv in (net.evidence, *net.evidence_skip):
+        torch.nn.init.zeros_(conv.weight), torch.nn.init.zeros_(conv.bias)
+    with torch.no_grad():
+        net.evidence.bias.copy_(torch.tensor([bt, bl]))
+    labels = torch.zeros(2, 64, 64, dtype=torch.uint8)
+    labels[0, :32, :32] = 1
+    labels[0, :16, :16] = 2  # one cell of the coarsest (4x4) map
+    labels[1, 32:, 32:] = 1
+    sp = lambda v: float(np.log1p(np.exp(v)))  # softplus: -log(sigmoid(-v))
+    g = bt - sp(-bl)
+    ce = (sp(-g) + sp(g)) / 2  # targets tumour, healthy
+    tumour_bce = (sp(-g) + sp(g) + sp(g)) / 3
+    liver_bce = (sp(-bl) + sp(bl)) / 2
+    model.train()
+    logits, loss = model._logits_and_loss(torch.rand(2, 1, 64, 64), torch.tensor([1, 0]), labels)
+    assert logits[:, 1].tolist() == pytest.approx([g, g], rel=1e-5)
+    assert loss.item() == pytest.approx(ce + 3.0 * (tumour_bce + liver_bce), rel=1e-5)
 
 
 def test_checkpoint_carries_the_chosen_threshold(tmp_path):

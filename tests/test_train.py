@@ -245,6 +245,7 @@ BAD_FLAGS = {
     "split file missing": (["--split-file", "nothere.json"], "--split-file", "nothere.json"),
     "output dir under a file": (["--output-dir", "a_file/run"], "--output-dir", "a_file"),
     "pretrained for segmentation": (["--pretrained"], "--pretrained", "segmentation"),
+    "liver gate for segmentation": (["--liver-gate"], "--liver-gate", "segmentation"),
     "resume of another base width": (["--base-width", "8", "--resume", "{seg}"], "--base-width 4", "--base-width 8"),
     "resume of other context slices": (["--base-width", "4", "--context-slices", "2", "--resume", "{seg}"],
                                        "--context-slices 1", "--context-slices 2"),
@@ -292,6 +293,15 @@ def test_pretrained_without_the_weights_is_one_line_before_anything_is_written(t
                          ["--task", "classification", "--pretrained", "--head", "fc", "--vgg-hidden", "512"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "--vgg-hidden 512" in err and "4096" in err and not list(work.iterdir())
+
+
+def test_liver_gate_with_the_fc_head_is_one_line_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    rc = volumes.run_cli(train.main, train.get_args_parser(),
+                         ["--task", "classification", "--head", "fc", "--liver-gate"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and "--liver-gate" in err and "--head evidence" in err, err
+    assert not list(tmp_path.iterdir())
 
 
 def test_resume_checks_are_load_checkpoint_s(tmp_path):

@@ -293,10 +293,57 @@ def test_evidence_map_is_the_fcn_sum_of_three_depths() -> None:
         up = lambda t: t.repeat_interleave(2, -1).repeat_interleave(2, -2)  # nearest, x2
         s8 = model.evidence_skip[0](conv4_3) + up(model.evidence(conv5_3))
         expected = model.evidence_skip[1](conv3_3) + up(s8)
-        _, evidence, (coarse, middle) = model.forward_with_evidence(x, aux=True)
+        _, evidence, (coarse, middle), liver = model.forward_with_evidence(x, aux=True)
     torch.testing.assert_close(evidence, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(middle, s8, atol=1e-5, rtol=1e-5)
     assert coarse.shape == (1, 1, 4, 4) and middle.shape == (1, 1, 8, 8) and evidence.shape == (1, 1, 16, 16)
+    assert liver == []  # no liver gate, no liver maps
+
+
+def test_liver_gate_lowers_tumour_evidence_by_log_liver_probability_by_hand() -> None:
+    """With the liver gate each 1x1 head reads two logits, tumour t and liver l, summed coarse to
+    fine as the FCN sum is; the evidence is t + log(sigmoid(l)) at each of the three strides."""
+    torch.manual_seed(2)
+    model = VGG16(in_channels=1, num_classes=2, head="evidence", liver_gate=True, pool_sharpness=3.0).eval()
+    for conv in (model.evidence, *model.evidence_skip):
+        torch.nn.init.normal_(conv.weight, 0.0, 0.1)
+    x = torch.rand(2, 1, 64, 64)
+    outs, h = [], x
+    with torch.no_grad():
+        for layer in model.features:
+            if isinstance(layer, nn.MaxPool2d):
+                outs.append(h)
+            h = layer(h)
+        up = lambda t: t.repeat_interleave(2, -1).repeat_interleave(2, -2)
+        s16 = model.evidence(outs[4])  # (2, 2, 4, 4): channel 0 tumour, channel 1 liver
+        s8 = model.evidence_skip[0](outs[3]) + up(s16)
+        s4 = model.evidence_skip[1](outs[2]) + up(s8)
+        logits, evidence, coarser, liver = model.forward_with_evidence(x, aux=True)
+    gate = lambda m: m[:, :1] - torch.log1p(torch.exp(-m[:, 1:]))  # t + log(1 / (1 + e^-l))
+    torch.testing.assert_close(evidence, gate(s4), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(coarser[1], gate(s8), atol=1e-5, rtol=1e-5)
+    for got, want in zip(liver, (s16, s8, s4)):
+        torch.testing.assert_close(got, want[:, 1:], atol=1e-5, rtol=1e-5)
+    for i in range(2):  # the slice logit pools the gated map
+        e = evidence[i].flatten().double()
+        assert logits[i, 1].item() == pytest.approx(math.log(torch.exp(3 * e).mean().item()) / 3, rel=1e-5)
+
+
+def test_liver_gate_keeps_places_that_are_not_liver_from_making_a_slice_tumorous() -> None:
+    """Tumour logits of +20 everywhere: a confident tumour slice, unless the network also says
+    nowhere is liver (liver logit -40), when the slice's tumour logit is 20 + log(sigmoid(-40)), -20."""
+    model = VGG16(in_channels=1, num_classes=2, head="evidence", liver_gate=True).eval()
+    for conv in (model.evidence, *model.evidence_skip):
+        torch.nn.init.zeros_(conv.weight), torch.nn.init.zeros_(conv.bias)
+    x = torch.rand(1, 1, 32, 32)
+    with torch.no_grad():
+        model.evidence.bias.copy_(torch.tensor([20.0, 30.0]))
+        liver = model(x).softmax(1)[0, 1].item()
+        model.evidence.bias.copy_(torch.tensor([20.0, -40.0]))
+        elsewhere = model(x).softmax(1)[0, 1].item()
+    assert liver == pytest.approx(1.0, abs=1e-6)
+    assert elsewhere == pytest.approx(1 / (1 + math.exp(-(20 + math.log(1 / (1 + math.exp(40)))))), rel=1e-4)
+    assert elsewhere < 1e-8
 
 
 def test_evidence_head_has_no_fully_connected_layers() -> None:
@@ -308,7 +355,7 @@ def test_evidence_head_has_no_fully_connected_layers() -> None:
 
 
 @pytest.mark.parametrize("kwargs", [dict(head="gap"), dict(head="evidence", num_classes=3),
-                                    dict(head="evidence", pool_sharpness=0.0)])
+                                    dict(head="evidence", pool_sharpness=0.0), dict(head="fc", liver_gate=True)])
 def test_evidence_head_bad_arguments_raise(kwargs) -> None:
     with pytest.raises(ValueError):
         VGG16(in_channels=1, **{"num_classes": 2, **kwargs})
