@@ -97,11 +97,16 @@ def main(argv=None) -> dict:
         volumes.append({"case": case.case_id, "score": score, "tumour": int(target.max()) if len(target) else 0,
                         "verdict": None if volume_thr is None else int(score >= volume_thr)})
     prob, target = torch.cat(probs), torch.cat(targets)
+    # Within each volume holding both kinds of liver slice, how its slices rank (no offset between
+    # volumes can move it), then the mean over those volumes.
+    within = {v["case"]: float(binary_auroc(p, t)) for v, p, t in zip(volumes, probs, targets) if 0 < t.sum() < len(t)}
     sens, spec = rates(prob >= threshold, target)
     result = {"checkpoint": str(args.checkpoint), "data_dir": str(args.data_dir), "volumes": len(volumes),
               "slices": int(len(target)), "tumour_slices": int(target.sum()), "threshold": threshold,
               "slice_auroc": float(binary_auroc(prob, target)), "sensitivity": sens, "specificity": spec,
               "slice_auroc_by_size": auroc_by_size(prob, target, classes),
+              "within_volume_auroc": within,
+              "within_volume_auroc_mean": float(np.mean(list(within.values()))) if within else float("nan"),
               "tumour_volumes": sum(v["tumour"] for v in volumes), "volume_threshold": volume_thr,
               "volume_validation": hp.get("volume_validation") if volume_thr is not None else None}
     scores = torch.tensor([v["score"] for v in volumes], dtype=torch.float64)
