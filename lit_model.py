@@ -331,7 +331,8 @@ class LitClassifier(_Base):
     mask max-pooled to its size (binary cross-entropy), the dense signal that lets a VGG16 learn
     tumours from a dozen patients. With `liver_gate` the head also reads a liver logit per location,
     trained the same way against the liver mask, and tumour evidence counts only as far as the place
-    is liver (`vgg16.VGG16.forward_with_evidence`). head="fc" is the classic VGG16 head, trained on slice labels.
+    is liver (`vgg16.VGG16.forward_with_evidence`). head="fc" is the classic VGG16 head, trained on
+    slice labels.
     The operating threshold is chosen on each validation epoch's predictions (Youden's J, or the
     highest threshold reaching `target_sensitivity`), kept in the state dict and written into the
     checkpoint's hyperparameters as `threshold`, which the predict script uses.
