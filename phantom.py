@@ -43,7 +43,8 @@ def make_phantom(size: int = 128, num_slices: int | None = None, seed: int = 0,
     anterior, z: inferior -> superior).
 
     Returns (hu (X, Y, Z) int16, labels (X, Y, Z) uint8 with 0/1/2, spacing in mm). Body, fat,
-    muscle, ribs, spine, aorta, spleen, kidneys, a textured lobulated liver with vessels and, four cases
+    muscle, bowel loops holding fluid (0-30 HU) or gas in enhancing walls, a stomach with an air cap,
+    ribs, spine, aorta, spleen, kidneys, a textured lobulated liver with vessels and, four cases
     in five, a gallbladder in its fossa (bile, labelled background), scanned
     portal-venous (liver 95-120 HU) or, one case in four, unenhanced (liver 15-30 HU above muscle);
     one liver in five fatty (`steatosis`, or None to draw it): 15-50 HU darker than it would be, in
@@ -69,6 +70,22 @@ def make_phantom(size: int = 128, num_slices: int | None = None, seed: int = 0,
     muscle_hu = rng.uniform(40, 55)
     hu = np.where(muscle, muscle_hu, hu)  # muscle and bowel soft tissue
     hu = np.where(muscle & (_smooth_noise(rng, (size, size, nz), 6) > 0.6), -80.0, hu)  # visceral fat
+    # Bowel and a stomach, from a stream of their own: fluid (0-30 HU) and gas in loops with enhancing
+    # walls at every level, the stomach high on the patient's left with an air cap. Every abdomen has
+    # them, and a fluid-filled loop against the liver is a hypodense blob that is no lesion.
+    gut = np.random.default_rng([seed, 3])
+    loops = _smooth_noise(gut, (size, size, nz), max(4, size // 10))
+    gas = _smooth_noise(gut, (size, size, nz), max(3, size // 20)) > gut.uniform(0.3, 0.7)
+    inner_wall = (u / (bx - 0.12)) ** 2 + (v / (by - 0.12)) ** 2 <= 1.0
+    wall = inner_wall & (loops > 0.12)
+    lumen = inner_wall & (loops > 0.22)
+    hu = np.where(wall, muscle_hu + gut.uniform(0, 30), hu)
+    hu = np.where(lumen, np.where(gas, -900.0, gut.uniform(0, 30)), hu)
+    sr = gut.uniform(0.14, 0.22)
+    stomach_r2 = ((u + 0.3) / sr) ** 2 + ((v - 0.2) / (0.8 * sr)) ** 2 + ((w - 0.8) / 0.25) ** 2
+    hu = np.where(inner_wall & (stomach_r2 <= 1), muscle_hu + 10.0, hu)
+    stomach = inner_wall & (stomach_r2 <= 0.7)
+    hu = np.where(stomach, np.where(v > 0.2 + gut.uniform(0.0, 0.6) * sr, -900.0, gut.uniform(5, 35)), hu)
     spine = (u ** 2 + (v + by * 0.7) ** 2) <= 0.11 ** 2
     hu = np.where(np.broadcast_to(spine, hu.shape), 500.0, hu)
     aorta = ((u + 0.08) ** 2 + (v + by * 0.42) ** 2) <= 0.05 ** 2

@@ -194,3 +194,20 @@ def test_phantom_steatosis_darkens_the_parenchyma_only():
         assert sum(same) == 1, seed
         fatty += same[1]
     assert 1 <= fatty <= 9, fatty
+
+
+def test_phantom_has_bowel_gas_and_fluid_that_are_not_liver():
+    """Every phantom's abdomen holds bowel: gas (under -500 HU inside the body's outline, at least 0.5 mL)
+    and, on slices without liver, fluid-density tissue (0-35 HU after a 3x3 median, at least 2 mL);
+    none of the gas is labelled liver or tumour, so a dark loop beside the liver is taught as background."""
+    from scipy import ndimage
+    for seed in range(8):
+        hu, labels, spacing = phantom.make_phantom(128, seed=seed)
+        ml = np.prod(spacing) / 1000
+        inside = np.stack([ndimage.binary_fill_holes(hu[..., z] > -500) for z in range(hu.shape[2])], axis=-1)
+        gas = inside & (hu < -500)
+        assert gas.sum() * ml >= 0.5, seed
+        assert not labels[gas].any()
+        free = ~(labels >= 1).any(axis=(0, 1))
+        smooth = ndimage.median_filter(hu[..., free], size=(3, 3, 1))
+        assert ((smooth >= 0) & (smooth <= 35) & inside[..., free]).sum() * ml >= 2, seed
