@@ -36,6 +36,21 @@ def _ellipsoid_radius2(shape: tuple[int, int, int], centre, radii: np.ndarray) -
     return gx[:, None, None] ** 2 + gy[None, :, None] ** 2 + gz[None, None, :] ** 2
 
 
+NOISE_MAX_HU = 22.0  # the noisiest phantom's noise (standard deviation)
+ROSE_K = 3.6  # contrast x radius / noise a lesion needs to be seen (Rose's criterion, in mm)
+
+
+def visible_contrast(u: float, radius_mm: float) -> float:
+    """The contrast (HU, magnitude) of a lesion of `radius_mm` for a uniform draw `u` in [0, 1): over
+    10-60 HU, from a floor that keeps it visible at the noisiest level the phantom draws. A reader
+    finds a round lesion when contrast x radius / noise reaches a few units (Rose's criterion); a
+    radiologist's reference marks only lesions that can be seen, and a lesion drawn fainter than the
+    noise would teach a network to call noise tumour. The floor is 40 HU at 2 mm radius, 20 HU at 4 mm
+    and 10 HU from 8 mm."""
+    floor = min(max(10.0, ROSE_K * NOISE_MAX_HU / radius_mm), 60.0)
+    return floor + float(u) * (60.0 - floor)
+
+
 def make_phantom(size: int = 128, num_slices: int | None = None, seed: int = 0,
                  num_tumors: int | None = None,
                  steatosis: bool | None = None) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
@@ -51,8 +66,9 @@ def make_phantom(size: int = 128, num_slices: int | None = None, seed: int = 0,
     either phase, so below its spleen and, unenhanced, down to or below muscle, its vessels and
     spleen left as they were (fat lowers the parenchyma, not the blood);
     0-4 tumors inside it, 4-60 mm across (a third under 10 mm), hypodense, hyperdense or
-    rim-enhancing (10-60 HU contrast to the liver as it is); and noise of 8-22 HU correlated over
-    neighbouring pixels, as a CT reconstruction kernel leaves it."""
+    rim-enhancing (10-60 HU contrast to the liver as it is, and enough of it to be seen at that size:
+    `visible_contrast`); and noise of 8-22 HU correlated over neighbouring pixels, as a CT
+    reconstruction kernel leaves it."""
     from scipy.ndimage import distance_transform_edt, gaussian_filter
     rng = np.random.default_rng(seed)
     nz = num_slices or int(rng.integers(size // 3, size // 2 + 1))
@@ -167,7 +183,7 @@ def make_phantom(size: int = 128, num_slices: int | None = None, seed: int = 0,
         # Most lesions are hypodense; some hyperdense; some a dark core in a bright rim 2-3 mm wide, the
         # label covering both (metastases often look so in the portal-venous phase).
         kind = rng.choice(["hypo", "hyper", "rim"], p=[0.6, 0.2, 0.2])
-        contrast = rng.uniform(10, 60) * (1 if kind == "hyper" else -1)
+        contrast = visible_contrast(rng.uniform(0, 1), r_mm) * (1 if kind == "hyper" else -1)
         value = liver_hu + contrast + 5.0 * _smooth_noise(rng, hu.shape, max(4, size // 8))
         if kind == "rim" and r_mm > 4.0:
             rim_px = rng.uniform(2.0, 3.0) / xy_mm
@@ -180,7 +196,7 @@ def make_phantom(size: int = 128, num_slices: int | None = None, seed: int = 0,
     noise = rng.standard_normal(hu.shape).astype(np.float32)
     kernel = rng.uniform(0.6, 1.2)
     noise = gaussian_filter(noise, sigma=(kernel, kernel, 0.0))
-    hu += noise * (rng.uniform(8, 22) / max(float(noise.std()), 1e-6))
+    hu += noise * (rng.uniform(8, NOISE_MAX_HU) / max(float(noise.std()), 1e-6))
     return np.clip(np.round(hu), -1024, 3071).astype(np.int16), labels, (xy_mm, xy_mm, z_mm)
 
 

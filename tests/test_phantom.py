@@ -100,6 +100,34 @@ def test_phantom_lesions_livers_and_ribs_span_what_the_docstring_promises():
     assert min(livers) < 90 and max(livers) > 95
 
 
+def test_visible_contrast_floor_follows_roses_criterion():
+    """By hand: floor = 3.6 x 22 HU / radius, at least 10 HU; the draw spreads from it to 60 HU."""
+    assert phantom.visible_contrast(0.0, 2.0) == pytest.approx(39.6)
+    assert phantom.visible_contrast(0.5, 4.0) == pytest.approx(19.8 + 0.5 * 40.2)
+    assert phantom.visible_contrast(0.0, 30.0) == pytest.approx(10.0)
+    assert phantom.visible_contrast(1.0, 2.0) == pytest.approx(60.0)
+
+
+def test_phantom_small_lesions_stand_out_of_the_noise():
+    """Over 16 phantoms at 128 px: every lesion under 10 mm across (of 5 voxels or more, so that its
+    median is not one noisy voxel) differs from the liver by 15 HU or more; before the floor, a 7 mm
+    lesion 7 HU off the liver, under noise of 8-22 HU, was labelled tumour."""
+    from scipy import ndimage
+    small = []
+    for seed in range(16):
+        hu, labels, spacing = phantom.make_phantom(128, seed=seed, num_tumors=3)
+        hu = hu.astype(np.float32)
+        liver = np.median(hu[labels == 1])
+        found, count = ndimage.label(labels == 2)
+        for k in range(1, count + 1):
+            lesion = found == k
+            diameter = (6 * lesion.sum() * np.prod(spacing) / np.pi) ** (1 / 3)
+            if diameter < 10 and lesion.sum() >= 5:
+                small.append(abs(float(np.median(hu[lesion]) - liver)))
+    assert len(small) >= 5
+    assert min(small) >= 15, sorted(small)
+
+
 def _heldout_family():
     return load_script(REPO / "benchmarks" / "heldout_phantoms.py")
 
