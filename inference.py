@@ -71,6 +71,7 @@ def build_network(hparams: dict) -> nn.Module:
                      dropout=hp["dropout"], hidden=hp["hidden"], head=hp.get("head", "fc"),
                      pool_sharpness=hp.get("pool_sharpness", 5.0),
                      liver_gate=hp.get("liver_gate", False),  # absent before the liver gate
+                     width=hp.get("width", 1.0),  # absent before the width multiplier
                      # Absent or None: no normalisation, as before pretrained weights brought ImageNet's.
                      input_mean=hp.get("input_mean") or 0.0, input_std=hp.get("input_std") or 1.0)
     if hp["task"] == "segmentation":

@@ -348,7 +348,8 @@ class LitClassifier(_Base):
 
     def __init__(self, in_channels: int = 3, num_classes: int = 2, batch_norm: bool = True, dropout: float = 0.5,
                  hidden: int = 4096, head: str = "evidence", pool_sharpness: float = 5.0,
-                 deep_supervision: float = 3.0, liver_gate: bool = False, pretrained: bool = False,
+                 deep_supervision: float = 3.0, liver_gate: bool = False, width: float = 1.0,
+                 pretrained: bool = False,
                  lr: float = 1e-4, weight_decay: float = 1e-4, warmup_fraction: float = 0.05,
                  class_weights: Sequence[float] | None = None, threshold: float = 0.5,
                  target_sensitivity: float | None = None, window: Sequence[float] = WINDOW_HU,

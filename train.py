@@ -65,6 +65,7 @@ DEFAULTS = {
                      "rotation": (10.0, 10.0), "scale": ((0.9, 1.1), (0.9, 1.1)), "paste_tumor": (0.0, 0.0),
                      "appearance": (0.0, 0.0)},
     "common": {"context_slices": (1, 1), "base_width": (32, 16), "num_workers": (4, 2), "vgg_hidden": (4096, 512),
+               "vgg_width": (1.0, 0.5),
                "channels_last": (True, False), "flip": (True, True)},
 }
 
@@ -169,6 +170,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "sensitivity + specificity)")
     p.add_argument("--vgg-hidden", type=int_at_least(1), default=None,
                    help="VGG16 fully connected width, fc head " + _default_help("vgg_hidden"))
+    p.add_argument("--vgg-width", type=float_in(0, 1, low_open=True, what="a width multiplier"), default=None,
+                   help="VGG16 convolution widths as a share of the paper's (0.5: 32-256 channels, a quarter of "
+                        "the arithmetic, three times the steps in a CPU's time budget; 1.0 with --pretrained) "
+                        + _default_help("vgg_width"))
     p.add_argument("--pretrained", action="store_true",
                    help="start VGG16 from torchvision's ImageNet weights (needs them cached or a network; default: off)")
     p.add_argument("--oversample-tumor", type=float_in(0, 1, high_open=True, what="a share"), default=None,
@@ -237,8 +242,10 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         if args.max_epochs is None:
             args.time_budget_s = seconds
             args.max_epochs = -1  # the time budget alone ends the run
+    if args.pretrained and args.vgg_width is None:
+        args.vgg_width = 1.0  # the ImageNet weights' width, also under --demo
     for name in ("max_epochs", "batch_size", "lr", "image_size", "context_slices", "base_width", "num_workers",
-                 "vgg_hidden", "oversample_tumor", "channels_last", "flip", "dice_per_slice", "ema", "rotation",
+                 "vgg_hidden", "vgg_width", "oversample_tumor", "channels_last", "flip", "dice_per_slice", "ema", "rotation",
                  "scale", "paste_tumor", "appearance"):
         if getattr(args, name) is None:
             setattr(args, name, _default(args.task, name, args.demo))
@@ -275,6 +282,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
                         f"--task classification --head evidence (it gates the evidence map)")
     if args.liver_gate is None:
         args.liver_gate = args.task == "classification" and args.head == "evidence"
+    if args.pretrained and args.vgg_width != 1.0:
+        raise DataError(f"found --pretrained with --vgg-width {args.vgg_width}; expected --vgg-width 1.0, the "
+                        f"width of the ImageNet weights")
     if args.pretrained and args.head == "fc" and args.vgg_hidden != IMAGENET_HIDDEN:
         raise DataError(f"found --pretrained with --head fc and --vgg-hidden {args.vgg_hidden}; expected "
                         f"--vgg-hidden {IMAGENET_HIDDEN}, the width of the ImageNet weights")
@@ -313,7 +323,7 @@ def build_model(args: argparse.Namespace):
                   window=tuple(args.window), image_size=args.image_size, context_slices=args.context_slices)
     if args.task == "classification":
         model = LitClassifier(hidden=args.vgg_hidden, head=args.head, deep_supervision=args.deep_supervision,
-                              liver_gate=args.liver_gate, target_sensitivity=args.target_sensitivity,
+                              liver_gate=args.liver_gate, width=args.vgg_width, target_sensitivity=args.target_sensitivity,
                               pretrained=args.pretrained, class_names=CLS_CLASSES, **common)
     else:
         model = LitSegmenter(base_width=args.base_width, attention=args.attention, dice_per_slice=args.dice_per_slice,
@@ -335,7 +345,8 @@ def check_resume(args: argparse.Namespace) -> None:
         expected.update(base_width=("--base-width", args.base_width), attention=("--attention", args.attention),
                         deep_supervision=("--unet-deep-supervision", args.unet_deep_supervision))
     else:
-        expected.update(head=("--head", args.head), liver_gate=("--liver-gate", args.liver_gate))
+        expected.update(head=("--head", args.head), liver_gate=("--liver-gate", args.liver_gate),
+                        width=("--vgg-width", args.vgg_width))
         if args.head == "fc":
             expected.update(hidden=("--vgg-hidden", args.vgg_hidden))
     found = load_checkpoint(args.resume, args.task, "--resume", expected).hparams

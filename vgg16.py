@@ -6,7 +6,9 @@
     logits, evidence = model.forward_with_evidence(torch.randn(8, 3, 128, 128))  # (8, 2), (8, 1, 32, 32)
     model = load_imagenet_weights(VGG16(in_channels=1, num_classes=2))
 
-The 13 convolutions are the paper's whatever the head. The "evidence" head reads one tumour logit
+The 13 convolutions are the paper's whatever the head; `width` scales their channel counts (0.5: a
+quarter of the arithmetic, for a CPU's time budget; 1, the default, is the paper's and the only width
+ImageNet's weights fit). The "evidence" head reads one tumour logit
 per location from conv5_3, conv4_3 and conv3_3 with 1x1 convolutions and sums them coarse to fine
 into one map at stride 4 (as FCN-8s does on VGG16); the map is pooled into the slice logit by a
 smooth maximum (log-mean-exp), so a slice is tumorous when some place in it is. The map can be
@@ -68,6 +70,7 @@ class VGG16(nn.Module):
         input_mean: float = 0.0,
         input_std: float = 1.0,
         liver_gate: bool = False,
+        width: float = 1.0,
     ) -> None:
         super().__init__()
         if head not in HEADS:
@@ -88,6 +91,8 @@ class VGG16(nn.Module):
             raise ValueError(f"expected dropout in [0, 1), got {dropout}")
         if not input_std > 0:
             raise ValueError(f"expected input_std > 0, got {input_std}")
+        if not 0 < width <= 1 or int(64 * width) < 1:
+            raise ValueError(f"expected width in (0, 1] giving conv1 at least one channel, got {width}")
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.batch_norm = batch_norm
@@ -95,6 +100,7 @@ class VGG16(nn.Module):
         self.head = head
         self.pool_sharpness = float(pool_sharpness)
         self.liver_gate = bool(liver_gate)
+        self.width = float(width)
         # The input is (x - input_mean) / input_std before the first convolution: ImageNet's values for
         # pretrained weights (recorded in the checkpoint's hyperparameters, so prediction does the same).
         self.input_mean, self.input_std = float(input_mean), float(input_std)
@@ -105,15 +111,16 @@ class VGG16(nn.Module):
             if spec == "M":
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
                 continue
-            width = int(spec)
+            out = self.channels(int(spec))
             # Bias kept even before BN (redundant there) to match torchvision's
             # vgg16_bn, whose checkpoints carry those biases.
-            layers.append(nn.Conv2d(channels, width, kernel_size=3, padding=1))
+            layers.append(nn.Conv2d(channels, out, kernel_size=3, padding=1))
             if batch_norm:
-                layers.append(nn.BatchNorm2d(width))
+                layers.append(nn.BatchNorm2d(out))
             layers.append(nn.ReLU(inplace=True))
-            channels = width
+            channels = out
         self.features = nn.Sequential(*layers)
+        c256, c512 = self.channels(256), self.channels(512)
         if head == "evidence":
             # As in FCN-8s (Long et al. 2015) on VGG16: scores read by 1x1 convolutions from conv5_3
             # (stride 16), conv4_3 (8) and conv3_3 (4), summed coarse to fine into one map at stride 4.
@@ -121,9 +128,9 @@ class VGG16(nn.Module):
             # fine enough that a lesion and the healthy liver beside it fall on different locations.
             # With the liver gate each location also gets a liver logit (second channel), read the same way.
             maps = 2 if liver_gate else 1
-            self.evidence = nn.Conv2d(512, maps, kernel_size=1)  # conv5_3
-            self.evidence_skip = nn.ModuleList([nn.Conv2d(512, maps, kernel_size=1),
-                                                nn.Conv2d(256, maps, kernel_size=1)])
+            self.evidence = nn.Conv2d(c512, maps, kernel_size=1)  # conv5_3
+            self.evidence_skip = nn.ModuleList([nn.Conv2d(c512, maps, kernel_size=1),
+                                                nn.Conv2d(c256, maps, kernel_size=1)])
             self.reset_parameters()
             # Small weights and a prior of about 5 % tumour locations: the first steps neither
             # saturate the pooled logit nor flood the map with false evidence. The liver logit starts at 0.
@@ -136,7 +143,7 @@ class VGG16(nn.Module):
         # size, so inputs other than 224 px work and ImageNet FC weights still fit.
         self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
         self.classifier = nn.Sequential(
-            nn.Linear(512 * 7 * 7, hidden),
+            nn.Linear(c512 * 7 * 7, hidden),
             nn.ReLU(inplace=True),
             nn.Dropout(p=dropout),
             nn.Linear(hidden, hidden),
@@ -145,6 +152,10 @@ class VGG16(nn.Module):
             nn.Linear(hidden, num_classes),
         )
         self.reset_parameters()
+
+    def channels(self, paper: int) -> int:
+        """A convolution's channel count at this width, from the paper's."""
+        return int(paper * self.width)
 
     def reset_parameters(self) -> None:
         """Initialise like torchvision (Kaiming fan-out for convs, N(0, 0.01) for FC)."""
@@ -200,14 +211,14 @@ class VGG16(nn.Module):
         if self.head != "evidence":
             raise RuntimeError("forward_with_evidence needs head='evidence'")
         feat = self._checked(x)
-        taps = {}
+        taps = []
         # All but the fifth pooling; the maps just before the third and fourth poolings are tapped.
         for layer in self.features[:-1]:
-            if isinstance(layer, nn.MaxPool2d) and feat.shape[1] in (256, 512):
-                taps[feat.shape[1]] = feat  # conv3_3 (256 channels), conv4_3 (512)
+            if isinstance(layer, nn.MaxPool2d):
+                taps.append(feat)  # conv1_2, conv2_2, conv3_3 (256 channels at width 1), conv4_3 (512)
             feat = layer(feat)  # ends (N, 512, H // 16, W // 16): conv5_3
         maps = [self.evidence(feat).float()]  # (N, 1 or 2, H // 16, W // 16)
-        for conv, tap in zip(self.evidence_skip, (taps[512], taps[256])):
+        for conv, tap in zip(self.evidence_skip, (taps[3], taps[2])):
             fine = conv(tap).float()  # (N, 1 or 2, H // 8, W // 8), then (N, 1 or 2, H // 4, W // 4)
             maps.append(fine + F.interpolate(maps[-1], size=fine.shape[-2:], mode="nearest"))
         liver = [m[:, 1:] for m in maps] if self.liver_gate else []
@@ -303,9 +314,12 @@ def load_imagenet_weights(model: VGG16) -> VGG16:
     initialisation; the evidence head (``head="evidence"``) keeps its fresh one. Uses the torch hub cache, downloading at most once.
 
     Raises:
-        ValueError: the FC head's ``model.hidden`` is not 4096, so its weights cannot fit.
+        ValueError: the FC head's ``model.hidden`` is not 4096, or ``model.width`` is not 1, so the
+            weights cannot fit.
         RuntimeError: the weights are neither cached nor downloadable, or unusable.
     """
+    if model.width != 1.0:
+        raise ValueError(f"ImageNet weights need width=1, got width={model.width}")
     if model.head == "fc" and model.hidden != IMAGENET_HIDDEN:
         raise ValueError(
             f"ImageNet weights need hidden={IMAGENET_HIDDEN}, got hidden={model.hidden}"

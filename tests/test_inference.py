@@ -315,11 +315,11 @@ def _direct(task: str, hp: dict) -> nn.Module:
     from vgg16 import VGG16
     return VGG16(in_channels=3, num_classes=2, batch_norm=False, dropout=0.3, hidden=16,
                  head=hp.get("head", "fc"), pool_sharpness=hp.get("pool_sharpness", 5.0),
-                 liver_gate=hp.get("liver_gate", False))
+                 liver_gate=hp.get("liver_gate", False), width=hp.get("width", 1.0))
 
 
 @pytest.mark.parametrize("task, hp", [("segmentation", SEG_HP), ("classification", CLS_HP),
-                                      ("classification", {**CLS_HP, "liver_gate": True}),
+                                      ("classification", {**CLS_HP, "liver_gate": True, "width": 0.25}),
                                       ("classification", {k: v for k, v in CLS_HP.items()
                                                           if k not in ("head", "pool_sharpness")})],
                          ids=["segmentation", "classification", "classification-liver-gate",

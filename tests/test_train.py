@@ -204,6 +204,16 @@ def test_batch_size_defaults_by_task_and_demo():
     assert resolved("--task", "segmentation", "--batch-size", "4") == 4
 
 
+def test_vgg_width_is_the_papers_but_in_the_demo_and_the_papers_with_imagenet_weights():
+    """The VGG16 is the paper's by default; the CPU-sized demo takes half its widths (a quarter of the
+    arithmetic); --pretrained keeps the paper's in the demo too (the only width its weights fit), and
+    the flag overrides."""
+    def resolved(*argv):
+        return train.resolve_args(train.get_args_parser().parse_args(["--task", "classification", *argv])).vgg_width
+    assert resolved() == 1.0 and resolved("--demo") == 0.5 and resolved("--demo", "--pretrained") == 1.0
+    assert resolved("--vgg-width", "0.25") == 0.25 and resolved("--demo", "--vgg-width", "1") == 1.0
+
+
 def test_the_demo_trains_for_its_time_budget_unless_epochs_are_given():
     """--demo: 3 min 30 s of training (210 s), no epoch limit, the schedule spanning the time; an explicit
     --max-epochs or --max-time takes over; outside the demo neither is set."""
@@ -246,6 +256,8 @@ BAD_FLAGS = {
     "output dir under a file": (["--output-dir", "a_file/run"], "--output-dir", "a_file"),
     "pretrained for segmentation": (["--pretrained"], "--pretrained", "segmentation"),
     "liver gate for segmentation": (["--liver-gate"], "--liver-gate", "segmentation"),
+    "vgg width 0": (["--vgg-width", "0"], "--vgg-width", "0"),
+    "vgg width 1.5": (["--vgg-width", "1.5"], "--vgg-width", "1.5"),
     "resume of another base width": (["--base-width", "8", "--resume", "{seg}"], "--base-width 4", "--base-width 8"),
     "resume of other context slices": (["--base-width", "4", "--context-slices", "2", "--resume", "{seg}"],
                                        "--context-slices 1", "--context-slices 2"),
@@ -293,6 +305,10 @@ def test_pretrained_without_the_weights_is_one_line_before_anything_is_written(t
                          ["--task", "classification", "--pretrained", "--head", "fc", "--vgg-hidden", "512"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "--vgg-hidden 512" in err and "4096" in err and not list(work.iterdir())
+    rc = volumes.run_cli(train.main, train.get_args_parser(),
+                         ["--task", "classification", "--pretrained", "--vgg-width", "0.5"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and "--vgg-width 0.5" in err and "1.0" in err and not list(work.iterdir())
 
 
 def test_liver_gate_with_the_fc_head_is_one_line_before_anything_is_written(tmp_path, monkeypatch, capsys):

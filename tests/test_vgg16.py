@@ -178,6 +178,11 @@ def test_pretrained_reports_corrupt_download(
         load_imagenet_weights(model)
 
 
+def test_pretrained_needs_the_papers_width() -> None:
+    with pytest.raises(ValueError, match="width=1, got width=0.5"):
+        load_imagenet_weights(VGG16(width=0.5))
+
+
 def test_pretrained_needs_imagenet_hidden_size() -> None:
     with pytest.raises(ValueError, match="hidden=4096, got hidden=64"):
         load_imagenet_weights(VGG16(hidden=64))
@@ -380,3 +385,31 @@ def test_pretrained_evidence_head_copies_convolutions_keeps_fresh_head(
     convs = [k for k in source if k.startswith("features.") and k != "features.0.weight"]
     assert [k for k in convs if not torch.equal(state[k], source[k])] == []
     assert torch.equal(model.evidence.weight, fresh)
+
+
+def test_width_scales_every_convolution_and_a_quarter_of_the_arithmetic() -> None:
+    """At width 0.5 each convolution has half the paper's channels (32 ... 256), the heads read the
+    narrower maps at the same strides, and a forward pass costs a quarter of the multiply-adds, but for
+    the first convolution, whose input stays 3 channels (counted by hand: 3 * 64w * 9 per pixel)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    paper = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
+    flops = {}
+    for width in (1.0, 0.5):
+        model = VGG16(in_channels=3, head="evidence", liver_gate=True, width=width).eval()
+        convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
+        assert [c.out_channels for c in convs] == [int(p * width) for p in paper]
+        x = torch.rand(1, 3, 64, 64)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            logits, evidence, coarse, liver = model.forward_with_evidence(x, aux=True)
+        flops[width] = counter.get_total_flops()
+        assert logits.shape == (1, 2) and evidence.shape == (1, 1, 16, 16)
+        assert [m.shape for m in coarse] == [(1, 1, 4, 4), (1, 1, 8, 8)] and len(liver) == 3
+    first = 2 * 3 * 9 * 64 * 64 * 64  # conv1_1's flops at width 1: 2 per multiply-add
+    assert flops[0.5] - first / 2 == pytest.approx((flops[1.0] - first) / 4, rel=0.01)
+
+
+@pytest.mark.parametrize("width", [0.0, 1.5, 0.01])
+def test_width_out_of_range_raises(width: float) -> None:
+    with pytest.raises(ValueError, match="width"):
+        VGG16(width=width)
