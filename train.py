@@ -245,8 +245,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.pretrained and args.vgg_width is None:
         args.vgg_width = 1.0  # the ImageNet weights' width, also under --demo
     for name in ("max_epochs", "batch_size", "lr", "image_size", "context_slices", "base_width", "num_workers",
-                 "vgg_hidden", "vgg_width", "oversample_tumor", "channels_last", "flip", "dice_per_slice", "ema", "rotation",
-                 "scale", "paste_tumor", "appearance"):
+                 "vgg_hidden", "vgg_width", "oversample_tumor", "channels_last", "flip", "dice_per_slice", "ema",
+                 "rotation", "scale", "paste_tumor", "appearance"):
         if getattr(args, name) is None:
             setattr(args, name, _default(args.task, name, args.demo))
     if args.output_dir is None:
@@ -323,8 +323,8 @@ def build_model(args: argparse.Namespace):
                   window=tuple(args.window), image_size=args.image_size, context_slices=args.context_slices)
     if args.task == "classification":
         model = LitClassifier(hidden=args.vgg_hidden, head=args.head, deep_supervision=args.deep_supervision,
-                              liver_gate=args.liver_gate, width=args.vgg_width, target_sensitivity=args.target_sensitivity,
-                              pretrained=args.pretrained, class_names=CLS_CLASSES, **common)
+                              liver_gate=args.liver_gate, width=args.vgg_width,
+                              target_sensitivity=args.target_sensitivity, pretrained=args.pretrained, class_names=CLS_CLASSES, **common)
     else:
         model = LitSegmenter(base_width=args.base_width, attention=args.attention, dice_per_slice=args.dice_per_slice,
                              deep_supervision=args.unet_deep_supervision, class_names=SEG_CLASSES, **common)
@@ -352,6 +352,9 @@ def check_resume(args: argparse.Namespace) -> None:
     found = load_checkpoint(args.resume, args.task, "--resume", expected).hparams
     if args.task == "classification" and args.liver_gate and "liver_gate" not in found:  # from before the gate
         raise DataError(f"{args.resume}: found a checkpoint without the liver gate; expected --no-liver-gate "
+                        f"to resume it")
+    if args.task == "classification" and args.vgg_width != 1.0 and "width" not in found:  # from before the width
+        raise DataError(f"{args.resume}: found a checkpoint of the paper's VGG16 widths; expected --vgg-width 1.0 "
                         f"to resume it")
 
 

@@ -330,6 +330,29 @@ def test_resume_checks_are_load_checkpoint_s(tmp_path):
     assert_one_line_naming(err, "bare.ckpt", "found a bare state dict", "expected")
 
 
+def test_resume_refuses_another_vgg_width_also_from_before_the_width_was_recorded(tmp_path):
+    """A classifier checkpoint at width 0.5 resumed at another width, and one saved before checkpoints
+    recorded the width (the paper's, 1.0) resumed at 0.5 (the demo's): one line naming the flag, not a
+    shape mismatch from deep inside the weight loading."""
+    half = save_checkpoint(LitClassifier(in_channels=3, head="evidence", liver_gate=True, width=0.5, image_size=32),
+                           tmp_path / "half.ckpt")
+    args = train.resolve_args(run_args(tmp_path, tmp_path / "o", "classification", "--resume", str(half)))
+    with pytest.raises(volumes.DataError) as err:  # run_args leaves the width at the paper's 1.0
+        train.check_resume(args)
+    assert_one_line_naming(err, "half.ckpt", "--vgg-width 0.5", "expected --vgg-width 1 ")
+    old = torch.load(save_checkpoint(LitClassifier(in_channels=3, head="evidence", liver_gate=True, image_size=32),
+                                     tmp_path / "old.ckpt"), map_location="cpu", weights_only=False)
+    del old["hyper_parameters"]["width"]
+    torch.save(old, tmp_path / "old.ckpt")
+    args = train.resolve_args(run_args(tmp_path, tmp_path / "o", "classification", "--resume", str(tmp_path / "old.ckpt"),
+                                       "--vgg-width", "0.5"))
+    with pytest.raises(volumes.DataError) as err:
+        train.check_resume(args)
+    assert_one_line_naming(err, "old.ckpt", "paper's VGG16 widths", "expected --vgg-width 1.0")
+    train.check_resume(train.resolve_args(run_args(tmp_path, tmp_path / "o", "classification", "--resume",
+                                                   str(tmp_path / "old.ckpt"))))  # at 1.0 it resumes
+
+
 def test_classifier_keeps_the_end_of_training_whatever_validation_auroc_says(tiny_data, tmp_path, monkeypatch):
     """Validation AUROC scripted to fall every epoch: the rule of highest validation AUROC would keep
     the first epoch; best.ckpt is the last one, the same weights and operating threshold as last.ckpt,
