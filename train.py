@@ -324,7 +324,8 @@ def build_model(args: argparse.Namespace):
     if args.task == "classification":
         model = LitClassifier(hidden=args.vgg_hidden, head=args.head, deep_supervision=args.deep_supervision,
                               liver_gate=args.liver_gate, width=args.vgg_width,
-                              target_sensitivity=args.target_sensitivity, pretrained=args.pretrained, class_names=CLS_CLASSES, **common)
+                              target_sensitivity=args.target_sensitivity, pretrained=args.pretrained,
+                              class_names=CLS_CLASSES, **common)
     else:
         model = LitSegmenter(base_width=args.base_width, attention=args.attention, dice_per_slice=args.dice_per_slice,
                              deep_supervision=args.unet_deep_supervision, class_names=SEG_CLASSES, **common)

@@ -344,8 +344,8 @@ def test_resume_refuses_another_vgg_width_also_from_before_the_width_was_recorde
                                      tmp_path / "old.ckpt"), map_location="cpu", weights_only=False)
     del old["hyper_parameters"]["width"]
     torch.save(old, tmp_path / "old.ckpt")
-    args = train.resolve_args(run_args(tmp_path, tmp_path / "o", "classification", "--resume", str(tmp_path / "old.ckpt"),
-                                       "--vgg-width", "0.5"))
+    args = train.resolve_args(run_args(tmp_path, tmp_path / "o", "classification", "--resume",
+                                       str(tmp_path / "old.ckpt"), "--vgg-width", "0.5"))
     with pytest.raises(volumes.DataError) as err:
         train.check_resume(args)
     assert_one_line_naming(err, "old.ckpt", "paper's VGG16 widths", "expected --vgg-width 1.0")
