@@ -58,6 +58,23 @@ class Checkpoint:
         return prepare_for_inference(net, device)
 
 
+# Hyperparameters a checkpoint may lack, by task, each at the value every network had before checkpoints
+# recorded it: absent means that value, when a network is rebuilt (`build_network`) and when a checkpoint
+# is compared with the flags of a run that would resume it (`load_checkpoint`'s `expected`).
+LEGACY_HPARAMS = {
+    "classification": {"head": "fc",            # before the evidence head
+                       "pool_sharpness": 5.0,   # before it was recorded
+                       "liver_gate": False,     # before the liver gate
+                       "width": 1.0},           # before the width multiplier
+    "segmentation": {"deep_supervision": 0},    # before the U-Net's deep supervision (decoder levels)
+}
+
+
+def hparam(hparams: dict, name: str):
+    """A checkpoint's hyperparameter, or the value it had before checkpoints recorded it (`LEGACY_HPARAMS`)."""
+    return hparams[name] if name in hparams else LEGACY_HPARAMS[hparams["task"]][name]
+
+
 def build_network(hparams: dict) -> nn.Module:
     """The bare network of a task from a checkpoint's hyperparameters, without Lightning.
 
@@ -66,12 +83,10 @@ def build_network(hparams: dict) -> nn.Module:
     hp = dict(hparams)
     if hp["task"] == "classification":
         from vgg16 import VGG16
-        # Checkpoints from before the evidence head have the classic head.
         return VGG16(in_channels=hp["in_channels"], num_classes=hp["num_classes"], batch_norm=hp["batch_norm"],
-                     dropout=hp["dropout"], hidden=hp["hidden"], head=hp.get("head", "fc"),
-                     pool_sharpness=hp.get("pool_sharpness", 5.0),
-                     liver_gate=hp.get("liver_gate", False),  # absent before the liver gate
-                     width=hp.get("width", 1.0),  # absent before the width multiplier
+                     dropout=hp["dropout"], hidden=hp["hidden"], head=hparam(hp, "head"),
+                     pool_sharpness=hparam(hp, "pool_sharpness"), liver_gate=hparam(hp, "liver_gate"),
+                     width=hparam(hp, "width"),
                      # Absent or None: no normalisation, as before pretrained weights brought ImageNet's.
                      input_mean=hp.get("input_mean") or 0.0, input_std=hp.get("input_std") or 1.0)
     if hp["task"] == "segmentation":
@@ -110,8 +125,8 @@ def load_checkpoint(path: str | Path, task: str, flag: str | None = None,
     that takes both tasks' checkpoints (report.py): the message then names the flag, not a script.
     `expected` maps hyperparameters to (the flag that sets them, the value it gives): a checkpoint that
     recorded another value is refused, naming each such flag (train.py's --resume: a network of another
-    shape, or other preprocessing, cannot go on training). A hyperparameter it did not record is not
-    compared."""
+    shape, or other preprocessing, cannot go on training). A hyperparameter it did not record is compared
+    at the value it had before checkpoints recorded it (`LEGACY_HPARAMS`), or not at all when it has none."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: checkpoint not found; expected a .ckpt file written by train.py")
@@ -136,8 +151,10 @@ def load_checkpoint(path: str | Path, task: str, flag: str | None = None,
     missing = [k for k in _REQUIRED_HPARAMS if k not in hp]
     if missing:
         raise DataError(f"{path}: hyper_parameters lack {', '.join(missing)}; expected a checkpoint written by train.py")
-    differ = [(name, hp[name], value) for name, (name_flag, value) in (expected or {}).items()
-              if name in hp and _plain(hp[name]) != _plain(value)]
+    legacy = LEGACY_HPARAMS.get(hp["task"], {})
+    recorded = {name: hparam(hp, name) for name in (expected or {}) if name in hp or name in legacy}
+    differ = [(name, recorded[name], value) for name, (_, value) in (expected or {}).items()
+              if name in recorded and _plain(recorded[name]) != _plain(value)]
     if differ:
         flags = dict((name, f) for name, (f, _) in expected.items())
         raise DataError(f"{path}: found a checkpoint of {', '.join(f'{flags[n]} {_shown(v)}' for n, v, _ in differ)}; "

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from inference import (VOLUME_TOP_K, add_runtime_flags, classify, cpu_has_fast_bf16, evidence_maps, infer_batched,
-                       load_checkpoint, preprocess_volume, runtime, tumor_probability, volume_score,
+from inference import (VOLUME_TOP_K, add_runtime_flags, classify, cpu_has_fast_bf16, evidence_maps, hparam,
+                       infer_batched, load_checkpoint, preprocess_volume, runtime, tumor_probability, volume_score,
                        volume_threshold)
 from volumes import (CLS_CLASSES, DataError, DicomSeries, atomic_output, atomic_write_text, check_output, ensure_folder,
                      find_inputs, float_in, input_name, int_at_least, load_slice_image, one_volume, read_volume, run_cli,
@@ -211,8 +211,8 @@ def main(args: argparse.Namespace) -> dict:
     names = tuple(hp.get("class_names", CLS_CLASSES))
     if args.heatmap is not None:
         check_output(args.heatmap, "--heatmap", folder=True)  # not after classifying every volume
-        if hp.get("head", "fc") != "evidence":
-            raise DataError(f"{args.checkpoint}: found a VGG16 with the {hp.get('head', 'fc')!r} head; --heatmap "
+        if hparam(hp, "head") != "evidence":
+            raise DataError(f"{args.checkpoint}: found a VGG16 with the {hparam(hp, 'head')!r} head; --heatmap "
                             f"expected a checkpoint with the evidence head (train.py --head evidence)")
     inputs = find_inputs(args.input, args.series)
     if args.slice is not None and not one_volume(args.input, inputs):

@@ -41,8 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inference import (add_runtime_flags, classify, cpu_has_fast_bf16, fast_path_slices, load_checkpoint, postprocess,
-                       runtime, segment, volume_score, volume_threshold)
+from inference import (add_runtime_flags, classify, cpu_has_fast_bf16, fast_path_slices, hparam, load_checkpoint,
+                       postprocess, runtime, segment, volume_score, volume_threshold)
 from lesions import Lesion, label_lesions, measure, measure_lesions, recist_role
 from volumes import (CLS_CLASSES, DataError, DicomSeries, atomic_folder, find_inputs, input_name, int_at_least,
                      one_volume, read_volume, run_cli, window_hu, write_labels)
@@ -125,7 +125,7 @@ def checkpoint_record(ckpt, role: str) -> dict:
     if role == "segmentation":
         record["network"] = {"name": "U-Net", **{k: hp.get(k) for k in ("base_width", "depth", "upsampling", "attention")}}
     else:
-        record["network"] = {"name": "VGG16", "head": hp.get("head", "fc"), "hidden": hp.get("hidden")}
+        record["network"] = {"name": "VGG16", "head": hparam(hp, "head"), "hidden": hp.get("hidden")}
         record["threshold"] = float(hp.get("threshold", 0.5))
         record["volume_threshold"] = volume_threshold(hp)
     record["training"] = training_record(ckpt.path)

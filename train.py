@@ -350,13 +350,7 @@ def check_resume(args: argparse.Namespace) -> None:
                         width=("--vgg-width", args.vgg_width))
         if args.head == "fc":
             expected.update(hidden=("--vgg-hidden", args.vgg_hidden))
-    found = load_checkpoint(args.resume, args.task, "--resume", expected).hparams
-    if args.task == "classification" and args.liver_gate and "liver_gate" not in found:  # from before the gate
-        raise DataError(f"{args.resume}: found a checkpoint without the liver gate; expected --no-liver-gate "
-                        f"to resume it")
-    if args.task == "classification" and args.vgg_width != 1.0 and "width" not in found:  # from before the width
-        raise DataError(f"{args.resume}: found a checkpoint of the paper's VGG16 widths; expected --vgg-width 1.0 "
-                        f"to resume it")
+    load_checkpoint(args.resume, args.task, "--resume", expected)
 
 
 def check_pretrained(args: argparse.Namespace) -> None:

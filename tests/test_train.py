@@ -330,9 +330,8 @@ def test_resume_checks_are_load_checkpoint_s(tmp_path):
     assert_one_line_naming(err, "bare.ckpt", "found a bare state dict", "expected")
 
 
-def test_resume_refuses_another_vgg_width_also_from_before_the_width_was_recorded(tmp_path):
-    """A classifier checkpoint at width 0.5 resumed at another width, and one saved before checkpoints
-    recorded the width (the paper's, 1.0) resumed at 0.5 (the demo's): one line naming the flag, not a
+def test_resume_refuses_another_vgg_width(tmp_path):
+    """A classifier checkpoint at width 0.5 resumed at another width: one line naming the flag, not a
     shape mismatch from deep inside the weight loading."""
     half = save_checkpoint(LitClassifier(in_channels=3, head="evidence", liver_gate=True, width=0.5, image_size=32),
                            tmp_path / "half.ckpt")
@@ -340,17 +339,35 @@ def test_resume_refuses_another_vgg_width_also_from_before_the_width_was_recorde
     with pytest.raises(volumes.DataError) as err:  # run_args leaves the width at the paper's 1.0
         train.check_resume(args)
     assert_one_line_naming(err, "half.ckpt", "--vgg-width 0.5", "expected --vgg-width 1 ")
-    old = torch.load(save_checkpoint(LitClassifier(in_channels=3, head="evidence", liver_gate=True, image_size=32),
-                                     tmp_path / "old.ckpt"), map_location="cpu", weights_only=False)
-    del old["hyper_parameters"]["width"]
-    torch.save(old, tmp_path / "old.ckpt")
-    args = train.resolve_args(run_args(tmp_path, tmp_path / "o", "classification", "--resume",
-                                       str(tmp_path / "old.ckpt"), "--vgg-width", "0.5"))
+
+
+FROM_BEFORE = {  # a field checkpoints did not always record: the network, the flag that differs from the value
+    # it had before, what the message names of the checkpoint, and the flags that resume it
+    "liver gate": (lambda: LitClassifier(in_channels=3, head="evidence", liver_gate=False, image_size=32),
+                   "classification", "liver_gate", ["--liver-gate"], "--liver-gate off", ["--no-liver-gate"]),
+    "vgg width": (lambda: LitClassifier(in_channels=3, head="evidence", liver_gate=True, image_size=32),
+                  "classification", "width", ["--vgg-width", "0.5"], "--vgg-width 1", []),
+    "unet deep supervision": (lambda: LitSegmenter(in_channels=3, base_width=4, image_size=32, context_slices=1),
+                              "segmentation", "deep_supervision", ["--unet-deep-supervision", "1"],
+                              "--unet-deep-supervision 0", []),
+}
+
+
+@pytest.mark.parametrize("case", FROM_BEFORE.values(), ids=FROM_BEFORE.keys())
+def test_resume_compares_a_field_the_checkpoint_lacks_at_its_value_from_before(tmp_path, case):
+    """A checkpoint saved before it recorded a field (the liver gate, the VGG16 width, the U-Net's deep
+    supervision) had the value every network had then: resumed with flags that give another, it is one
+    line naming the flag (as for a recorded field), not a failure inside Lightning's weight loading; with
+    that value it resumes."""
+    make, task, field, other, found, same = case
+    ckpt = torch.load(save_checkpoint(make(), tmp_path / "old.ckpt"), map_location="cpu", weights_only=False)
+    del ckpt["hyper_parameters"][field]
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    resume = ["--resume", str(tmp_path / "old.ckpt")]
     with pytest.raises(volumes.DataError) as err:
-        train.check_resume(args)
-    assert_one_line_naming(err, "old.ckpt", "paper's VGG16 widths", "expected --vgg-width 1.0")
-    train.check_resume(train.resolve_args(run_args(tmp_path, tmp_path / "o", "classification", "--resume",
-                                                   str(tmp_path / "old.ckpt"))))  # at 1.0 it resumes
+        train.check_resume(train.resolve_args(run_args(tmp_path, tmp_path / "o", task, *resume, *other)))
+    assert_one_line_naming(err, "old.ckpt", f"found a checkpoint of {found};", f"expected {' '.join(other)} ")
+    train.check_resume(train.resolve_args(run_args(tmp_path, tmp_path / "o", task, *resume, *same)))
 
 
 def test_classifier_keeps_the_end_of_training_whatever_validation_auroc_says(tiny_data, tmp_path, monkeypatch):
