@@ -151,10 +151,9 @@ def load_checkpoint(path: str | Path, task: str, flag: str | None = None,
     missing = [k for k in _REQUIRED_HPARAMS if k not in hp]
     if missing:
         raise DataError(f"{path}: hyper_parameters lack {', '.join(missing)}; expected a checkpoint written by train.py")
-    legacy = LEGACY_HPARAMS.get(hp["task"], {})
-    recorded = {name: hparam(hp, name) for name in (expected or {}) if name in hp or name in legacy}
-    differ = [(name, recorded[name], value) for name, (_, value) in (expected or {}).items()
-              if name in recorded and _plain(recorded[name]) != _plain(value)]
+    known = {**LEGACY_HPARAMS.get(hp["task"], {}), **hp}  # what it recorded, else its value from before
+    differ = [(name, known[name], value) for name, (_, value) in (expected or {}).items()
+              if name in known and _plain(known[name]) != _plain(value)]
     if differ:
         flags = dict((name, f) for name, (f, _) in expected.items())
         raise DataError(f"{path}: found a checkpoint of {', '.join(f'{flags[n]} {_shown(v)}' for n, v, _ in differ)}; "
