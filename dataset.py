@@ -772,16 +772,53 @@ def slice_loader(ds: LiTSSliceDataset, batch_size: int, num_workers: int, train:
                       persistent_workers=num_workers > 0, drop_last=False)
 
 
+def crop_patches(images: torch.Tensor, labels: torch.Tensor, size: int, foreground: float):
+    """Patch training (nnU-Net's 2D sampling, Isensee et al., Nature Methods 2021): a size x size window
+    of each slice, centred with probability `foreground` on a random pixel of its rarest class present
+    (tumour if the slice holds any, else liver), otherwise at a uniformly drawn place. A window that would
+    leave the slice is moved back onto it, so every pixel of a patch is the slice's own.
+
+    images (N, C, H, W); labels (N, H, W). Returns (images (N, C, size, size), labels (N, size, size)),
+    views' copies. A fully convolutional network trained on patches segments whole slices; each step
+    then costs (size / H)**2 of a whole slice's, and the windows drawn on lesions make tumour a larger
+    share of what is learnt than its share of the slice. Draws from torch's global RNG."""
+    n, _, h, w = images.shape
+    if size > h or size > w:
+        raise ValueError(f"patch of {size} pixels from slices of {h}x{w}; expected at most the slice's size")
+    if size == h == w:
+        return images, labels
+    dev = images.device
+    forced = torch.rand(n, device=dev) < foreground
+    anywhere = torch.stack([torch.randint(0, h - size + 1, (n,), device=dev),
+                            torch.randint(0, w - size + 1, (n,), device=dev)], 1)
+    out_images, out_labels = [], []
+    for i in range(n):
+        top, left = (int(v) for v in anywhere[i])
+        if forced[i]:
+            for cls in (2, 1):
+                spots = torch.nonzero(labels[i] == cls)
+                if len(spots):
+                    cy, cx = (int(v) for v in spots[torch.randint(len(spots), (1,), device=dev)][0])
+                    top = min(max(cy - size // 2, 0), h - size)
+                    left = min(max(cx - size // 2, 0), w - size)
+                    break
+        out_images.append(images[i, :, top:top + size, left:left + size])
+        out_labels.append(labels[i, top:top + size, left:left + size])
+    return torch.stack(out_images), torch.stack(out_labels)
+
+
 def augment_training_batch(batch: tuple, task: str, paste_tumor: float = 0.0, flip: bool = False,
                            rotation: float = 10.0, scale: tuple[float, float] = (0.9, 1.1),
-                           appearance: float = 0.0) -> tuple:
+                           appearance: float = 0.0, patch_size: int = 0, foreground: float = 0.33,
+                           min_tumor_pixels: int = 1) -> tuple:
     """One training batch augmented, on its device: tumours pasted between slices (`paste_tumors`)
     first, then the geometric and intensity augmentation (`augment_batch`), which apply to them too,
-    then, with `appearance` > 0, other scanners, phases and lesion contrasts (`vary_appearance`).
+    then, with `appearance` > 0, other scanners, phases and lesion contrasts (`vary_appearance`), and
+    last, with `patch_size` > 0, windows of the slices (`crop_patches`).
 
     The label map moves with the image: the target for segmentation; for classification the third
     element, which supervises where the tumour is (the second is the slice label, set to tumour on
-    a slice that received a lesion)."""
+    a slice that received a lesion, and recomputed for a window: tumour from `min_tumor_pixels` in it)."""
     at = 1 if task == "segmentation" else 2
     items = list(batch)
     images, labels = items[0], items[at]
@@ -792,6 +829,10 @@ def augment_training_batch(batch: tuple, task: str, paste_tumor: float = 0.0, fl
     items[0], items[at] = augment_batch(images, labels, hflip=flip, vflip=flip, max_rotation=rotation, scale=scale)
     if appearance > 0:
         items[0] = vary_appearance(items[0], items[at], appearance)
+    if patch_size > 0:
+        items[0], items[at] = crop_patches(items[0], items[at], patch_size, foreground)
+        if task == "classification":  # the label is the window's: tumour only if the window holds it
+            items[1] = ((items[at] == 2).flatten(1).sum(1) >= min_tumor_pixels).to(items[1].dtype)
     return tuple(items)
 
 
@@ -813,7 +854,8 @@ def _datamodule_class():
                      min_tumor_pixels: int = 1, liver_only: bool | None = None, augment: bool = True,
                      flip: bool = False, prepare_workers: int | None = None, rotation: float = 10.0,
                      scale: Sequence[float] = (0.9, 1.1), paste_tumor: float = 0.0, appearance: float = 0.0,
-                     dicom_options: DicomOptions | None = None, drop_ircadb_duplicates: bool = True):
+                     dicom_options: DicomOptions | None = None, drop_ircadb_duplicates: bool = True,
+                     patch_size: int = 0, foreground: float = 0.33):
             super().__init__()
             # One data folder, or several trained on together (`prepare_datasets`).
             self.data_dirs = [Path(d) for d in (data_dir if isinstance(data_dir, (list, tuple)) else [data_dir])]
@@ -831,6 +873,7 @@ def _datamodule_class():
             self.augment, self.flip, self.prepare_workers = augment, bool(flip), prepare_workers
             self.rotation, self.scale = float(rotation), (float(scale[0]), float(scale[1]))
             self.paste_tumor, self.appearance = float(paste_tumor), float(appearance)
+            self.patch_size, self.foreground = int(patch_size), float(foreground)
             self.split: dict[str, list[str]] | None = None
             self.datasets: dict[str, LiTSSliceDataset] = {}
 
@@ -876,7 +919,7 @@ def _datamodule_class():
             trainer = getattr(self, "trainer", None)
             if self.augment and trainer is not None and trainer.training:
                 return augment_training_batch(batch, self.task, self.paste_tumor, self.flip, self.rotation, self.scale,
-                                              self.appearance)
+                                              self.appearance, self.patch_size, self.foreground, self.min_tumor_pixels)
             return batch
 
     LiTSDataModule.__module__ = __name__

@@ -201,6 +201,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "to the liver (hypo- to hyperdense), the liver's enhancement, gamma, contrast, blur, "
                         "resolution and noise, so that other scanners and phases look familiar "
                         + _default_help("appearance"))
+    p.add_argument("--patch-size", type=int_at_least(0), default=0, metavar="PX",
+                   help="train on PX x PX windows of the slices instead of whole slices, a share --foreground-patches "
+                        "of them centred on tumour (else liver), as nnU-Net samples; a window is a tumour slice "
+                        "when it holds --min-tumor-pixels of tumour; validation, test and prediction see whole "
+                        "slices (default: 0, whole slices)")
+    p.add_argument("--foreground-patches", type=float_in(0, 1, what="a probability"), default=0.33, metavar="P",
+                   help="with --patch-size, the share of windows centred on a tumour (else liver) pixel; the "
+                        "rest are placed at random (default: 0.33, nnU-Net's)")
     p.add_argument("--min-tumor-pixels", type=int_at_least(1), default=1,
                    help="a slice counts as tumor from this many tumor pixels (classification)")
     p.add_argument("--val-fraction", type=float_in(0, 1, low_open=True, high_open=True, what="a share"), default=0.15,
@@ -280,6 +288,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.liver_gate and (args.task != "classification" or args.head != "evidence"):
         raise DataError(f"found --liver-gate with --task {args.task} --head {args.head}; expected it with "
                         f"--task classification --head evidence (it gates the evidence map)")
+    if args.patch_size and not 16 <= args.patch_size <= args.image_size:
+        raise DataError(f"found --patch-size {args.patch_size} at --image-size {args.image_size}; expected 16 to "
+                        f"{args.image_size} pixels")
     if args.liver_gate is None:
         args.liver_gate = args.task == "classification" and args.head == "evidence"
     if args.pretrained and args.vgg_width != 1.0:
@@ -735,7 +746,8 @@ def main(args: argparse.Namespace) -> dict:
         val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed, split_file=split_file,
         output_dir=out, oversample_tumor=args.oversample_tumor, min_tumor_pixels=args.min_tumor_pixels,
         flip=args.flip, rotation=args.rotation, scale=args.scale, paste_tumor=args.paste_tumor,
-        appearance=args.appearance, dicom_options=options_from_args(args), drop_ircadb_duplicates=args.drop_ircadb_duplicates)
+        appearance=args.appearance, dicom_options=options_from_args(args), drop_ircadb_duplicates=args.drop_ircadb_duplicates,
+        patch_size=args.patch_size, foreground=args.foreground_patches)
     model = build_model(args)
     model.set_speed(channels_last=args.channels_last, compile=args.compile)
     # Listed best first: Lightning runs checkpoint callbacks in order, so last.ckpt holds best's updated state.

@@ -945,3 +945,83 @@ def test_vary_appearance_blurs_and_coarsens_about_half_the_slices_it_may(monkeyp
         torch.testing.assert_close(out[~changed], images[~changed])
         # Averaging: no value leaves the range the slice had.
         assert out.min() >= 0.1 - 1e-6 and out.max() <= 0.6 + 1e-6
+
+
+# crop_patches: windows placed by hand-computed rules on slices whose every pixel tells where it came from.
+def _numbered_slices(n=3, size=40):
+    """Pixel (y, x) of slice i holds 10000 i + 100 y + x in each of 2 channels; labels all background."""
+    yx = torch.arange(size)[:, None] * 100 + torch.arange(size)[None, :]
+    images = (torch.arange(n)[:, None, None] * 10000 + yx).float()[:, None].repeat(1, 2, 1, 1)
+    return images, torch.zeros(n, size, size, dtype=torch.int64)
+
+
+def _window_origin(patch: torch.Tensor) -> tuple[int, int, int]:
+    """(slice, top, left) of a numbered slice's window, read off its first pixel."""
+    v = int(patch[0, 0, 0])
+    return v // 10000, v % 10000 // 100, v % 100
+
+
+def test_crop_patches_centres_a_foreground_window_on_tumour_first_and_keeps_it_on_the_slice():
+    images, labels = _numbered_slices()
+    labels[0, 5:30, 5:30] = 1
+    labels[0, 25, 20] = 2          # slice 0: tumour wins over liver -> window rows 17-32, columns 12-27
+    labels[1, 2, 38] = 1           # slice 1: liver only, in a corner -> window pushed back onto the slice
+    torch.manual_seed(0)
+    out, lab = dataset.crop_patches(images, labels, 16, foreground=1.0)
+    assert out.shape == (3, 2, 16, 16) and lab.shape == (3, 16, 16)
+    assert _window_origin(out[0]) == (0, 17, 12) and lab[0, 8, 8] == 2
+    assert _window_origin(out[1]) == (1, 0, 24) and lab[1, 2, 14] == 1
+    assert torch.equal(out[0, 1], images[0, 1, 17:33, 12:28])           # every channel, untouched
+    assert torch.equal(lab[0], labels[0, 17:33, 12:28])
+    s, top, left = _window_origin(out[2])                                # slice 2 holds no foreground
+    assert s == 2 and 0 <= top <= 24 and 0 <= left <= 24
+
+
+def test_crop_patches_places_windows_anywhere_without_foreground_share():
+    images, labels = _numbered_slices(n=200)
+    labels[:, 0:4, 0:4] = 2  # forced windows would all start at (0, 0)
+    torch.manual_seed(1)
+    out, lab = dataset.crop_patches(images, labels, 16, foreground=0.0)
+    origins = [_window_origin(p) for p in out]
+    assert [o[0] for o in origins] == list(range(200))
+    tops, lefts = {o[1] for o in origins}, {o[2] for o in origins}
+    assert tops <= set(range(25)) and lefts <= set(range(25)) and len(tops) > 20 and len(lefts) > 20
+    for (i, top, left), patch, patch_labels in zip(origins, out, lab):
+        assert torch.equal(patch, images[i, :, top:top + 16, left:left + 16])
+        assert torch.equal(patch_labels, labels[i, top:top + 16, left:left + 16])
+
+
+def test_crop_patches_leaves_whole_slices_and_refuses_a_larger_window():
+    images, labels = _numbered_slices(n=2, size=24)
+    out, lab = dataset.crop_patches(images, labels, 24, foreground=0.5)
+    assert out is images and lab is labels
+    with pytest.raises(ValueError, match="at most"):
+        dataset.crop_patches(images[..., :20], labels[..., :20], 24, foreground=0.5)
+
+
+def test_datamodule_trains_on_patches_and_validates_on_whole_slices(tmp_path):
+    dm = dataset.LiTSDataModule(tmp_path, "segmentation", rotation=0.0, scale=(1.0, 1.0), flip=False, patch_size=16,
+                                foreground=1.0)
+    images, labels = _numbered_slices(n=2)
+    labels[:, 10, 10] = 2
+    dm.trainer = types.SimpleNamespace(training=True)
+    out, lab = dm.on_after_batch_transfer((images, labels), 0)
+    assert out.shape == (2, 2, 16, 16) and (lab[:, 8, 8] == 2).all()
+    dm.trainer = types.SimpleNamespace(training=False)
+    out, lab = dm.on_after_batch_transfer((images, labels), 0)
+    assert out is images and lab is labels
+
+
+def test_a_classification_window_is_a_tumour_slice_only_when_it_holds_enough_tumour():
+    """Slices 0 and 1 hold one tumour pixel each, slice 2 (labelled healthy) a line of 3; every window is
+    centred on its slice's tumour, so it holds all of it: the label is the window's count against the rule."""
+    images, labels = _numbered_slices(n=3)
+    labels[0, 0, 0] = labels[1, 39, 39] = 2
+    labels[2, 18:21, 20] = 2
+    target = torch.tensor([1, 1, 0])
+    for min_pixels, expected in ((1, [1, 1, 1]), (3, [0, 0, 1]), (4, [0, 0, 0])):
+        out, y, lab = dataset.augment_training_batch((images / 1e6, target, labels), "classification", rotation=0.0,
+                                                     scale=(1.0, 1.0), patch_size=16, foreground=1.0,
+                                                     min_tumor_pixels=min_pixels)
+        assert out.shape == (3, 2, 16, 16) and lab.shape == (3, 16, 16)
+        assert y.tolist() == expected and [int((w == 2).sum()) for w in lab] == [1, 1, 3]

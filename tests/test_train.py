@@ -257,6 +257,8 @@ BAD_FLAGS = {
     "pretrained for segmentation": (["--pretrained"], "--pretrained", "segmentation"),
     "liver gate for segmentation": (["--liver-gate"], "--liver-gate", "segmentation"),
     "vgg width 0": (["--vgg-width", "0"], "--vgg-width", "0"),
+    "patch larger than the slice": (["--image-size", "64", "--patch-size", "96"], "--patch-size 96", "--image-size 64"),
+    "foreground share 2": (["--foreground-patches", "2"], "--foreground-patches", "2"),
     "vgg width 1.5": (["--vgg-width", "1.5"], "--vgg-width", "1.5"),
     "resume of another base width": (["--base-width", "8", "--resume", "{seg}"], "--base-width 4", "--base-width 8"),
     "resume of other context slices": (["--base-width", "4", "--context-slices", "2", "--resume", "{seg}"],
