@@ -70,6 +70,19 @@ DEFAULTS = {
 }
 
 
+def flags_record(args: argparse.Namespace) -> dict:
+    """Every flag of the run as it was resolved (defaults and --demo's preset filled in), for
+    test_metrics.json: the recipe a checkpoint's figures came from, augmentation included, which the
+    checkpoint's hyperparameters (the network and its preprocessing) do not hold."""
+    def plain(value):
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+    return {name: plain(value) for name, value in sorted(vars(args).items())}
+
+
 def _devices(text: str) -> str:
     """--devices as Lightning reads it (auto, a count, -1, or GPU ids "0,1"), checked while parsing."""
     parts = text.split(",")
@@ -778,7 +791,7 @@ def main(args: argparse.Namespace) -> dict:
                "checkpoint": best, "last_checkpoint": str(out / "checkpoints" / "last.ckpt"),
                "tensorboard": logger.log_dir, "graphs": str(args.graphs_dir),
                "fit_seconds": round(fit_seconds, 1), "epochs": trainer.current_epoch, "test": metrics,
-               "split": {k: dm.split[k] for k in ("train", "val", "test")}}
+               "split": {k: dm.split[k] for k in ("train", "val", "test")}, "flags": flags_record(args)}
     if args.task == "segmentation":
         summary["test_per_case_dice"] = {cid: {"liver": d[0], "tumor": d[1]} for cid, d in model.per_case_dice.items()}
     if trainer.is_global_zero:

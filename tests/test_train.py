@@ -112,6 +112,10 @@ def test_segmentation_learns_and_writes_graphs_and_checkpoints(tiny_data, tmp_pa
     assert set(summary["test_per_case_dice"]) == set(summary["split"]["test"])
     saved = json.loads((out / "test_metrics.json").read_text())
     assert saved["test"] == pytest.approx(summary["test"])
+    flags = saved["flags"]  # the recipe, as resolved: given flags, the task's defaults, paths as text
+    assert flags["lr"] == 3e-3 and flags["max_epochs"] == 4 and flags["data_dir"] == [str(tiny_data)]
+    assert flags["rotation"] == 10.0 and flags["scale"] == [0.9, 1.1] and flags["patch_size"] == 0
+    assert flags["output_dir"] == str(out) and flags["task"] == "segmentation"
 
 
 class RecordingClassifier(LitClassifier):
