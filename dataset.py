@@ -779,7 +779,7 @@ def crop_patches(images: torch.Tensor, labels: torch.Tensor, size: int, foregrou
     leave the slice is moved back onto it, so every pixel of a patch is the slice's own.
 
     images (N, C, H, W); labels (N, H, W). Returns (images (N, C, size, size), labels (N, size, size)),
-    views' copies. A fully convolutional network trained on patches segments whole slices; each step
+    new tensors. A fully convolutional network trained on patches segments whole slices; each step
     then costs (size / H)**2 of a whole slice's, and the windows drawn on lesions make tumour a larger
     share of what is learnt than its share of the slice. Draws from torch's global RNG."""
     n, _, h, w = images.shape
