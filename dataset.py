@@ -613,6 +613,13 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor | None = None, max_r
     return out, m[:, 0].to(masks.dtype)
 
 
+def _random_pixel(mask: torch.Tensor) -> tuple[int, int]:
+    """(row, column) of one pixel of a 2D boolean mask that holds some, drawn uniformly from torch's
+    global RNG: where a pasted lesion or a foreground window is centred."""
+    spots = torch.nonzero(mask)
+    return tuple(int(v) for v in spots[torch.randint(len(spots), (1,), device=mask.device)][0])
+
+
 def paste_tumors(images: torch.Tensor, labels: torch.Tensor, probability: float):
     """Tumour copy-paste between slices (TumorCP, Yang et al., MICCAI 2021): each slice of the batch,
     with `probability`, receives the tumour of another slice of the batch (mostly another patient's),
@@ -646,8 +653,7 @@ def paste_tumors(images: torch.Tensor, labels: torch.Tensor, probability: float)
             continue
         d = int(others[torch.randint(len(others), (1,), device=images.device)])
         ys, xs = torch.nonzero(source_labels[d] == 2, as_tuple=True)
-        spots = torch.nonzero(liver)
-        cy, cx = (int(v) for v in spots[torch.randint(len(spots), (1,), device=images.device)][0])
+        cy, cx = _random_pixel(liver)
         dy = cy - (int(ys.min()) + int(ys.max())) // 2  # the lesion's box centred on the chosen spot
         dx = cx - (int(xs.min()) + int(xs.max())) // 2
         ty, tx = ys + dy, xs + dx
@@ -796,9 +802,9 @@ def crop_patches(images: torch.Tensor, labels: torch.Tensor, size: int, foregrou
         top, left = (int(v) for v in anywhere[i])
         if forced[i]:
             for cls in (2, 1):
-                spots = torch.nonzero(labels[i] == cls)
-                if len(spots):
-                    cy, cx = (int(v) for v in spots[torch.randint(len(spots), (1,), device=dev)][0])
+                present = labels[i] == cls
+                if present.any():
+                    cy, cx = _random_pixel(present)
                     top = min(max(cy - size // 2, 0), h - size)
                     left = min(max(cx - size // 2, 0), w - size)
                     break
